@@ -207,14 +207,17 @@ class GaussianDiffusion(nn.Module):
 
     # p(x_{t-1} | x_t) from the denoiser's output
 
-    def p_mean_variance(self, model_output, x_t, t):
-        """Mean and log-variance of p(x_{t-1} | x_t); t is a (N,) tensor or a python int."""
+    def p_mean_variance(self, model_output, x_t, t, clip_range=None):
+        """Mean and log-variance of p(x_{t-1} | x_t); t is a (N,) tensor or a python int.
+        `clip_range` clamps the predicted x_0 (ADM's clip_denoised; MAR uses none)."""
         eps, v = model_output.float().chunk(2, dim=-1)
         index = (t, None) if torch.is_tensor(t) else t
         # learned-range variance: interpolate between the posterior variance and beta_t
         frac = (v + 1) / 2
         log_variance = frac * self.log_betas[index] + (1 - frac) * self.posterior_log_variance_clipped[index]
         pred_xstart = self.sqrt_recip_alphas_cumprod[index] * x_t - self.sqrt_recipm1_alphas_cumprod[index] * eps
+        if clip_range is not None:
+            pred_xstart = pred_xstart.clamp(*clip_range)
         mean = self.posterior_mean_coef1[index] * pred_xstart + self.posterior_mean_coef2[index] * x_t
         return mean, log_variance
 
@@ -234,20 +237,21 @@ class GaussianDiffusion(nn.Module):
         vb = torch.where(t == 0, nll, kl)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-    def p_sample(self, model_output, x, i, temperature=1.0, generator=None):
+    def p_sample(self, model_output, x, i, temperature=1.0, generator=None, clip_range=None):
         """One ancestral step x_i -> x_{i-1}; the temperature scales the added noise (MAR)."""
-        mean, log_variance = self.p_mean_variance(model_output, x, i)
+        mean, log_variance = self.p_mean_variance(model_output, x, i, clip_range)
         if i == 0:
             return mean
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return mean + torch.exp(0.5 * log_variance) * temperature * noise
 
     @torch.no_grad()
-    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, temperature=1.0, generator=None):
+    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, temperature=1.0, generator=None, clip_range=None):
         """Sampling from x_T = noise down to x_0; `model(x, t, **model_kwargs)` -> (N, 2C)."""
         x = torch.randn(shape, generator=generator, device=self.timesteps.device) if noise is None else noise
         for i in reversed(range(self.num_timesteps)):
-            x = self.p_sample(model(x, self.timesteps[i].expand(shape[0]), **(model_kwargs or {})), x, i, temperature, generator)
+            output = model(x, self.timesteps[i].expand(shape[0]), **(model_kwargs or {}))
+            x = self.p_sample(output, x, i, temperature, generator, clip_range)
         return x
 
 
@@ -279,10 +283,13 @@ class DiffLoss(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, noise=None, generator=None):
+    def sample(self, z, temperature=1.0, cfg=1.0, noise=None, generator=None, clip_range=None):
         """Sample one token per condition. With cfg != 1, z holds the conditional rows then the
         unconditional ones; both halves denoise the same x (the conditional half's), and the
-        guided epsilon is uncond + cfg (cond - uncond). `noise` is the initial x_T (N, C)."""
+        guided epsilon is uncond + cfg (cond - uncond). `noise` is the initial x_T (N, C).
+        `clip_range` (lo, hi): the tokenizer's latent range, imposed on every predicted x_0.
+        MAR needs none after long training; a briefly trained head does: at t = 999 of the
+        cosine schedule sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0."""
         diffusion, guided = self.gen_diffusion, cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
         if noise is None:
@@ -306,5 +313,5 @@ class DiffLoss(nn.Module):
 
         x = noise
         for i in reversed(range(steps)):
-            x = diffusion.p_sample(guided_model(x, i), x, i, temperature, generator)
+            x = diffusion.p_sample(guided_model(x, i), x, i, temperature, generator, clip_range)
         return x

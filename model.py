@@ -12,7 +12,6 @@ Usage:
     model = VideoMAR(VideoMARConfig(**PRESETS["tiny"]))
     loss = model(latents, text, text_mask)        # latents (B, T, C, h, w), text (B, S, text_dim)
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -267,8 +266,9 @@ class VideoMAR(nn.Module):
 
     # -- §4.1 the next-frame diffusion loss (Eq. 4.1) ---------------------------------------
 
-    def forward(self, latents, text, text_mask):
-        """Training loss of a batch of latent clips (B, T, C, h, w) with their captions."""
+    def forward(self, latents, text, text_mask, target_frame=None):
+        """Training loss of a batch of latent clips (B, T, C, h, w) with their captions; the
+        target frame is drawn at random unless given."""
         config, device = self.config, latents.device
         p = config.patch_size
         B, T, C, h, w = latents.shape
@@ -283,7 +283,7 @@ class VideoMAR(nn.Module):
             # Frames before t stay fully visible; frames after t would be fully masked and carry
             # no loss, and with frame-wise causal attention they cannot affect frames <= t, so
             # dropping them gives the same loss for less compute.
-            target = int(torch.randint(T, (1,)))
+            target = int(torch.randint(T, (1,))) if target_frame is None else target_frame
             num_frames = target + 1 if config.causal else T
             mask = torch.zeros(B, num_frames, L, dtype=torch.bool, device=device)
             mask[:, target] = random_masks(B, L, ratios, device)

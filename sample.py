@@ -11,11 +11,17 @@ Usage:
 From Python:
     latents = generate(model, cond_latents, (text, text_mask), num_frames=7)
 """
+import argparse
 import math
+import sys
+from dataclasses import fields
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from model import KVCache, patchify, unpatchify
+from data import BadInput, TextEncoder, first_line, load_tokenizer, read_image, read_video, resize_center_crop, save_image_grid, write_video
+from model import KVCache, VideoMAR, VideoMARConfig, patchify, unpatchify
 
 
 def frame_temperature(temperature, i):
@@ -37,8 +43,8 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
              use_kv_cache=True, generator=None, clip_range=None, progress=None):
     """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to `num_frames`
     latent frames. `text` is (embeddings (B, S, text_dim), mask (B, S)) of the captions; with
-    cfg != 1 the batch is doubled with the null text (MAR's linear CFG schedule). `clip_range`
-    clamps the sampled latents of frames after the first generated one (the tokenizer's range).
+    cfg != 1 the batch is doubled with the null text (MAR's linear CFG schedule). `clip_range`,
+    the tokenizer's latent range, bounds every predicted token (see DiffLoss.sample).
     Returns (B, num_frames, C, h, w), the given frames bit-exact."""
     config, device = model.config, cond_latents.device
     p = config.patch_size
@@ -88,12 +94,132 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
             to_predict = mask & ~next_mask
             z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
             cfg_step = 1 + (cfg - 1) * (L - mask_len) / L
-            tokens[:, f][to_predict] = model.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator).to(tokens.dtype)
+            sampled = model.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator, clip_range=clip_range)
+            tokens[:, f][to_predict] = sampled.to(tokens.dtype)
             mask = next_mask
-        if clip_range is not None and f > k:
-            tokens[:, f].clamp_(*clip_range)
         if use_kv_cache:  # commit: the finished frame once more, fully visible, into the cache
             model.forward_frames(double(tokens[:, f]), None, f, grid, context, cache, commit=True)
         if progress is not None:
             progress.update(1)
     return unpatchify(tokens, p, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# A trained model: checkpoints written by train.py, loaded with weights_only, config as plain data
+
+def load_checkpoint(path, device="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"no checkpoint at {path}: train one with `python train.py --out_dir {path.parent}`")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # pickle, zip and torch raise many kinds of error for a broken file
+        raise BadInput(f"cannot load checkpoint {path}: {first_line(e)}") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "ema"} <= ckpt.keys():
+        raise BadInput(f"{path} is not a VideoMAR checkpoint (no config, model and ema inside)")
+    return ckpt
+
+
+def model_from_config(config):
+    """A fresh VideoMAR from a plain dict holding exactly the fields of VideoMARConfig."""
+    names = {f.name for f in fields(VideoMARConfig)}
+    if config.keys() != names:
+        raise BadInput(f"the checkpoint's config does not fit this model code: unknown keys "
+                       f"{sorted(config.keys() - names)}, missing keys {sorted(names - config.keys())}")
+    try:
+        return VideoMAR(VideoMARConfig(**config))
+    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
+        raise BadInput(f"cannot build a model from config {config}: {first_line(e)}") from None
+
+
+def build_model(ckpt, use_ema=True):
+    """The VideoMAR of a checkpoint dict, in eval mode, with its EMA weights (or the raw ones)."""
+    model = model_from_config(dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise BadInput("the checkpoint's weights do not fit its config: " + " ".join(str(e).split())) from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Generate a video with a trained VideoMAR.")
+    parser.add_argument("--image", help="first frame (image-to-video); without --image or --video: text-to-video")
+    parser.add_argument("--video", help="a clip whose first frames condition the video (video-to-video)")
+    parser.add_argument("--cond_frames", type=int, default=1, help="latent frames of --video to keep (§5.3: 2)")
+    parser.add_argument("--prompt", default="", help="the caption")
+    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage)")
+    parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--num_iter", type=int, default=64, help="masked generation steps per frame")
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--temperature", default="progressive", help="progressive or a number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--no_kv_cache", action="store_true", help="the slow reference path of Table 2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="out/sample.mp4", help=".mp4 or .gif; a .png contact sheet goes beside it")
+    args = parser.parse_args(argv)
+    if args.temperature != "progressive":
+        try:
+            args.temperature = float(args.temperature)
+        except ValueError:
+            parser.error(f"--temperature must be 'progressive' or a number, not {args.temperature!r}")
+    if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
+        parser.error(f"--out must end in .mp4 or .gif, not {args.out!r}")
+    if args.image and args.video:
+        parser.error("give --image or --video, not both")
+    return args
+
+
+def conditioning_latents(args, tokenizer, height, width, device):
+    """The given latent frames: the encoded image (k = 1), the first frames of a video, or none."""
+    if args.image:
+        pixels = read_image(args.image, height, width)[None, None]
+    elif args.video:
+        pixels = resize_center_crop(read_video(args.video, num_frames=tokenizer.pixel_frames(args.cond_frames)), height, width)[None]
+    else:
+        h, w = height // tokenizer.spatial, width // tokenizer.spatial
+        return torch.zeros(args.num_samples, 0, tokenizer.channels, h, w, device=device)
+    return tokenizer.encode(pixels.to(device)).to(device).expand(args.num_samples, -1, -1, -1, -1)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.ckpt, device="cpu")
+    run = ckpt["train"]
+    model = build_model(ckpt).to(device)
+    tokenizer = load_tokenizer(run["tokenizer"], device=device)
+    height, width = args.height or run["height"], args.width or run["width"]
+    tokenizer.check_size(height, width)
+    frames = args.frames or int(str(run["frames"]).split(",")[-1])
+    num_frames = tokenizer.latent_frames(frames)
+    if args.cond_frames >= num_frames:
+        raise BadInput(f"--frames {frames} gives {num_frames} latent frames: nothing left after {args.cond_frames} given ones")
+    cond = conditioning_latents(args, tokenizer, height, width, device)
+    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
+    text = [t.to(device) for t in text_encoder([args.prompt] * args.num_samples)]
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    with tqdm(total=num_frames - cond.shape[1], desc="frames") as bar:
+        latents = generate(model, cond, text, num_frames, args.num_iter, args.cfg, args.temperature,
+                           use_kv_cache=not args.no_kv_cache, generator=generator,
+                           clip_range=tokenizer.clip_range, progress=bar)
+    video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
+    write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side
+    sheet = Path(args.out).with_suffix(".png")
+    save_image_grid(sheet, list(video))
+    print(f"wrote {args.out} ({video.shape[1]} frames of {height}x{width}) and {sheet}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

