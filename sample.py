@@ -42,9 +42,10 @@ def merge_contexts(conditional, unconditional):
 def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temperature="progressive",
              use_kv_cache=True, generator=None, clip_range=None, progress=None):
     """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to `num_frames`
-    latent frames. `text` is (embeddings (B, S, text_dim), mask (B, S)) of the captions; with
-    cfg != 1 the batch is doubled with the null text (MAR's linear CFG schedule). `clip_range`,
-    the tokenizer's latent range, bounds every predicted token (see DiffLoss.sample).
+    latent frames. `text` is (embeddings (B, S, text_dim), mask (B, S)) of the captions, or None
+    for the null text; with cfg != 1 the batch is doubled with the null text (MAR's linear CFG
+    schedule). `clip_range`, the tokenizer's latent range, bounds every predicted token (see
+    DiffLoss.sample).
     Returns (B, num_frames, C, h, w), the given frames bit-exact."""
     config, device = model.config, cond_latents.device
     p = config.patch_size
@@ -52,14 +53,14 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
     grid = (h // p, w // p)
     L = grid[0] * grid[1]
     num_iter = min(num_iter, L)
-    guided = cfg != 1.0
+    guided = cfg != 1.0 and text is not None  # with the null text both halves would be the same
     if not config.causal and use_kv_cache:
         raise ValueError("a model without frame-wise causal attention cannot use the KV cache")
     double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
 
     tokens = torch.zeros(B, num_frames, L, config.token_dim, device=device)
     tokens[:, :k] = patchify(cond_latents, p)
-    context = model.text_context(*text)
+    context = model.text_context(*text) if text is not None else model.null_context(B)
     if guided:
         context = merge_contexts(context, model.null_context(B))
     cache = KVCache(config, len(context[1]), num_frames * L, device) if use_kv_cache else None
