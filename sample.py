@@ -136,10 +136,12 @@ def model_from_config(config):
 def build_model(ckpt, use_ema=True):
     """The VideoMAR of a checkpoint dict, in eval mode, with its EMA weights (or the raw ones)."""
     model = model_from_config(dict(ckpt["config"]))
-    try:
-        model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    except RuntimeError as e:
-        raise BadInput("the checkpoint's weights do not fit its config: " + " ".join(str(e).split())) from None
+    weights, expected = ckpt["ema" if use_ema else "model"], model.state_dict()
+    wrong = sorted(set(weights) ^ set(expected)) + [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if wrong:
+        raise BadInput(f"the checkpoint's weights do not fit its config: {len(wrong)} tensors are missing, "
+                       f"unexpected or of another shape, the first {wrong[0]}")
+    model.load_state_dict(weights)
     return model.eval()
 
 
@@ -182,15 +184,15 @@ def conditioning_latents(args, tokenizer, height, width, device):
     if args.image:
         pixels = read_image(args.image, height, width)[None, None]
     elif args.video:
-        pixels = resize_center_crop(read_video(args.video, num_frames=tokenizer.pixel_frames(args.cond_frames)), height, width)[None]
+        frames = tokenizer.pixel_frames(args.cond_frames)
+        pixels = resize_center_crop(read_video(args.video, num_frames=frames), height, width)[None]
     else:
         h, w = height // tokenizer.spatial, width // tokenizer.spatial
         return torch.zeros(args.num_samples, 0, tokenizer.channels, h, w, device=device)
     return tokenizer.encode(pixels.to(device)).to(device).expand(args.num_samples, -1, -1, -1, -1)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def sample(args):
     device = torch.device(args.device)
     ckpt = load_checkpoint(args.ckpt, device="cpu")
     run = ckpt["train"]
@@ -200,16 +202,16 @@ def main(argv=None):
     tokenizer.check_size(height, width)
     frames = args.frames or int(str(run["frames"]).split(",")[-1])
     num_frames = tokenizer.latent_frames(frames)
-    if args.cond_frames >= num_frames:
-        raise BadInput(f"--frames {frames} gives {num_frames} latent frames: nothing left after {args.cond_frames} given ones")
     cond = conditioning_latents(args, tokenizer, height, width, device)
+    if cond.shape[1] >= num_frames:
+        raise BadInput(f"--frames {frames} is {num_frames} latent frames: nothing to generate after {cond.shape[1]} given ones")
     text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
     text = [t.to(device) for t in text_encoder([args.prompt] * args.num_samples)]
 
     generator = torch.Generator(device).manual_seed(args.seed)
     with tqdm(total=num_frames - cond.shape[1], desc="frames") as bar:
         latents = generate(model, cond, text, num_frames, args.num_iter, args.cfg, args.temperature,
-                           use_kv_cache=not args.no_kv_cache, generator=generator,
+                           use_kv_cache=model.config.causal and not args.no_kv_cache, generator=generator,
                            clip_range=tokenizer.clip_range, progress=bar)
     video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
     write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side
@@ -218,9 +220,15 @@ def main(argv=None):
     print(f"wrote {args.out} ({video.shape[1]} frames of {height}x{width}) and {sheet}")
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """Sample; returns the exit code: 0 done, 2 bad input (one line on stderr, nothing written)."""
     try:
-        main()
+        sample(parse_args(argv))
+        return 0
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -415,6 +415,70 @@ def test_progressive_temperature():
     assert frame_temperature(0.95, 3) == 0.95
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny model trained for two steps on 16x16 clips of 9 frames."""
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(TINY + ["--frames", "9", "--stage_iters", "2", "--out_dir", str(out)]) == 0
+    return out / "ckpt.pt"
+
+
+def sample_cli(ckpt, tmp_path, *args):
+    argv = ["--ckpt", str(ckpt), "--num_iter", "2", "--out", str(tmp_path / "s.mp4"), *map(str, args)]
+    return sample.main(argv)
+
+
+def test_sample_cli_image_to_video(tiny_checkpoint, tmp_path):
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")  # resized and centre-cropped
+    assert sample_cli(tiny_checkpoint, tmp_path, "--image", tmp_path / "x.png", "--prompt", "a red square", "--frames", 13, "--num_samples", 2) == 0
+    video = read_video(tmp_path / "s.mp4")
+    assert video.shape == (13, 3, 16, 32)  # two samples side by side
+    assert (video[0, 0] - 1).abs().mean() < 0.1 and (video[0, 1:] + 1).abs().mean() < 0.1  # the given frame: red
+    assert Image.open(tmp_path / "s.png").size == (13 * 18 - 2, 2 * 18 - 2)  # one row per sample
+    first = (tmp_path / "s.png").read_bytes()  # same seed, same video
+    assert sample_cli(tiny_checkpoint, tmp_path, "--image", tmp_path / "x.png", "--prompt", "a red square", "--frames", 13, "--num_samples", 2) == 0
+    assert (tmp_path / "s.png").read_bytes() == first
+
+
+def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoint, tmp_path):
+    clip = SyntheticVideos(9, 16, 16, split="test")[0][0]
+    write_video(tmp_path / "clip.mp4", clip)
+    assert sample_cli(tiny_checkpoint, tmp_path, "--video", tmp_path / "clip.mp4", "--cond_frames", 2, "--frames", 13) == 0
+    out = read_video(tmp_path / "s.mp4")
+    assert out.shape == (13, 3, 16, 16)
+    assert (out[:5] - read_video(tmp_path / "clip.mp4")[:5]).abs().mean() < 0.05  # the given frames kept
+    assert sample_cli(tiny_checkpoint, tmp_path, "--frames", 5, "--height", 24, "--width", 32, "--temperature", 0.9) == 0
+    assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)  # text-to-video, larger than trained
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--image", "missing.png"], "no such image"),
+    (["--image", "{tmp}/not_an_image.png"], "cannot read image"),
+    (["--ckpt", "{tmp}/none.pt"], "python train.py"),
+    (["--ckpt", "{tmp}/other.pt"], "do not fit"),
+    (["--height", "18"], "not divisible"),
+    (["--frames", "8"], "1 + 4k"),
+])
+def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, args, words):
+    (tmp_path / "not_an_image.png").write_text("hello")
+    ckpt = sample.load_checkpoint(tiny_checkpoint)
+    torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, tmp_path / "other.pt")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--ckpt" not in args:
+        args = ["--ckpt", str(tiny_checkpoint)] + args
+    capsys.readouterr()
+    assert sample.main(args + ["--out", str(tmp_path / "s.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "s.mp4").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_sample_script_exits_2_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "none.pt")],
+                            capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # data.py: files, tokenizers, the text encoder, data sets
 
@@ -924,5 +988,5 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
         sample.build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
     with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
         sample.build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
-    with pytest.raises(BadInput, match="size mismatch"):
+    with pytest.raises(BadInput, match="another shape, the first diffloss"):
         sample.build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from data import (BadInput, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
                   save_image_grid, write_video)
+from eval import evaluate, summary
 from model import PRESETS, VideoMARConfig
 from sample import build_model, generate, load_checkpoint, model_from_config
 
@@ -382,6 +383,9 @@ def train(cli, model_cli):
     else:  # a real folder has no held-out split: its first video
         clip, caption = datasets[last_stage][0]
     write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir)
+    if config.data == "synthetic":  # a quick score on held-out clips; `python eval.py` for the full one
+        print(summary(evaluate(ema, tokenizer, text_encoder, 16, num_frames, config.height, config.width,
+                               config.sample_num_iter, config.sample_cfg, seed=config.seed, null_text=False, keep=0)))
     return 0
 
 

@@ -1,0 +1,249 @@
+"""
+Quality at toy scale: generated clips against the true ones, on the held-out split of the built-in
+synthetic set, where the first frame plus the caption determine the whole clip (data.SyntheticVideos).
+
+For each held-out clip: image-to-video from its first frame and caption with the EMA weights, then
+PSNR and SSIM of every generated pixel frame against the truth. Two baselines on the same clips:
+"copy" repeats the first frame (a model that learnt nothing about motion), "null_text" is the model
+with the caption replaced by the null text (it sees the image, not what moves where).
+
+Usage:
+    python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/{eval.json,psnr.png,grid.png}
+    python eval.py --ckpt out/ckpt.pt --n 16 --num_iter 8      # quicker
+    python eval.py --ckpt out/ckpt.pt --temperature 1.0        # Table 4 / Table 5: a constant temperature
+    python eval.py --ckpt out/ckpt.pt --cfg 1.0                # no classifier-free guidance
+    python eval.py --ckpt out/ckpt.pt --frames 49              # Appendix D: more frames than trained
+    python eval.py --ckpt out/ckpt.pt --height 48 --width 48   # Appendix D: a larger grid than trained
+    python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
+
+From Python (train.py does this at the end of a run):
+    result = evaluate(model, tokenizer, text_encoder, n=16, num_frames=25, height=32, width=32)
+    result["model"]["psnr"], result["copy"]["psnr"]            # dB, mean over clips and generated frames
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from data import BadInput, SyntheticVideos, TextEncoder, load_tokenizer, save_image_grid
+from sample import build_model, generate, load_checkpoint
+
+METHODS = ("model", "null_text", "copy")
+MAX_PSNR = 50.0  # dB: an exact copy (a bouncing object back where it started) counts as 50, not infinity
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics, on images in [0, 1] of shape (N, 3, H, W), one value per image
+
+def psnr(x, y):
+    """Peak signal-to-noise ratio in dB (peak 1), capped at MAX_PSNR."""
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1 / mse)).clamp(max=MAX_PSNR)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x, y, window_size=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004): local means, variances and covariance under an
+    11 x 11 Gaussian window (sigma 1.5), only where the window fits the image, averaged over
+    positions and channels. C1 = (0.01)^2 and C2 = (0.03)^2 for a data range of 1."""
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    x, y = x.double(), y.double()  # E[x^2] - E[x]^2 in float32 loses the small variances to rounding
+    channels = x.shape[1]
+    window = gaussian_window(window_size, sigma).to(x)[None, None].expand(channels, 1, -1, -1)
+    blur = lambda image: F.conv2d(image, window, groups=channels)  # each channel on its own
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + C1) * (2 * cov + C2)) / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2))
+    return ssim_map.flatten(1).mean(1).float()
+
+
+def frame_scores(generated, truth):
+    """Per-frame PSNR and SSIM of videos (B, T, 3, H, W) in [-1, 1]: two (B, T) tensors."""
+    g, t = (generated.flatten(0, 1).float() + 1) / 2, (truth.flatten(0, 1).float() + 1) / 2
+    B, T = truth.shape[:2]
+    return psnr(g, t).view(B, T), ssim(g, t).view(B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+
+@torch.no_grad()
+def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_iter=16, cfg=3.0,
+             temperature="progressive", seed=0, batch_size=16, null_text=True, keep=4):
+    """Image-to-video on the first n held-out clips (num_frames pixel frames of height x width),
+    scored against the truth. Returns a dict: per method ("model", "null_text" unless null_text
+    is False, "copy") its mean PSNR and SSIM over all generated frames and over their last third,
+    and per generated frame index (1, 2, ...) the mean over clips; "frames", the frame indices;
+    "grid", the truth and the model's video of the first `keep` clips (tensors, not for JSON)."""
+    device = next(model.parameters()).device
+    dataset = SyntheticVideos(num_frames, height, width, split="test")
+    num_latent = tokenizer.latent_frames(num_frames)
+    methods = [m for m in METHODS if null_text or m != "null_text"]
+    scores = {m: ([], []) for m in methods}  # per method: PSNR and SSIM tensors (B, T - 1) per batch
+    grid = []
+    generator = torch.Generator(device).manual_seed(seed)
+    for start in range(0, n, batch_size):
+        clips, captions = zip(*(dataset[i] for i in range(start, min(n, start + batch_size))))
+        truth = torch.stack(clips).to(device)
+        cond = tokenizer.encode(truth[:, :1])  # the first frame alone: one latent frame
+        # with the null text both CFG halves would be the same, so cfg 1 is the same video at half the cost
+        run = lambda text: tokenizer.decode(generate(
+            model, cond, text, num_latent, num_iter, cfg if text is not None else 1.0, temperature,
+            use_kv_cache=model.config.causal, generator=generator, clip_range=tokenizer.clip_range)).clamp(-1, 1)
+        videos = {"model": run(text_encoder(list(captions))), "copy": truth[:, :1].expand_as(truth)}
+        if null_text:
+            videos["null_text"] = run(None)
+        for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
+            for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
+                scores_m.append(s.cpu())
+        grid += [row for pair in zip(truth, videos["model"]) for row in pair][:2 * keep - len(grid)]
+
+    last_third = slice(-math.ceil((num_frames - 1) / 3), None)
+    result = dict(n=n, num_frames=num_frames, height=height, width=width, num_iter=num_iter, cfg=cfg,
+                  temperature=temperature, seed=seed, frames=list(range(1, num_frames)), grid=grid)
+    for m in methods:
+        p, s = (torch.cat(x) for x in scores[m])  # (n, T - 1)
+        result[m] = dict(psnr=p.mean().item(), ssim=s.mean().item(),
+                         psnr_last_third=p[:, last_third].mean().item(), ssim_last_third=s[:, last_third].mean().item(),
+                         psnr_per_frame=p.mean(0).tolist(), ssim_per_frame=s.mean(0).tolist())
+    return result
+
+
+def summary(result):
+    """One line for the end of a training run."""
+    return (f"quality on {result['n']} held-out clips ({result['num_frames']} frames): PSNR model "
+            f"{result['model']['psnr']:.1f} dB vs copy-first-frame {result['copy']['psnr']:.1f} dB "
+            f"(SSIM {result['model']['ssim']:.3f} vs {result['copy']['ssim']:.3f})")
+
+
+def table(result):
+    """The markdown table printed by the CLI."""
+    lines = ["| method | PSNR (dB) | SSIM | PSNR last third | SSIM last third |", "| --- | --- | --- | --- | --- |"]
+    for m in METHODS:
+        if m in result:
+            r = result[m]
+            lines.append(f"| {m} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['psnr_last_third']:.2f} | {r['ssim_last_third']:.3f} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The plot of PSNR per frame, drawn with Pillow
+
+COLOURS = {"model": (214, 39, 40), "null_text": (31, 119, 180), "copy": (127, 127, 127)}
+
+
+def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360)):
+    """A line plot of curves {name: [y per x]} against xs, with axes, ticks and a legend, as a PNG."""
+    W, H = size
+    left, right, top, bottom = 56, 16, 28, 44
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    values = [y for ys in curves.values() for y in ys]
+    lo, hi = math.floor(min(values)), math.ceil(max(values))
+    hi = max(hi, lo + 1)
+    px = lambda x: left + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (W - left - right)
+    py = lambda y: H - bottom - (y - lo) / (hi - lo) * (H - top - bottom)
+    draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
+    y_step = max(1, math.ceil((hi - lo) / 6))
+    for y in range(lo, hi + 1, y_step):
+        draw.line([(left - 4, py(y)), (left, py(y))], fill="black")
+        draw.text((left - 8, py(y)), str(y), fill="black", font=font, anchor="rm")
+    x_step = max(1, math.ceil(len(xs) / 12))
+    for x in xs[::x_step]:
+        draw.line([(px(x), H - bottom), (px(x), H - bottom + 4)], fill="black")
+        draw.text((px(x), H - bottom + 6), str(x), fill="black", font=font, anchor="mt")
+    draw.text(((left + W - right) / 2, H - 14), "frame", fill="black", font=font, anchor="mm")
+    draw.text((8, top - 16), y_label, fill="black", font=font)
+    draw.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
+    for i, (name, ys) in enumerate(curves.items()):
+        colour = COLOURS.get(name, (0, 0, 0))
+        draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=colour, width=2)
+        legend_y = top + 6 + 14 * i
+        draw.line([(W - right - 110, legend_y), (W - right - 90, legend_y)], fill=colour, width=2)
+        draw.text((W - right - 84, legend_y), name, fill="black", font=font, anchor="lm")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Score a VideoMAR checkpoint on held-out synthetic clips.")
+    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--n", type=int, default=64, help="held-out clips")
+    parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage; more extrapolates)")
+    parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--num_iter", type=int, default=16, help="masked generation steps per frame")
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--temperature", default="progressive", help="progressive or a number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="out/eval", help="directory for eval.json, psnr.png and grid.png")
+    args = parser.parse_args(argv)
+    if args.temperature != "progressive":
+        try:
+            args.temperature = float(args.temperature)
+        except ValueError:
+            parser.error(f"--temperature must be 'progressive' or a number, not {args.temperature!r}")
+    if args.n < 1 or args.batch_size < 1:
+        parser.error("--n and --batch_size must be at least 1")
+    return args
+
+
+def run(args):
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    run = ckpt["train"]
+    model = build_model(ckpt).to(device)
+    tokenizer = load_tokenizer(run["tokenizer"], device=device)
+    height, width = args.height or run["height"], args.width or run["width"]
+    tokenizer.check_size(height, width)
+    frames = args.frames or int(str(run["frames"]).split(",")[-1])
+    if tokenizer.latent_frames(frames) < 2:
+        raise BadInput(f"--frames {frames} leaves nothing to generate after the first frame")
+    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
+
+    result = evaluate(model, tokenizer, text_encoder, args.n, frames, height, width, args.num_iter, args.cfg,
+                      args.temperature, args.seed, args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_image_grid(out / "grid.png", [video.cpu() for video in result.pop("grid")])
+    result["ckpt"] = str(args.ckpt)
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    trained = f"trained at {run['height']}x{run['width']}, {str(run['frames']).split(',')[-1]} frames"
+    plot_curves(out / "psnr.png", result["frames"], {m: result[m]["psnr_per_frame"] for m in METHODS},
+                f"PSNR per frame, {args.n} held-out clips, {frames} frames {height}x{width} ({trained})")
+    print(f"{args.ckpt}: {args.n} held-out clips, {frames} frames of {height}x{width} ({trained}), "
+          f"num_iter {args.num_iter}, cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}")
+    print(table(result))
+    print(f"wrote {out / 'eval.json'}, {out / 'psnr.png'} and {out / 'grid.png'}")
+
+
+def main(argv=None):
+    """Evaluate; returns the exit code: 0 done, 2 bad input (one line on stderr)."""
+    try:
+        run(parse_args(argv))
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
