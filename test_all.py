@@ -990,3 +990,39 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
         sample.build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
     with pytest.raises(BadInput, match="another shape, the first diffloss"):
         sample.build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
+
+
+# ----------------------------------------------------------------------------------------------
+# README.md: its commands are the CLIs' commands
+
+def readme_commands():
+    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the README's code blocks."""
+    import shlex
+    text = (Path(__file__).parent / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                scripts = [i for i, w in enumerate(words) if w.endswith(".py") and w != "test_all.py"]
+                if words and words[0] in ("python", "torchrun") and scripts:
+                    commands.append((words[scripts[0]], [w for w in words[scripts[0] + 1:] if w != "..."]))
+    return commands
+
+
+def test_readme_commands_parse():
+    import bench
+    import eval as evaluation
+    parsers = {"train.py": lambda argv: train.make_config(train.parse_args(argv)[0]),
+               "sample.py": sample.parse_args, "eval.py": evaluation.parse_args, "bench.py": bench.parse_args}
+    commands = readme_commands()
+    assert {script for script, _ in commands} == set(parsers)
+    for script, argv in commands:
+        parsers[script](argv)  # an unknown flag or a bad value raises BadInput or exits (SystemExit)
+
+
+def test_ci_runs_the_readmes_test_command():
+    root = Path(__file__).parent
+    test_command = "python -m pytest -q test_all.py"
+    assert test_command in (root / "README.md").read_text()
+    assert (root / ".ci" / "run").read_text().strip().splitlines()[-1] == test_command
