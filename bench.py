@@ -90,7 +90,7 @@ def bench_spatial_parallelism(model, args, device):
     frame = torch.randn(2, L, config.token_dim, device=device)  # CFG: two rows
     context = model.text_context(torch.randn(2, config.text_len, config.text_dim, device=device),
                                  torch.ones(2, config.text_len, dtype=torch.bool, device=device))
-    cache = KVCache(config, 2, 2 * L, device)
+    cache = KVCache(config, 2, 2 * L)
     with torch.no_grad():
         model.forward_frames(frame, None, 0, grid, context, cache, commit=True)  # the given first frame
 

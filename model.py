@@ -105,14 +105,14 @@ class KVCache:
     whole video. A step writes the current frame's K and V just after the finished ones and
     attends to everything up to there; `commit` makes that frame part of the cache."""
 
-    def __init__(self, config, batch, max_tokens, device, dtype=torch.float32):
-        head_dim = config.n_embd // config.n_head
-        shape = (batch, config.n_head, max_tokens, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+    def __init__(self, config, batch, max_tokens):
+        self.shape = (batch, config.n_head, max_tokens, config.n_embd // config.n_head)
+        self.k, self.v = [None] * config.n_layer, [None] * config.n_layer
         self.length = 0
 
     def write(self, layer, k, v):
+        if self.k[layer] is None:  # allocated at first use, on k's device in k's dtype (bf16 under autocast)
+            self.k[layer], self.v[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v

@@ -63,7 +63,7 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
     context = model.text_context(*text) if text is not None else model.null_context(B)
     if guided:
         context = merge_contexts(context, model.null_context(B))
-    cache = KVCache(config, len(context[1]), num_frames * L, device) if use_kv_cache else None
+    cache = KVCache(config, len(context[1]), num_frames * L) if use_kv_cache else None
     if use_kv_cache and k > 0:  # prefill: the given frames, fully visible, once
         model.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context, cache, commit=True)
 
@@ -209,7 +209,8 @@ def sample(args):
     text = [t.to(device) for t in text_encoder([args.prompt] * args.num_samples)]
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    with tqdm(total=num_frames - cond.shape[1], desc="frames") as bar:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with tqdm(total=num_frames - cond.shape[1], desc="frames") as bar, autocast:
         latents = generate(model, cond, text, num_frames, args.num_iter, args.cfg, args.temperature,
                            use_kv_cache=model.config.causal and not args.no_kv_cache, generator=generator,
                            clip_range=tokenizer.clip_range, progress=bar)

@@ -379,18 +379,28 @@ def test_cache_after_prefill_and_commits_equals_full_forward():
     tokens = torch.randn(2, T * L, model.config.token_dim)
     context = model.text_context(*text)
     with torch.no_grad():
-        stepwise = KVCache(model.config, 2, T * L, "cpu")
+        stepwise = KVCache(model.config, 2, T * L)
         model.forward_frames(tokens[:, :2 * L], None, 0, grid, context, stepwise, commit=True)  # prefill 2 frames
         for f in range(2, T):
             partial = torch.rand(2, L) < 0.5  # a masked step writes K/V but must not commit them
             model.forward_frames(tokens[:, f * L:(f + 1) * L], partial, f, grid, context, stepwise)
             model.forward_frames(tokens[:, f * L:(f + 1) * L], None, f, grid, context, stepwise, commit=True)
-        full = KVCache(model.config, 2, T * L, "cpu")
+        full = KVCache(model.config, 2, T * L)
         model.forward_frames(tokens, None, 0, grid, context, full, commit=True)
     assert stepwise.length == full.length == T * L
     for layer in range(model.config.n_layer):
         assert torch.allclose(stepwise.k[layer], full.k[layer], atol=1e-5)
         assert torch.allclose(stepwise.v[layer], full.v[layer], atol=1e-5)
+
+
+def test_generation_under_bf16_autocast():
+    """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
+    model, cond, text = sample_setup()
+    run = lambda: generate(model, cond, text, num_frames=3, num_iter=2, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run()
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - run()).abs().max() < 0.1 * run().abs().max()  # bf16 rounding, not another video
 
 
 def test_video_to_video_keeps_given_frames_and_extrapolates():
