@@ -3,9 +3,12 @@ Quality at toy scale: generated clips against the true ones, on the held-out spl
 synthetic set, where the first frame plus the caption determine the whole clip (data.SyntheticVideos).
 
 For each held-out clip: image-to-video from its first frame and caption with the EMA weights, then
-PSNR and SSIM of every generated pixel frame against the truth. Two baselines on the same clips:
-"copy" repeats the first frame (a model that learnt nothing about motion), "null_text" is the model
-with the caption replaced by the null text (it sees the image, not what moves where).
+the squared error and SSIM of every generated pixel frame against the truth. Two baselines on the
+same clips: "copy" repeats the first frame (a model that learnt nothing about motion), "null_text"
+is the model with the caption replaced by the null text (it sees the image, not what moves where).
+A PSNR here is that of the mean squared error over the clips (and frames) it summarises: objects
+bounce, so some frames equal the first one exactly and the copy baseline's PSNR there is infinite;
+a mean of per-frame PSNRs would be ruled by those frames. SSIM is the mean over frames and clips.
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/{eval.json,psnr.png,grid.png}
@@ -13,12 +16,15 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --temperature 1.0        # Table 4 / Table 5: a constant temperature
     python eval.py --ckpt out/ckpt.pt --cfg 1.0                # no classifier-free guidance
     python eval.py --ckpt out/ckpt.pt --frames 49              # Appendix D: more frames than trained
-    python eval.py --ckpt out/ckpt.pt --height 48 --width 48   # Appendix D: a larger grid than trained
+    python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # Appendix D: a larger grid than trained
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
+    # Table 4: train without frame-wise causal attention, or with the "total mask" loss (Eq. 3.1), then score
+    python train.py --causal false --out_dir out/no_causal && python eval.py --ckpt out/no_causal/ckpt.pt --out out/no_causal/eval
+    python train.py --causal false --next_frame_loss false --out_dir out/total_mask
 
 From Python (train.py does this at the end of a run):
-    result = evaluate(model, tokenizer, text_encoder, n=16, num_frames=25, height=32, width=32)
-    result["model"]["psnr"], result["copy"]["psnr"]            # dB, mean over clips and generated frames
+    result = evaluate(model, tokenizer, text_encoder, n=16, num_frames=25, height=16, width=16)
+    result["model"]["psnr"], result["copy"]["psnr"]            # dB, of the mean error over clips and frames
 """
 import argparse
 import json
@@ -34,16 +40,19 @@ from data import BadInput, SyntheticVideos, TextEncoder, load_tokenizer, save_im
 from sample import build_model, generate, load_checkpoint
 
 METHODS = ("model", "null_text", "copy")
-MAX_PSNR = 50.0  # dB: an exact copy (a bouncing object back where it started) counts as 50, not infinity
+MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
 
 
 # ----------------------------------------------------------------------------------------------
 # The metrics, on images in [0, 1] of shape (N, 3, H, W), one value per image
 
-def psnr(x, y):
-    """Peak signal-to-noise ratio in dB (peak 1), capped at MAX_PSNR."""
-    mse = (x - y).pow(2).flatten(1).mean(1)
-    return (10 * torch.log10(1 / mse)).clamp(max=MAX_PSNR)
+def mse(x, y):
+    return (x - y).pow(2).flatten(1).mean(1)
+
+
+def psnr(mean_squared_error):
+    """Peak signal-to-noise ratio in dB (peak 1) of a mean squared error, capped at MAX_PSNR."""
+    return (10 * torch.log10(1 / mean_squared_error)).clamp(max=MAX_PSNR)
 
 
 def gaussian_window(size=11, sigma=1.5):
@@ -70,10 +79,10 @@ def ssim(x, y, window_size=11, sigma=1.5):
 
 
 def frame_scores(generated, truth):
-    """Per-frame PSNR and SSIM of videos (B, T, 3, H, W) in [-1, 1]: two (B, T) tensors."""
+    """Per-frame squared error and SSIM of videos (B, T, 3, H, W) in [-1, 1]: two (B, T) tensors."""
     g, t = (generated.flatten(0, 1).float() + 1) / 2, (truth.flatten(0, 1).float() + 1) / 2
     B, T = truth.shape[:2]
-    return psnr(g, t).view(B, T), ssim(g, t).view(B, T)
+    return mse(g, t).view(B, T), ssim(g, t).view(B, T)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,27 +93,32 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
              temperature="progressive", seed=0, batch_size=16, null_text=True, keep=4):
     """Image-to-video on the first n held-out clips (num_frames pixel frames of height x width),
     scored against the truth. Returns a dict: per method ("model", "null_text" unless null_text
-    is False, "copy") its mean PSNR and SSIM over all generated frames and over their last third,
-    and per generated frame index (1, 2, ...) the mean over clips; "frames", the frame indices;
+    is False, "copy") its PSNR and SSIM over all generated frames and over their last third,
+    and per generated frame index (1, 2, ...) over the clips; "frames", the frame indices;
     "grid", the truth and the model's video of the first `keep` clips (tensors, not for JSON)."""
     device = next(model.parameters()).device
     dataset = SyntheticVideos(num_frames, height, width, split="test")
     num_latent = tokenizer.latent_frames(num_frames)
     methods = [m for m in METHODS if null_text or m != "null_text"]
-    scores = {m: ([], []) for m in methods}  # per method: PSNR and SSIM tensors (B, T - 1) per batch
+    scores = {m: ([], []) for m in methods}  # per method: squared errors and SSIMs (B, T - 1) per batch
     grid = []
     generator = torch.Generator(device).manual_seed(seed)
+
+    def image_to_video(first_frame, text):
+        # with the null text both CFG halves would be the same, so cfg 1 is the same video at half the cost;
+        # a model without frame-wise causal attention (Table 4) cannot use the KV cache
+        latents = generate(model, tokenizer.encode(first_frame), text, num_latent, num_iter,
+                           cfg if text is not None else 1.0, temperature, use_kv_cache=model.config.causal,
+                           generator=generator, clip_range=tokenizer.clip_range)
+        return tokenizer.decode(latents).clamp(-1, 1)
+
     for start in range(0, n, batch_size):
         clips, captions = zip(*(dataset[i] for i in range(start, min(n, start + batch_size))))
         truth = torch.stack(clips).to(device)
-        cond = tokenizer.encode(truth[:, :1])  # the first frame alone: one latent frame
-        # with the null text both CFG halves would be the same, so cfg 1 is the same video at half the cost
-        run = lambda text: tokenizer.decode(generate(
-            model, cond, text, num_latent, num_iter, cfg if text is not None else 1.0, temperature,
-            use_kv_cache=model.config.causal, generator=generator, clip_range=tokenizer.clip_range)).clamp(-1, 1)
-        videos = {"model": run(text_encoder(list(captions))), "copy": truth[:, :1].expand_as(truth)}
+        first_frame = truth[:, :1]  # encoded alone: one latent frame
+        videos = {"model": image_to_video(first_frame, text_encoder(list(captions))), "copy": first_frame.expand_as(truth)}
         if null_text:
-            videos["null_text"] = run(None)
+            videos["null_text"] = image_to_video(first_frame, None)
         for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
             for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
                 scores_m.append(s.cpu())
@@ -114,10 +128,10 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
     result = dict(n=n, num_frames=num_frames, height=height, width=width, num_iter=num_iter, cfg=cfg,
                   temperature=temperature, seed=seed, frames=list(range(1, num_frames)), grid=grid)
     for m in methods:
-        p, s = (torch.cat(x) for x in scores[m])  # (n, T - 1)
-        result[m] = dict(psnr=p.mean().item(), ssim=s.mean().item(),
-                         psnr_last_third=p[:, last_third].mean().item(), ssim_last_third=s[:, last_third].mean().item(),
-                         psnr_per_frame=p.mean(0).tolist(), ssim_per_frame=s.mean(0).tolist())
+        e, s = (torch.cat(x).double() for x in scores[m])  # (n, T - 1)
+        result[m] = dict(psnr=psnr(e.mean()).item(), ssim=s.mean().item(),
+                         psnr_last_third=psnr(e[:, last_third].mean()).item(), ssim_last_third=s[:, last_third].mean().item(),
+                         psnr_per_frame=psnr(e.mean(0)).tolist(), ssim_per_frame=s.mean(0).tolist())
     return result
 
 
@@ -152,10 +166,10 @@ def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360)):
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     values = [y for ys in curves.values() for y in ys]
-    lo, hi = math.floor(min(values)), math.ceil(max(values))
-    hi = max(hi, lo + 1)
+    finite = [y for y in values if y < MAX_PSNR] or values  # exact copies (MAX_PSNR) run off the top
+    lo, hi = math.floor(min(finite)), math.ceil(max(finite)) + 1
     px = lambda x: left + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (W - left - right)
-    py = lambda y: H - bottom - (y - lo) / (hi - lo) * (H - top - bottom)
+    py = lambda y: H - bottom - (min(y, hi) - lo) / (hi - lo) * (H - top - bottom)
     draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
     y_step = max(1, math.ceil((hi - lo) / 6))
     for y in range(lo, hi + 1, y_step):

@@ -94,7 +94,7 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
                 next_mask, num_masked = torch.zeros_like(mask).scatter_(1, order[:, :mask_len], True), mask_len
             to_predict = mask & ~next_mask
             z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
-            cfg_step = 1 + (cfg - 1) * (L - mask_len) / L
+            cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
             sampled = model.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator, clip_range=clip_range)
             tokens[:, f][to_predict] = sampled.to(tokens.dtype)
             mask = next_mask
