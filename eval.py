@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import BadInput, SyntheticVideos, TextEncoder, load_tokenizer, save_image_grid
-from sample import build_model, generate, load_checkpoint
+from data import BadInput, SyntheticVideos, save_image_grid
+from sample import add_generation_options, generate, trained_model
 
 METHODS = ("model", "null_text", "copy")
 MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
@@ -197,41 +197,20 @@ def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360)):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Score a VideoMAR checkpoint on held-out synthetic clips.")
-    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    add_generation_options(parser, num_iter=16)
     parser.add_argument("--n", type=int, default=64, help="held-out clips")
-    parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage; more extrapolates)")
-    parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num_iter", type=int, default=16, help="masked generation steps per frame")
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--temperature", default="progressive", help="progressive or a number")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="out/eval", help="directory for eval.json, psnr.png and grid.png")
     args = parser.parse_args(argv)
-    if args.temperature != "progressive":
-        try:
-            args.temperature = float(args.temperature)
-        except ValueError:
-            parser.error(f"--temperature must be 'progressive' or a number, not {args.temperature!r}")
     if args.n < 1 or args.batch_size < 1:
         parser.error("--n and --batch_size must be at least 1")
     return args
 
 
 def run(args):
-    device = torch.device(args.device)
-    ckpt = load_checkpoint(args.ckpt)
-    run = ckpt["train"]
-    model = build_model(ckpt).to(device)
-    tokenizer = load_tokenizer(run["tokenizer"], device=device)
-    height, width = args.height or run["height"], args.width or run["width"]
-    tokenizer.check_size(height, width)
-    frames = args.frames or int(str(run["frames"]).split(",")[-1])
+    model, tokenizer, text_encoder, options, (frames, height, width) = trained_model(args)
     if tokenizer.latent_frames(frames) < 2:
         raise BadInput(f"--frames {frames} leaves nothing to generate after the first frame")
-    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
 
     result = evaluate(model, tokenizer, text_encoder, args.n, frames, height, width, args.num_iter, args.cfg,
                       args.temperature, args.seed, args.batch_size)
@@ -240,7 +219,7 @@ def run(args):
     save_image_grid(out / "grid.png", [video.cpu() for video in result.pop("grid")])
     result["ckpt"] = str(args.ckpt)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    trained = f"trained at {run['height']}x{run['width']}, {str(run['frames']).split(',')[-1]} frames"
+    trained = f"trained at {options['height']}x{options['width']}, {str(options['frames']).split(',')[-1]} frames"
     plot_curves(out / "psnr.png", result["frames"], {m: result[m]["psnr_per_frame"] for m in METHODS},
                 f"PSNR per frame, {args.n} held-out clips, {frames} frames {height}x{width} ({trained})")
     print(f"{args.ckpt}: {args.n} held-out clips, {frames} frames of {height}x{width} ({trained}), "

@@ -148,30 +148,40 @@ def build_model(ckpt, use_ema=True):
 # ----------------------------------------------------------------------------------------------
 # The command line
 
+def temperature_option(value):
+    """The type of --temperature: "progressive" or a number."""
+    if value == "progressive":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'progressive' or a number, not {value!r}") from None
+
+
+def add_generation_options(parser, num_iter):
+    """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate."""
+    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage; more extrapolates)")
+    parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--num_iter", type=int, default=num_iter, help="masked generation steps per frame")
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--temperature", type=temperature_option, default="progressive", help="progressive or a number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Generate a video with a trained VideoMAR.")
     parser.add_argument("--image", help="first frame (image-to-video); without --image or --video: text-to-video")
     parser.add_argument("--video", help="a clip whose first frames condition the video (video-to-video)")
     parser.add_argument("--cond_frames", type=int, default=1, help="latent frames of --video to keep (§5.3: 2)")
     parser.add_argument("--prompt", default="", help="the caption")
-    parser.add_argument("--ckpt", default="out/ckpt.pt")
-    parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage)")
-    parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num_iter", type=int, default=64, help="masked generation steps per frame")
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--temperature", default="progressive", help="progressive or a number")
-    parser.add_argument("--seed", type=int, default=0)
+    add_generation_options(parser, num_iter=64)
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--no_kv_cache", action="store_true", help="the slow reference path of Table 2")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="out/sample.mp4", help=".mp4 or .gif; a .png contact sheet goes beside it")
     args = parser.parse_args(argv)
-    if args.temperature != "progressive":
-        try:
-            args.temperature = float(args.temperature)
-        except ValueError:
-            parser.error(f"--temperature must be 'progressive' or a number, not {args.temperature!r}")
     if Path(args.out).suffix.lower() not in (".mp4", ".gif"):
         parser.error(f"--out must end in .mp4 or .gif, not {args.out!r}")
     if args.image and args.video:
@@ -192,20 +202,29 @@ def conditioning_latents(args, tokenizer, height, width, device):
     return tokenizer.encode(pixels.to(device)).to(device).expand(args.num_samples, -1, -1, -1, -1)
 
 
-def sample(args):
+def trained_model(args):
+    """The EMA model of --ckpt on --device, its tokenizer and text encoder, the options it was
+    trained with, and the video's size: --frames, --height and --width, or else the training ones."""
     device = torch.device(args.device)
-    ckpt = load_checkpoint(args.ckpt, device="cpu")
+    ckpt = load_checkpoint(args.ckpt)
     run = ckpt["train"]
     model = build_model(ckpt).to(device)
     tokenizer = load_tokenizer(run["tokenizer"], device=device)
     height, width = args.height or run["height"], args.width or run["width"]
     tokenizer.check_size(height, width)
     frames = args.frames or int(str(run["frames"]).split(",")[-1])
+    tokenizer.latent_frames(frames)  # a length the tokenizer cannot take fails here
+    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
+    return model, tokenizer, text_encoder, run, (frames, height, width)
+
+
+def sample(args):
+    model, tokenizer, text_encoder, _, (frames, height, width) = trained_model(args)
+    device = torch.device(args.device)
     num_frames = tokenizer.latent_frames(frames)
     cond = conditioning_latents(args, tokenizer, height, width, device)
     if cond.shape[1] >= num_frames:
         raise BadInput(f"--frames {frames} is {num_frames} latent frames: nothing to generate after {cond.shape[1]} given ones")
-    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
     text = [t.to(device) for t in text_encoder([args.prompt] * args.num_samples)]
 
     generator = torch.Generator(device).manual_seed(args.seed)
