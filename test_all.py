@@ -9,6 +9,7 @@ import importlib.resources
 import json
 import math
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -27,6 +28,7 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
 from diffusion import DiffLoss, create_diffusion
 from model import KVCache, PRESETS, VideoMAR, VideoMARConfig, patchify, sample_mask_ratios, unpatchify
 from rope3d import apply_rope, rope_frequencies
+import bench
 import eval as evaluation
 import sample
 import train
@@ -1145,7 +1147,6 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
 
 def readme_commands():
     """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the README's code blocks."""
-    import shlex
     text = (Path(__file__).parent / "README.md").read_text()
     commands = []
     for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
@@ -1159,7 +1160,6 @@ def readme_commands():
 
 
 def test_readme_commands_parse():
-    import bench
     parsers = {"train.py": lambda argv: train.make_config(train.parse_args(argv)[0]),
                "sample.py": sample.parse_args, "eval.py": evaluation.parse_args, "bench.py": bench.parse_args}
     commands = readme_commands()
