@@ -258,14 +258,71 @@ class CosmosTokenizer(CausalVideoTokenizer):
         return video.float().transpose(1, 2).contiguous()
 
 
-def load_tokenizer(spec, device="cpu"):
-    """"patch" (t=4, s=4), "patch:TxSxS" (e.g. patch:4x8x8), or "cosmos:/path/to/tokenizer_dir"."""
+class PCATokenizer(CausalVideoTokenizer):
+    """The principal components of t x s x s space-time patches: a linear, fitted stand-in for the few
+    channels of a learned tokenizer (Cosmos: 16). Patches as PatchTokenizer, then the `channels` directions
+    of largest variance over the training clips, scaled so the latents have unit RMS (as MAR scales its VAE
+    latents). Fitted once before training (`fit`); its tensors travel in the checkpoint (`state`)."""
+
+    def __init__(self, t=4, s=4, channels=16, state=None):
+        self.patches = PatchTokenizer(t, s)
+        self.temporal, self.spatial, self.channels = t, s, channels
+        self.mean = self.basis = None
+        self.scale, self.clip_range = 1.0, None
+        if state is not None:
+            self.load_state(state)
+
+    def fit(self, videos):
+        """Principal components of the patches of videos (N, T, 3, H, W); returns the fraction of the
+        patches' variance the kept channels hold."""
+        patches = self.patches.encode(videos).movedim(2, -1).reshape(-1, self.patches.channels).double()
+        if len(patches) < self.channels:
+            raise BadInput(f"{len(patches)} patches cannot give {self.channels} principal components")
+        mean = patches.mean(0)
+        variances, vectors = torch.linalg.eigh((patches - mean).T @ (patches - mean) / len(patches))
+        kept = vectors[:, variances.argsort(descending=True)[:self.channels]]
+        latents = (patches - mean) @ kept
+        scale = latents.pow(2).mean().sqrt()
+        # the range sampled latents are held to: that of the training latents, with a margin
+        reach = 1.25 * latents.abs().max() / scale
+        self.load_state(dict(mean=mean.float(), basis=kept.float(), scale=scale.float(), reach=reach.float()))
+        return (variances.sort(descending=True).values[:self.channels].sum() / variances.sum()).item()
+
+    def load_state(self, state):
+        self.mean, self.basis, self.scale, self.reach = (state[k] for k in ("mean", "basis", "scale", "reach"))
+        self.clip_range = (-self.reach.item(), self.reach.item())
+
+    def state(self):
+        return dict(mean=self.mean, basis=self.basis, scale=self.scale, reach=self.reach)
+
+    def encode(self, video):
+        if self.basis is None:
+            raise RuntimeError("PCATokenizer.fit must run before encode")
+        patches = self.patches.encode(video).movedim(2, -1)
+        latents = (patches - self.mean.to(video)) @ self.basis.to(video) / self.scale.to(video)
+        return latents.movedim(-1, 2).contiguous()
+
+    def decode(self, latents):
+        patches = latents.movedim(2, -1) * self.scale.to(latents) @ self.basis.T.to(latents) + self.mean.to(latents)
+        return self.patches.decode(patches.movedim(-1, 2).contiguous())
+
+
+def load_tokenizer(spec, device="cpu", state=None):
+    """"patch" (t=4, s=4), "patch:TxSxS" (e.g. patch:4x8x8), "pca:TxSxS:C" (C principal components of
+    those patches; fitted, so `state` is needed to encode), or "cosmos:/path/to/tokenizer_dir"."""
     if spec.startswith("cosmos:"):
         return CosmosTokenizer(spec[len("cosmos:"):], device=device)
     match = re.fullmatch(r"patch(?::([1-9]\d*)x([1-9]\d*)x\2)?", spec)
     if match:
         return PatchTokenizer(int(match[1]), int(match[2])) if match[1] else PatchTokenizer()
-    raise BadInput(f"unknown tokenizer {spec!r}: use patch, patch:TxSxS (e.g. patch:4x4x4) or cosmos:/path/to/dir")
+    match = re.fullmatch(r"pca:([1-9]\d*)x([1-9]\d*)x\2:([1-9]\d*)", spec)
+    if match:
+        t, s, channels = int(match[1]), int(match[2]), int(match[3])
+        if channels > 3 * t * s * s:
+            raise BadInput(f"tokenizer {spec}: a {t}x{s}x{s} patch has only {3 * t * s * s} values")
+        return PCATokenizer(t, s, channels, state)
+    raise BadInput(f"unknown tokenizer {spec!r}: use patch, patch:TxSxS (e.g. patch:4x4x4), "
+                   f"pca:TxSxS:C (e.g. pca:4x4x4:16) or cosmos:/path/to/dir")
 
 # -----------------------------------------------------------------------------
 # Frozen text encoder
@@ -326,7 +383,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
     each moving in one of 8 directions, slowly or quickly, bouncing off the frame border. The caption names
     each object's colour, shape, direction and speed, so the whole clip follows from its first frame plus its
     caption, and a generated clip can be scored against the true one. Speeds are 1 or 2 pixels per frame at
-    32 px and scale with the resolution. Each clip is a pure function of (split, index, seed); the splits
+    32 px and scale with the resolution (0.5 or 1 at 16 px: positions are fractional, drawn to whole pixels). Each clip is a pure function of (split, index, seed); the splits
     draw from disjoint seeds, so "test" is held out."""
 
     COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
@@ -342,7 +399,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
         self.num_frames, self.height, self.width, self.split, self.seed = num_frames, height, width, split, seed
         self.size = size if size is not None else (100_000 if split == "train" else 256)
         self.shape_size = max(2, min(height, width) // 4)
-        self.pixels_per_step = max(1, round(min(height, width) / 32))
+        self.pixels_per_step = min(height, width) / 32  # speeds scale with the frame: 0.5 or 1 px at 16 px
 
     def __len__(self):
         return self.size

@@ -158,13 +158,14 @@ def temperature_option(value):
         raise argparse.ArgumentTypeError(f"'progressive' or a number, not {value!r}") from None
 
 
-def add_generation_options(parser, num_iter):
+def add_generation_options(parser):
     """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate."""
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage; more extrapolates)")
     parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
     parser.add_argument("--width", type=int)
-    parser.add_argument("--num_iter", type=int, default=num_iter, help="masked generation steps per frame")
+    parser.add_argument("--num_iter", type=int, help="masked generation steps per frame (default: the "
+                        "checkpoint's sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--temperature", type=temperature_option, default="progressive", help="progressive or a number")
     parser.add_argument("--seed", type=int, default=0)
@@ -177,7 +178,7 @@ def parse_args(argv=None):
     parser.add_argument("--video", help="a clip whose first frames condition the video (video-to-video)")
     parser.add_argument("--cond_frames", type=int, default=1, help="latent frames of --video to keep (§5.3: 2)")
     parser.add_argument("--prompt", default="", help="the caption")
-    add_generation_options(parser, num_iter=64)
+    add_generation_options(parser)
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--no_kv_cache", action="store_true", help="the slow reference path of Table 2")
     parser.add_argument("--out", default="out/sample.mp4", help=".mp4 or .gif; a .png contact sheet goes beside it")
@@ -209,12 +210,13 @@ def trained_model(args):
     ckpt = load_checkpoint(args.ckpt)
     run = ckpt["train"]
     model = build_model(ckpt).to(device)
-    tokenizer = load_tokenizer(run["tokenizer"], device=device)
+    tokenizer = load_tokenizer(run["tokenizer"], device=device, state=ckpt.get("tokenizer"))
     height, width = args.height or run["height"], args.width or run["width"]
     tokenizer.check_size(height, width)
     frames = args.frames or int(str(run["frames"]).split(",")[-1])
     tokenizer.latent_frames(frames)  # a length the tokenizer cannot take fails here
     text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
+    args.num_iter = args.num_iter or run["sample_num_iter"]
     return model, tokenizer, text_encoder, run, (frames, height, width)
 
 

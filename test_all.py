@@ -541,6 +541,33 @@ def test_patch_tokenizer_is_causal_and_local():
     assert difference.nonzero().tolist() == [[2, 9 // 4, 6 // 4]]
 
 
+def test_pca_tokenizer_keeps_the_principal_components_and_travels_as_state():
+    """A PCA tokenizer with every component is exact; with fewer, decode(encode(x)) is the orthogonal
+    projection onto the top components (applying it twice changes nothing, and it beats any other
+    basis of the same size); its fitted state rebuilds the same tokenizer through load_tokenizer."""
+    clips = torch.stack([SyntheticVideos(5, 8, 8, seed=3)[i][0] for i in range(64)])
+    full = load_tokenizer("pca:4x4x4:192")
+    full.fit(clips)
+    assert torch.allclose(full.decode(full.encode(clips)), clips, atol=1e-4)
+    tokenizer = load_tokenizer("pca:4x4x4:8")
+    kept = tokenizer.fit(clips)
+    latents = tokenizer.encode(clips)
+    assert latents.shape == (64, 2, 8, 2, 2) and abs(latents.pow(2).mean().sqrt() - 1) < 1e-4  # unit RMS
+    again = tokenizer.encode(tokenizer.decode(latents))  # latent frame 0 decodes to one of its 4 copies
+    assert torch.allclose(again[:, 1:], latents[:, 1:], atol=1e-4)
+    patches = PatchTokenizer().encode(clips).movedim(2, -1).reshape(-1, 192)
+    centred = patches - patches.mean(0)
+    error = lambda basis: (centred - centred @ basis @ basis.T).pow(2).sum()
+    assert error(tokenizer.basis) < error(torch.linalg.qr(torch.randn(192, 8))[0])
+    assert abs(1 - error(tokenizer.basis) / centred.pow(2).sum() - kept) < 1e-4  # the variance it keeps
+    lo, hi = tokenizer.clip_range
+    assert lo == -hi and latents.abs().max() <= hi
+    rebuilt = load_tokenizer("pca:4x4x4:8", state=tokenizer.state())
+    assert torch.equal(rebuilt.encode(clips), latents)
+    with pytest.raises(BadInput):
+        load_tokenizer("pca:4x4x4:193")
+
+
 def test_tokenizer_bad_sizes_and_specs_raise_bad_input():
     tokenizer = PatchTokenizer(4, 8)
     for frames in (0, 2, 6, 12):
@@ -1093,6 +1120,38 @@ def test_copy_baseline(monkeypatch):
     result = evaluation.evaluate(*args, num_iter=1, batch_size=2)
     assert result["copy"]["psnr"] == evaluation.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(size):
+    """The toy VBench-I2V: the truth is present everywhere, where it should be, and moves the way
+    its caption says; copying the first frame keeps every object but moves none; a frame of the
+    background alone has no object; speckle of every colour is not an object either."""
+    data = SyntheticVideos(25, size, size, split="test")
+    per_clip = {"truth": [], "copy": [], "background": [], "speckle": []}
+    for i in range(24):
+        clip, _ = data[i]
+        background = torch.tensor(data.describe(i)["background"]).view(1, 3, 1, 1) * 2 - 1
+        speckle = torch.randint(0, 2, clip.shape).float() * 2 - 1  # pure colours, everywhere
+        for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
+                            ("background", background.expand_as(clip)), ("speckle", speckle)):
+            per_clip[name].append(evaluation.object_scores(video, clip, data.describe(i)))
+    last_third = slice(-8, None)
+    truth, copy = (evaluation.summarise_objects(per_clip[k], last_third) for k in ("truth", "copy"))
+    assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
+    assert truth["direction"] == 1 and truth["direction_judged"] >= 20
+    assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
+    assert evaluation.summarise_objects(per_clip["background"], last_third)["presence"] == 0
+    assert evaluation.summarise_objects(per_clip["speckle"], last_third)["presence"] < 0.05
+    # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
+    o = data.describe(0)["objects"][0]
+    clip = SyntheticVideos(25, size, size, split="test")[0][0]
+    way = SyntheticVideos.DIRECTIONS[o["direction"]]
+    still = clip[:1].expand_as(clip).roll((-way[1], -way[0]), dims=(-2, -1))
+    scores = evaluation.object_scores(still, clip, data.describe(0))[0]
+    assert scores["direction"] is False
+    assert abs(scores["position_error"][0] - evaluation.object_scores(clip[:1].expand_as(clip), clip,
+               data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
 
 
 def test_plot_is_written_with_its_size(tmp_path):

@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import (BadInput, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
+from data import (BadInput, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
                   save_image_grid, write_video)
 from eval import evaluate, summary
 from model import PRESETS, VideoMARConfig
@@ -189,6 +189,16 @@ def save_checkpoint(path, ckpt):
 # -----------------------------------------------------------------------------
 # Pieces of the training loop
 
+def fit_tokenizer(tokenizer, dataset, config, verbose, num_clips=512):
+    """Fit a PCA tokenizer on clips of the longest stage, the same on every rank (a fixed draw)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    picks = torch.randperm(len(dataset), generator=generator)[:num_clips].tolist()
+    videos = torch.stack([dataset[i][0] for i in tqdm(picks, desc="fit tokenizer", leave=False, disable=not verbose)])
+    kept = tokenizer.fit(videos)
+    if verbose:
+        print(f"tokenizer {config.tokenizer}: fitted on {len(picks)} clips, keeps {kept:.1%} of the patch variance")
+
+
 def make_dataset(config, num_frames):
     if config.data == "synthetic":
         return SyntheticVideos(num_frames, config.height, config.width, split="train", seed=config.seed)
@@ -268,9 +278,12 @@ def train(cli, model_cli):
     resumed = load_checkpoint(out_dir / "ckpt.pt") if cli.get("resume") else None
     config = make_config(cli, resumed["train"] if resumed else None)
     source = resumed or (load_checkpoint(config.init_from) if config.init_from else None)
-    tokenizer = load_tokenizer(config.tokenizer, device)
+    same_tokenizer = source is not None and source["train"]["tokenizer"] == config.tokenizer
+    tokenizer = load_tokenizer(config.tokenizer, device, source.get("tokenizer") if same_tokenizer else None)
     stages = curriculum(config, tokenizer)
     datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]  # a bad data folder fails here, early
+    if isinstance(tokenizer, PCATokenizer) and tokenizer.basis is None:  # fitted on the data, once
+        fit_tokenizer(tokenizer, datasets[-1], config, master)
 
     # the model: fresh from the preset and sized by the frozen encoders, or the source's; then the command line
     model_config = dict(source["config"]) if source else asdict(VideoMARConfig(**PRESETS[config.preset]))
@@ -311,6 +324,7 @@ def train(cli, model_cli):
 
     def save(stage, stage_step, step):
         save_checkpoint(ckpt_path, dict(config=asdict(raw_model.config), train=asdict(config),
+                                        tokenizer=tokenizer.state() if hasattr(tokenizer, "state") else None,
                                         model=raw_model.state_dict(), ema=ema.state_dict(),
                                         optimizer=optimizer.state_dict(), stage=stage, stage_step=stage_step, step=step))
 
