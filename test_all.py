@@ -27,7 +27,7 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
                   write_video)
 from diffusion import DiffLoss, create_diffusion
 from model import KVCache, PRESETS, VideoMAR, VideoMARConfig, patchify, sample_mask_ratios, unpatchify
-from rope3d import apply_rope, rope_frequencies
+from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
 import sample
@@ -206,6 +206,18 @@ def test_rope_scores_depend_only_on_offsets():
     base = score((0, 0, 0), (0, 0, 0), (0, 0, 0))
     for other in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
         assert abs(score((0, 0, 0), other, (0, 0, 0)) - base) > 1e-3
+
+
+def test_rope_split_follows_the_authors_time_half():
+    # Step-Video's blocks in the authors' model: rope_ch_split (64, 32, 32) of 128 channels
+    assert split_head_dim(128) == (64, 32, 32)
+    for preset, head_dim in (("tiny", 32), ("videomar", 64)):
+        assert PRESETS[preset]["n_embd"] // PRESETS[preset]["n_head"] == head_dim
+        assert split_head_dim(head_dim) == (head_dim // 2, head_dim // 4, head_dim // 4)
+    for head_dim in range(8, 130, 2):  # any even head_dim: parts even, summing to it
+        parts = split_head_dim(head_dim)
+        assert sum(parts) == head_dim and all(p > 0 and p % 2 == 0 for p in parts), parts
+        assert parts[1] == parts[2] and parts[0] >= head_dim // 2
 
 
 def test_rope_is_a_rotation():
