@@ -121,6 +121,59 @@ def test_text_padding_is_masked_and_text_matters():
     assert (z - z_null).abs().amax() > 1e-3
 
 
+def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
+    """QK-norm as the authors' Step-Video blocks: RMSNorm with a learned weight over each head's
+    channels, on the raw projections, in self- and cross-attention; the plain block has none."""
+    model = random_model(qk_norm=True)
+    config = model.config
+    head_dim = config.n_embd // config.n_head
+    inputs, outputs, projected = [], [], []
+    for block in model.blocks:
+        for attn in (block.attn, block.cross_attn):
+            for norm in (attn.q_norm, attn.k_norm):
+                assert isinstance(norm, torch.nn.RMSNorm) and norm.normalized_shape == (head_dim,)
+                assert torch.equal(norm.weight, torch.ones(head_dim))
+                norm.register_forward_hook(lambda m, a, y: inputs.append(a[0]) or outputs.append(y))
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: projected.append(out))
+    tokens = torch.randn(2, 2 * 4, config.token_dim)
+    frames_output(model, tokens, None, (2, 2))
+    assert len(outputs) == 4 * config.n_layer
+    for out in outputs:  # (B, heads, N, head_dim), every head of every token of RMS 1
+        assert out.shape[1] == config.n_head and out.shape[-1] == head_dim
+        rms = out.pow(2).mean(-1).sqrt()
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+    # the first norms run during text_context (text keys), then each layer's self-attention q, k
+    B, N, D = projected[0].shape
+    q_raw = projected[0].view(B, N, 3, config.n_head, head_dim)[:, :, 0].transpose(1, 2)
+    assert torch.equal(inputs[config.n_layer], q_raw)  # normalised before RoPE rotates it
+    plain = VideoMAR(tiny_config()).state_dict().keys()
+    normed = VideoMAR(tiny_config(qk_norm=True)).state_dict().keys()
+    added = {f"blocks.{i}.{a}.{n}.weight" for i in range(config.n_layer)
+             for a in ("attn", "cross_attn") for n in ("q_norm", "k_norm")}
+    assert set(normed) - set(plain) == added
+    assert set(plain) <= set(normed)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    model = random_model(qk_norm=qk_norm)
+    D = model.config.n_embd
+    tokens = torch.randn(2, 2 * 4, model.config.token_dim)
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.3
+    before = frames_output(model, tokens, mask, (2, 2))
+    with torch.no_grad():  # scale the query and key projections of every attention by 10
+        for block in model.blocks:
+            attn, cross = block.attn, block.cross_attn
+            for linear, rows in ((attn.qkv, 2 * D), (cross.q, D), (cross.kv, D)):
+                linear.weight[:rows] *= 10
+                linear.bias[:rows] *= 10
+    after = frames_output(model, tokens, mask, (2, 2))
+    if qk_norm:
+        assert torch.allclose(after, before, atol=1e-4)
+    else:
+        assert (after - before).abs().max() > 1e-2
+
+
 def test_patchify_round_trip_and_raster_order():
     latents = torch.randn(2, 3, 4, 6, 8)
     tokens = patchify(latents, 2)
@@ -366,16 +419,17 @@ def test_tiny_model_overfits_one_clip():
 # ----------------------------------------------------------------------------------------------
 # sample.py: generation with the KV cache
 
-def sample_setup(batch=2, k=1, grid=(3, 3), seed=0):
-    model = random_model(seed)
+def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
+    model = random_model(seed, **overrides)
     with torch.no_grad():  # keep sampled values in a sane range: a small, contracting head output
         model.diffloss.net.final_layer.linear.weight.mul_(0.1)
     cond = torch.randn(batch, k, model.config.latent_channels, *grid, generator=torch.Generator().manual_seed(seed))
     return model, cond, random_text(batch, model.config)
 
 
-def test_kv_cache_matches_uncached_generation():
-    model, cond, text = sample_setup()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kv_cache_matches_uncached_generation(qk_norm):
+    model, cond, text = sample_setup(qk_norm=qk_norm)
     run = lambda cached: generate(model, cond, text, num_frames=5, num_iter=3, cfg=3.0, use_kv_cache=cached,
                                   generator=torch.Generator().manual_seed(7))
     cached, uncached = run(True), run(False)
@@ -388,8 +442,9 @@ def test_kv_cache_matches_uncached_generation():
     assert not torch.allclose(other, cached)
 
 
-def test_cache_after_prefill_and_commits_equals_full_forward():
-    model, cond, text = sample_setup(k=2)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
+    model, cond, text = sample_setup(k=2, qk_norm=qk_norm)
     grid, L, T = (3, 3), 9, 4
     tokens = torch.randn(2, T * L, model.config.token_dim)
     context = model.text_context(*text)
@@ -408,9 +463,10 @@ def test_cache_after_prefill_and_commits_equals_full_forward():
         assert torch.allclose(stepwise.v[layer], full.v[layer], atol=1e-5)
 
 
-def test_generation_under_bf16_autocast():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_generation_under_bf16_autocast(qk_norm):
     """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
-    model, cond, text = sample_setup()
+    model, cond, text = sample_setup(qk_norm=qk_norm)
     run = lambda: generate(model, cond, text, num_frames=3, num_iter=2, cfg=3.0, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run()
