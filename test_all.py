@@ -231,6 +231,9 @@ def test_videomar_preset_has_1_4b_parameters():
     n = sum(p.numel() for p in model.parameters())
     assert 1.3e9 <= n <= 1.5e9, n
     assert (model.config.n_layer, model.config.n_embd, model.config.diffloss_d, model.config.diffloss_w) == (36, 1536, 3, 1280)
+    # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm in every attention
+    assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
+    assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -872,6 +875,25 @@ def test_text_encoder_minilm_shapes_cache_and_mask():
     assert torch.equal(again[1], text[1]) and torch.equal(again_mask[2], mask[1])
     fresh, _ = TextEncoder(max_length=16)([captions[1]])
     assert torch.allclose(fresh[0], text[1], atol=1e-5)  # the cache returns what the model computes
+
+
+def test_text_encoder_says_once_which_captions_it_cuts(capsys):
+    long = " and ".join(f"a {c} square moves left slowly" for c in SyntheticVideos.COLOURS)
+    short = "a red square moves left slowly"
+    encoder = TextEncoder(max_length=12)
+    n = len(encoder.tokenizer(long)["input_ids"])
+    assert 32 < n <= 300  # cut by tiny's text_len, taken whole by the videomar preset's
+    text, mask = encoder([long, short, long])
+    assert mask[0].all() and mask[2].all() and not mask[1].all()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"caption of {n} tokens is cut to its first 12" in lines[0], lines
+    assert encoder.truncated == {long}
+    encoder.cache.clear()  # even computed again, a caption is reported once
+    encoder([long, short])
+    assert capsys.readouterr().err == ""
+    whole = TextEncoder(max_length=PRESETS["videomar"]["text_len"])
+    _, mask = whole([long, short])
+    assert mask[0].sum() == n and whole.truncated == set() and capsys.readouterr().err == ""
 
 
 def test_text_encoder_loads_any_local_model(tmp_path):
