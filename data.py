@@ -276,8 +276,8 @@ class TextEncoder:
     condition the video model. Frozen, so each caption's embedding is computed once and cached.
     Rows past a caption's tokens are zero, and every row keeps at least one real token (an empty caption
     of a tokenizer without special tokens still gets its pad token), so cross-attention always has a key.
-    A caption longer than max_length tokens (the model's text_len) is cut to its first max_length; each
-    such caption is said once on stderr and kept in `truncated`."""
+    A caption of more than max_length tokens (the model's text_len) is cut to its first
+    max_length; each such caption is said once on stderr and kept in `truncated`."""
 
     def __init__(self, name_or_path=None, max_length=32, device="cpu", cache_size=10_000):
         from transformers import AutoModel, AutoTokenizer  # imported here: slow to import, and only needed here
@@ -312,8 +312,8 @@ class TextEncoder:
             for caption, length in zip(new, lengths):
                 if length > self.max_length and caption not in self.truncated:
                     self.truncated.add(caption)
-                    print(f"note: a caption of {length} tokens is cut to its first {self.max_length} "
-                          f"(text_len): {caption[:60]!r}", file=sys.stderr)
+                    print(f"note: a caption of {length} tokens is cut to its first "
+                          f"{self.max_length} (text_len): {caption[:60]!r}", file=sys.stderr)
             batch = self.tokenizer(new, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
             batch["attention_mask"][:, 0] = 1  # even an empty caption gives cross-attention one key
             hidden = self.model(input_ids=batch["input_ids"].to(self.device),

@@ -231,7 +231,7 @@ def test_videomar_preset_has_1_4b_parameters():
     n = sum(p.numel() for p in model.parameters())
     assert 1.3e9 <= n <= 1.5e9, n
     assert (model.config.n_layer, model.config.n_embd, model.config.diffloss_d, model.config.diffloss_w) == (36, 1536, 3, 1280)
-    # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm in every attention
+    # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm everywhere
     assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
     assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
