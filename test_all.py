@@ -495,6 +495,43 @@ def test_text_to_video_and_clip_range():
     assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
 
 
+def test_authors_clip_bounds_frames_after_the_first_generated_one():
+    """The authors' sampler clamps each sampled token of the frames after the first generated
+    one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
+    model, cond, text = sample_setup(k=1)
+    run = lambda clip, cached=True: generate(model, cond, text, num_frames=4, num_iter=3, cfg=3.0,
+                                             use_kv_cache=cached, clip_range=clip, clip_x0=False,
+                                             generator=torch.Generator().manual_seed(3))
+    free = run(None)
+    c = 0.5 * free[:, 1].abs().max().item()
+    seen = []  # the visible tokens of every masked step of the frames after the first generated
+    forward = model.forward_frames
+    model.forward_frames = lambda tokens, mask, first, *a, **kw: (
+        seen.append(tokens[~mask]) if mask is not None and first >= 2 else None,
+        forward(tokens, mask, first, *a, **kw))[1]
+    clipped = run((-c, c))
+    del model.forward_frames
+    assert torch.equal(clipped[:, :2], free[:, :2])  # the given and the first generated frame
+    assert free[:, 2:].abs().max() > c >= clipped[:, 2:].abs().max()
+    assert len(seen) == 2 * 3 and max(v.abs().max() for v in seen if v.numel()) <= c
+    assert torch.allclose(run((-c, c), cached=False), clipped, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_forward_passes_of_generation_skip_the_last_commit(k):
+    """With the cache: a prefill (if frames are given), num_iter steps per generated frame, and a
+    commit of each finished frame but the last, whose keys and values nothing would read."""
+    model, cond, text = sample_setup(k=k)
+    calls, forward = [], model.forward_frames
+    model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
+    for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
+        calls.clear()
+        generate(model, cond, text, num_frames=k + n, num_iter=s, cfg=3.0, use_kv_cache=cached)
+        commits = ((k > 0) + n - 1) if cached else 0
+        assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
+        assert calls.count(True) == commits
+
+
 def test_progressive_temperature():
     assert [round(frame_temperature("progressive", i), 6) for i in range(4)] == [1.0, 0.91, 0.901, 0.9001]
     assert frame_temperature(0.95, 3) == 0.95
