@@ -63,7 +63,7 @@ PRESETS = {
     "videomar": dict(latent_channels=16, n_layer=36, n_embd=1536, n_head=24, diffloss_d=3,
                      diffloss_w=1280, text_dim=1536, text_len=300, qk_norm=True),
     # what trains on a 2-core CPU in minutes: PatchTokenizer(4, 4) latents, MiniLM text (384);
-    # the synthetic captions are far shorter than 32 tokens. The plain block (no QK-norm): at
+    # the synthetic captions (21 MiniLM tokens at most) fit whole. The plain block (no QK-norm): at
     # toy scale in fp32 there is no instability for it to cure, and the tiny model keeps its
     # parameters and the tests their meaning.
     "tiny": dict(latent_channels=192, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
