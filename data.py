@@ -25,6 +25,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -331,7 +332,9 @@ class TextEncoder:
     """Any Hugging Face encoder (BERT, T5) or decoder (Qwen2) model; its last hidden states and padding mask
     condition the video model. Frozen, so each caption's embedding is computed once and cached.
     Rows past a caption's tokens are zero, and every row keeps at least one real token (an empty caption
-    of a tokenizer without special tokens still gets its pad token), so cross-attention always has a key."""
+    of a tokenizer without special tokens still gets its pad token), so cross-attention always has a key.
+    A caption of more than max_length tokens (the model's text_len) is cut to its first
+    max_length; each such caption is said once on stderr and kept in `truncated`."""
 
     def __init__(self, name_or_path=None, max_length=32, device="cpu", cache_size=10_000):
         from transformers import AutoModel, AutoTokenizer  # imported here: slow to import, and only needed here
@@ -354,6 +357,7 @@ class TextEncoder:
         self.model = model.to(device).eval().requires_grad_(False)
         self.dim, self.max_length, self.device = model.config.hidden_size, max_length, device
         self.cache, self.cache_size, self.cache_hits = {}, cache_size, 0
+        self.truncated = set()  # the captions that were longer than max_length tokens
 
     @torch.no_grad()
     def __call__(self, captions):
@@ -361,6 +365,12 @@ class TextEncoder:
         self.cache_hits += sum(c in states for c in captions)
         new = list(dict.fromkeys(c for c in captions if c not in states))
         if new:
+            lengths = [len(ids) for ids in self.tokenizer(new, verbose=False)["input_ids"]]
+            for caption, length in zip(new, lengths):
+                if length > self.max_length and caption not in self.truncated:
+                    self.truncated.add(caption)
+                    print(f"note: a caption of {length} tokens is cut to its first "
+                          f"{self.max_length} (text_len): {caption[:60]!r}", file=sys.stderr)
             batch = self.tokenizer(new, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
             batch["attention_mask"][:, 0] = 1  # even an empty caption gives cross-attention one key
             hidden = self.model(input_ids=batch["input_ids"].to(self.device),

@@ -26,7 +26,11 @@ from model import KVCache, VideoMAR, VideoMARConfig, patchify, unpatchify
 
 def frame_temperature(temperature, i):
     """§4.3 and Appendix B: "progressive" gives the i-th generated frame 0.9 + 10^-(i+1)
-    (1.0, 0.91, 0.901, ...): lower temperature for later frames suppresses accumulated error."""
+    (1.0, 0.91, 0.901, ...): lower temperature for later frames suppresses accumulated error.
+    A number gives every frame that constant. This follows the paper, not the authors' released
+    sampler: that one uses one constant temperature for all frames (a linear schedule,
+    0.95 - 0.05 i / n for the i-th of n generated frames, sits there in a comment). Appendix B
+    finds a constant 0.9 about as good (slightly lower Dynamic Degree) and recommends both."""
     if temperature == "progressive":
         return 0.9 + 10.0 ** -(i + 1)
     return float(temperature)
@@ -40,12 +44,18 @@ def merge_contexts(conditional, unconditional):
 
 @torch.no_grad()
 def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temperature="progressive",
-             use_kv_cache=True, generator=None, clip_range=None, progress=None):
+             use_kv_cache=True, generator=None, clip_range=None, clip_x0=True, progress=None):
     """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to `num_frames`
     latent frames. `text` is (embeddings (B, S, text_dim), mask (B, S)) of the captions, or None
     for the null text; with cfg != 1 the batch is doubled with the null text (MAR's linear CFG
-    schedule). `clip_range`, the tokenizer's latent range, bounds every predicted token (see
-    DiffLoss.sample).
+    schedule). `clip_range` (lo, hi), the tokenizer's latent range, is imposed two ways:
+    - the authors' clip: each sampled token of a frame after the first generated one is clamped
+      to it as it is sampled (their sampler, Cosmos latents x 0.5 to [-2, 2]); the first
+      generated frame is left as sampled;
+    - with `clip_x0` (this code's choice), every x_0 the diffusion head predicts, at every
+      diffusion step of every token of every frame, is clamped to it first (DiffLoss.sample).
+      That changes every posterior mean; the last one (t = 0) is the clamped x_0 itself, so the
+      tokens come out inside the range and the authors' clip then changes nothing.
     Returns (B, num_frames, C, h, w), the given frames bit-exact."""
     config, device = model.config, cond_latents.device
     p = config.patch_size
@@ -95,10 +105,15 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
             to_predict = mask & ~next_mask
             z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
             cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
-            sampled = model.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator, clip_range=clip_range)
+            sampled = model.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator,
+                                            clip_range=clip_range if clip_x0 else None)
+            if clip_range is not None and f > k:  # the authors' clip, before later steps see them
+                sampled = sampled.clamp(*clip_range)
             tokens[:, f][to_predict] = sampled.to(tokens.dtype)
             mask = next_mask
-        if use_kv_cache:  # commit: the finished frame once more, fully visible, into the cache
+        if use_kv_cache and f < num_frames - 1:
+            # commit: the finished frame once more, fully visible, into the cache; the last
+            # frame's keys and values would be read by nothing (the authors skip it too)
             model.forward_frames(double(tokens[:, f]), None, f, grid, context, cache, commit=True)
         if progress is not None:
             progress.update(1)

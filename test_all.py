@@ -27,7 +27,7 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
                   write_video)
 from diffusion import DiffLoss, create_diffusion
 from model import KVCache, PRESETS, VideoMAR, VideoMARConfig, patchify, sample_mask_ratios, unpatchify
-from rope3d import apply_rope, rope_frequencies
+from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
 import sample
@@ -121,6 +121,59 @@ def test_text_padding_is_masked_and_text_matters():
     assert (z - z_null).abs().amax() > 1e-3
 
 
+def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
+    """QK-norm as the authors' Step-Video blocks: RMSNorm with a learned weight over each head's
+    channels, on the raw projections, in self- and cross-attention; the plain block has none."""
+    model = random_model(qk_norm=True)
+    config = model.config
+    head_dim = config.n_embd // config.n_head
+    inputs, outputs, projected = [], [], []
+    for block in model.blocks:
+        for attn in (block.attn, block.cross_attn):
+            for norm in (attn.q_norm, attn.k_norm):
+                assert isinstance(norm, torch.nn.RMSNorm) and norm.normalized_shape == (head_dim,)
+                assert torch.equal(norm.weight, torch.ones(head_dim))
+                norm.register_forward_hook(lambda m, a, y: inputs.append(a[0]) or outputs.append(y))
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: projected.append(out))
+    tokens = torch.randn(2, 2 * 4, config.token_dim)
+    frames_output(model, tokens, None, (2, 2))
+    assert len(outputs) == 4 * config.n_layer
+    for out in outputs:  # (B, heads, N, head_dim), every head of every token of RMS 1
+        assert out.shape[1] == config.n_head and out.shape[-1] == head_dim
+        rms = out.pow(2).mean(-1).sqrt()
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+    # the first norms run during text_context (text keys), then each layer's self-attention q, k
+    B, N, D = projected[0].shape
+    q_raw = projected[0].view(B, N, 3, config.n_head, head_dim)[:, :, 0].transpose(1, 2)
+    assert torch.equal(inputs[config.n_layer], q_raw)  # normalised before RoPE rotates it
+    plain = VideoMAR(tiny_config()).state_dict().keys()
+    normed = VideoMAR(tiny_config(qk_norm=True)).state_dict().keys()
+    added = {f"blocks.{i}.{a}.{n}.weight" for i in range(config.n_layer)
+             for a in ("attn", "cross_attn") for n in ("q_norm", "k_norm")}
+    assert set(normed) - set(plain) == added
+    assert set(plain) <= set(normed)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    model = random_model(qk_norm=qk_norm)
+    D = model.config.n_embd
+    tokens = torch.randn(2, 2 * 4, model.config.token_dim)
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.3
+    before = frames_output(model, tokens, mask, (2, 2))
+    with torch.no_grad():  # scale the query and key projections of every attention by 10
+        for block in model.blocks:
+            attn, cross = block.attn, block.cross_attn
+            for linear, rows in ((attn.qkv, 2 * D), (cross.q, D), (cross.kv, D)):
+                linear.weight[:rows] *= 10
+                linear.bias[:rows] *= 10
+    after = frames_output(model, tokens, mask, (2, 2))
+    if qk_norm:
+        assert torch.allclose(after, before, atol=1e-4)
+    else:
+        assert (after - before).abs().max() > 1e-2
+
+
 def test_patchify_round_trip_and_raster_order():
     latents = torch.randn(2, 3, 4, 6, 8)
     tokens = patchify(latents, 2)
@@ -178,6 +231,9 @@ def test_videomar_preset_has_1_4b_parameters():
     n = sum(p.numel() for p in model.parameters())
     assert 1.3e9 <= n <= 1.5e9, n
     assert (model.config.n_layer, model.config.n_embd, model.config.diffloss_d, model.config.diffloss_w) == (36, 1536, 3, 1280)
+    # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm everywhere
+    assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
+    assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +262,18 @@ def test_rope_scores_depend_only_on_offsets():
     base = score((0, 0, 0), (0, 0, 0), (0, 0, 0))
     for other in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
         assert abs(score((0, 0, 0), other, (0, 0, 0)) - base) > 1e-3
+
+
+def test_rope_split_follows_the_authors_time_half():
+    # Step-Video's blocks in the authors' model: rope_ch_split (64, 32, 32) of 128 channels
+    assert split_head_dim(128) == (64, 32, 32)
+    for preset, head_dim in (("tiny", 32), ("videomar", 64)):
+        assert PRESETS[preset]["n_embd"] // PRESETS[preset]["n_head"] == head_dim
+        assert split_head_dim(head_dim) == (head_dim // 2, head_dim // 4, head_dim // 4)
+    for head_dim in range(8, 130, 2):  # any even head_dim: parts even, summing to it
+        parts = split_head_dim(head_dim)
+        assert sum(parts) == head_dim and all(p > 0 and p % 2 == 0 for p in parts), parts
+        assert parts[1] == parts[2] and parts[0] >= head_dim // 2
 
 
 def test_rope_is_a_rotation():
@@ -354,16 +422,17 @@ def test_tiny_model_overfits_one_clip():
 # ----------------------------------------------------------------------------------------------
 # sample.py: generation with the KV cache
 
-def sample_setup(batch=2, k=1, grid=(3, 3), seed=0):
-    model = random_model(seed)
+def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
+    model = random_model(seed, **overrides)
     with torch.no_grad():  # keep sampled values in a sane range: a small, contracting head output
         model.diffloss.net.final_layer.linear.weight.mul_(0.1)
     cond = torch.randn(batch, k, model.config.latent_channels, *grid, generator=torch.Generator().manual_seed(seed))
     return model, cond, random_text(batch, model.config)
 
 
-def test_kv_cache_matches_uncached_generation():
-    model, cond, text = sample_setup()
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kv_cache_matches_uncached_generation(qk_norm):
+    model, cond, text = sample_setup(qk_norm=qk_norm)
     run = lambda cached: generate(model, cond, text, num_frames=5, num_iter=3, cfg=3.0, use_kv_cache=cached,
                                   generator=torch.Generator().manual_seed(7))
     cached, uncached = run(True), run(False)
@@ -376,8 +445,9 @@ def test_kv_cache_matches_uncached_generation():
     assert not torch.allclose(other, cached)
 
 
-def test_cache_after_prefill_and_commits_equals_full_forward():
-    model, cond, text = sample_setup(k=2)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
+    model, cond, text = sample_setup(k=2, qk_norm=qk_norm)
     grid, L, T = (3, 3), 9, 4
     tokens = torch.randn(2, T * L, model.config.token_dim)
     context = model.text_context(*text)
@@ -396,9 +466,10 @@ def test_cache_after_prefill_and_commits_equals_full_forward():
         assert torch.allclose(stepwise.v[layer], full.v[layer], atol=1e-5)
 
 
-def test_generation_under_bf16_autocast():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_generation_under_bf16_autocast(qk_norm):
     """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
-    model, cond, text = sample_setup()
+    model, cond, text = sample_setup(qk_norm=qk_norm)
     run = lambda: generate(model, cond, text, num_frames=3, num_iter=2, cfg=3.0, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run()
@@ -422,6 +493,43 @@ def test_text_to_video_and_clip_range():
     assert run(None).abs().max() > 0.05
     assert torch.isfinite(generate(model, cond, None, 3, num_iter=2, cfg=3.0)).all()  # null text: nothing to guide
     assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
+
+
+def test_authors_clip_bounds_frames_after_the_first_generated_one():
+    """The authors' sampler clamps each sampled token of the frames after the first generated
+    one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
+    model, cond, text = sample_setup(k=1)
+    run = lambda clip, cached=True: generate(model, cond, text, num_frames=4, num_iter=3, cfg=3.0,
+                                             use_kv_cache=cached, clip_range=clip, clip_x0=False,
+                                             generator=torch.Generator().manual_seed(3))
+    free = run(None)
+    c = 0.5 * free[:, 1].abs().max().item()
+    seen = []  # the visible tokens of every masked step of the frames after the first generated
+    forward = model.forward_frames
+    model.forward_frames = lambda tokens, mask, first, *a, **kw: (
+        seen.append(tokens[~mask]) if mask is not None and first >= 2 else None,
+        forward(tokens, mask, first, *a, **kw))[1]
+    clipped = run((-c, c))
+    del model.forward_frames
+    assert torch.equal(clipped[:, :2], free[:, :2])  # the given and the first generated frame
+    assert free[:, 2:].abs().max() > c >= clipped[:, 2:].abs().max()
+    assert len(seen) == 2 * 3 and max(v.abs().max() for v in seen if v.numel()) <= c
+    assert torch.allclose(run((-c, c), cached=False), clipped, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_forward_passes_of_generation_skip_the_last_commit(k):
+    """With the cache: a prefill (if frames are given), num_iter steps per generated frame, and a
+    commit of each finished frame but the last, whose keys and values nothing would read."""
+    model, cond, text = sample_setup(k=k)
+    calls, forward = [], model.forward_frames
+    model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
+    for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
+        calls.clear()
+        generate(model, cond, text, num_frames=k + n, num_iter=s, cfg=3.0, use_kv_cache=cached)
+        commits = ((k > 0) + n - 1) if cached else 0
+        assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
+        assert calls.count(True) == commits
 
 
 def test_progressive_temperature():
@@ -831,6 +939,25 @@ def test_text_encoder_minilm_shapes_cache_and_mask():
     assert torch.equal(again[1], text[1]) and torch.equal(again_mask[2], mask[1])
     fresh, _ = TextEncoder(max_length=16)([captions[1]])
     assert torch.allclose(fresh[0], text[1], atol=1e-5)  # the cache returns what the model computes
+
+
+def test_text_encoder_says_once_which_captions_it_cuts(capsys):
+    long = " and ".join(f"a {c} square moves left slowly" for c in SyntheticVideos.COLOURS)
+    short = "a red square moves left slowly"
+    encoder = TextEncoder(max_length=12)
+    n = len(encoder.tokenizer(long)["input_ids"])
+    assert 32 < n <= 300  # cut by tiny's text_len, taken whole by the videomar preset's
+    text, mask = encoder([long, short, long])
+    assert mask[0].all() and mask[2].all() and not mask[1].all()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"caption of {n} tokens is cut to its first 12" in lines[0], lines
+    assert encoder.truncated == {long}
+    encoder.cache.clear()  # even computed again, a caption is reported once
+    encoder([long, short])
+    assert capsys.readouterr().err == ""
+    whole = TextEncoder(max_length=PRESETS["videomar"]["text_len"])
+    _, mask = whole([long, short])
+    assert mask[0].sum() == n and whole.truncated == set() and capsys.readouterr().err == ""
 
 
 def test_text_encoder_loads_any_local_model(tmp_path):
