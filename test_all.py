@@ -4,6 +4,7 @@ The test suite: CPU, fast. Run with `python -m pytest -q test_all.py`.
 Every test compares against something a wrong implementation would get wrong: values computed
 independently from closed forms, a straightforward reference loop, or an invariance of the method.
 """
+import argparse
 import hashlib
 import importlib.resources
 import json
@@ -465,32 +466,99 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)  # text-to-video, larger than trained
 
 
+def refuse_to_generate(monkeypatch, module):
+    """Bad input is refused before any work: generating at all fails the test."""
+    def generate(*args, **kwargs):
+        raise AssertionError("generated before refusing the input")
+    monkeypatch.setattr(module, "generate", generate)
+
+
+def bad_files(tmp_path):
+    """Files a bad input test can point at: not an image, a checkpoint of another configuration,
+    files that are not checkpoints, a real checkpoint holding an object weights_only refuses."""
+    (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "a_file").write_text("a file where a directory should be")
+    (tmp_path / "a_dir.mp4").mkdir()
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip cut short
+    torch.save({"config": argparse.Namespace(n_layer=1)}, tmp_path / "unsafe.pt")
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
 @pytest.mark.parametrize("args, words", [
     (["--image", "missing.png"], "no such image"),
     (["--image", "{tmp}/not_an_image.png"], "cannot read image"),
     (["--ckpt", "{tmp}/none.pt"], "python train.py"),
     (["--ckpt", "{tmp}/other.pt"], "do not fit"),
+    (["--ckpt", "{tmp}/old.pt"], "missing keys ['causal']"),  # found before the KV cache estimate
     (["--height", "18"], "not divisible"),
     (["--frames", "8"], "1 + 4k"),
+    # issue 14: every value checked before any model is loaded or frame generated
+    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
+    (["--num_samples", "0"], "argument --num_samples: must be at least 1, not 0"),
+    (["--cond_frames", "0", "--video", "clip.mp4"], "argument --cond_frames: must be at least 1"),
+    (["--frames", "0"], "argument --frames: must be at least 1"),
+    (["--height", "-16"], "argument --height: must be at least 1"),
+    (["--width", "x"], "argument --width: a whole number, not 'x'"),
+    (["--temperature", "-1"], "--temperature: 'progressive' or a positive number, not '-1'"),
+    (["--temperature", "0"], "'progressive' or a positive number, not '0'"),
+    (["--temperature", "nan"], "'progressive' or a positive number, not 'nan'"),
+    (["--cfg", "-1"], "argument --cfg: must be at least 0, not -1"),
+    (["--device", "toaster"], "argument --device: not a torch device"),
+    (["--no_such_option"], "unrecognized arguments: --no_such_option"),
+    (["--out", "x.avi"], "--out must end in .mp4 or .gif"),
+    (["--image", "x.png", "--video", "x.mp4"], "give --image or --video, not both"),
+    (["--image", "{tmp}/not_an_image.png", "--frames", "1"], "nothing to generate after 1 given"),
+    (["--out", "{tmp}/a_file/s.mp4"], "cannot write {tmp}/a_file/s.mp4: Not a directory"),
+    (["--out", "{tmp}/a_dir.mp4"], "cannot write {tmp}/a_dir.mp4: it is a directory"),
+    # the output's folders may be made, but are removed again when a later check fails
+    (["--out", "{tmp}/new/deeper/s.mp4", "--ckpt", "{tmp}/none.pt"], "python train.py"),
+    (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),  # 80 TB: more than any machine
+    (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
+    (["--ckpt", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
+    (["--ckpt", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
 ])
-def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, args, words):
-    (tmp_path / "not_an_image.png").write_text("hello")
+def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    bad_files(tmp_path)
     ckpt = sample.load_checkpoint(tiny_checkpoint)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, tmp_path / "other.pt")
+    old_config = {k: v for k, v in ckpt["config"].items() if k != "causal"}
+    torch.save({**ckpt, "config": old_config}, tmp_path / "old.pt")
+    refuse_to_generate(monkeypatch, sample)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--ckpt" not in args:
         args = ["--ckpt", str(tiny_checkpoint)] + args
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "s.mp4")]
+    before = files_under(tmp_path)
     capsys.readouterr()
-    assert sample.main(args + ["--out", str(tmp_path / "s.mp4")]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and words in err, err
-    assert not (tmp_path / "s.mp4").exists() and not (tmp_path / "s.png").exists()
+    assert sample.main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before  # nothing written, no folder left behind
 
 
-def test_sample_script_exits_2_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "none.pt")],
+def test_sample_cli_says_what_it_will_generate(tiny_checkpoint, tmp_path, capsys):
+    assert sample_cli(tiny_checkpoint, tmp_path, "--frames", 9, "--num_samples", 3, "--cfg", 1) == 0
+    assert capsys.readouterr().out.startswith("3 latent frames (9 frames of 16x16), 3 at a time: "
+                                              "KV cache under 0.01 GB\n")
+    # keys and values: 2 x layers x rows x width x tokens x 4 bytes (fp32 on the CPU)
+    need = sample.check_memory(VideoMARConfig(n_layer=36, n_embd=1536), 2, 4096, torch.device("cpu"))
+    assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and sample.gigabytes(need) == "3.62 GB"
+
+
+@pytest.mark.parametrize("args", [["--ckpt", "{tmp}/none.pt"], ["--num_samples", "0"]])
+def test_sample_script_exits_2_without_traceback(tmp_path, args):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "sample.py", *args, "--out", str(tmp_path / "s.mp4")],
                             capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -968,16 +1036,29 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     (["--frames", "5,9", "--stage_iters", "3"], "one count >= 0 for each"),
     (["--init_from", "{tmp}/missing.pt"], "no checkpoint at"),
     (["--resume"], "no checkpoint at"),
-    (["--init_from", "{tmp}/broken.pt"], "cannot load checkpoint"),
+    (["--init_from", "{tmp}/broken.pt"], "{tmp}/broken.pt is not a PyTorch checkpoint"),
+    (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
+    (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
     (["--data", "{tmp}/no_such_folder"], "no such data folder"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
+    bad_files(tmp_path)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     args = [a.format(tmp=tmp_path) for a in args]
     code = train.main(["--out_dir", str(tmp_path / "out")] + args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
-    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and out == "", err
+    assert words.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    """--resume finds out_dir/ckpt.pt, whatever it is: named, refused and left as it was."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {path} is not a PyTorch checkpoint\n"
+    assert path.read_bytes() == bytes(range(256)) * 4 and files_under(tmp_path) == ["ckpt.pt"]
 
 
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
@@ -1127,10 +1208,34 @@ def test_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_cli_bad_input(tmp_path, capsys):
-    assert evaluation.main(["--ckpt", str(tmp_path / "missing.pt")]) == 2
+@pytest.mark.parametrize("args, words", [
+    (["--ckpt", "{tmp}/missing.pt"], "no checkpoint at"),
+    (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
+    (["--n", "0"], "argument --n: must be at least 1, not 0"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1, not 0"),
+    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
+    (["--temperature", "-0.5"], "argument --temperature: 'progressive' or a positive number"),
+    (["--cfg", "-3"], "argument --cfg: must be at least 0, not -3"),
+    (["--height", "18"], "not divisible"),
+    (["--frames", "1"], "nothing to generate after 1 given"),  # image-to-video: 1 given
+    (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
+    (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
+    (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
+])
+def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    bad_files(tmp_path)
+    refuse_to_generate(monkeypatch, evaluation)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--ckpt" not in args:
+        args = ["--ckpt", str(tiny_checkpoint)] + args
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "eval")]
+    before = files_under(tmp_path)
+    assert evaluation.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before
 
 
 def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, capsys):
@@ -1140,6 +1245,32 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
         assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2", "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
     assert "quality on 16 held-out clips" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py: its options
+
+@pytest.mark.parametrize("args, words", [
+    (["--threads", "0"], "argument --threads: must be at least 1, not 0"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
+    (["--frames", "1"], "argument --frames: must be at least 2, not 1"),  # 1 given + 1 generated
+    (["--grid", "0"], "argument --grid: must be at least 1, not 0"),
+    (["--spatial_grid", "-4"], "argument --spatial_grid: must be at least 1, not -4"),
+    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
+    (["--spatial_grid", "4", "--num_iter", "17"], "--num_iter 17 is more steps than the 16 tokens"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1, not 0"),
+    (["--device", "toaster"], "argument --device: not a torch device"),
+    (["--json", "{tmp}/a_file/b.json"], "cannot write {tmp}/a_file/b.json: Not a directory"),
+])
+def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
+    bad_files(tmp_path)
+    monkeypatch.setattr(bench, "bench_diffusion_head", lambda *a: pytest.fail("benchmarked"))
+    before = files_under(tmp_path)
+    assert bench.main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and out == "", err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------------------------
