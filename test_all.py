@@ -974,9 +974,11 @@ def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeyp
     assert train.main(TINY + ["--frames", "5", "--stage_iters", "2", "--out_dir", str(source)]) == 0
     shapes = record_forward(monkeypatch)
     target = tmp_path / "target"
-    # lr 0: the weights stay the ones loaded, so they must equal the source's exactly
+    # a learning rate of 0 (held there, as --lr must be positive): the weights stay the ones loaded,
+    # so they must equal the source's exactly
+    monkeypatch.setattr(train, "learning_rate", lambda *args: 0.0)
     assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width", "32", "--frames", "5",
-                              "--stage_iters", "3", "--lr", "0", "--min_lr", "0", "--out_dir", str(target)]) == 0
+                              "--stage_iters", "3", "--out_dir", str(target)]) == 0
     assert shapes == [(2, 2, 192, 6, 8)] * 3
     old, new = sample.load_checkpoint(source / "ckpt.pt"), sample.load_checkpoint(target / "ckpt.pt")
     assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
@@ -1040,6 +1042,27 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
     (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
     (["--data", "{tmp}/no_such_folder"], "no such data folder"),
+    # issue 14: numeric options out of range, refused as they are parsed
+    (["--lr", "0"], "--lr '0': must be positive"),
+    (["--lr", "-1e-3"], "--lr '-1e-3': must be positive"),
+    (["--lr", "nan"], "--lr 'nan': must be positive"),
+    (["--lr", "inf"], "--lr 'inf': must be positive"),
+    (["--min_lr", "-1e-4"], "--min_lr '-1e-4': must be at least 0"),
+    (["--ema_decay", "1"], "--ema_decay '1': must be in [0, 1)"),
+    (["--ema_decay=-0.5"], "--ema_decay '-0.5': must be in [0, 1)"),
+    (["--warmup_iters", "-1"], "--warmup_iters '-1': must be at least 0"),
+    (["--grad_clip", "-1"], "--grad_clip '-1': must be at least 0 (0: no clipping)"),
+    (["--weight_decay", "-0.02"], "--weight_decay '-0.02': must be at least 0"),
+    (["--betas", "0.9,1.0"], "--betas '0.9,1.0': must be two numbers in [0, 1)"),
+    (["--betas", "0.9"], "--betas '0.9': must be two numbers in [0, 1)"),
+    (["--text_drop_prob", "1.5"], "--text_drop_prob '1.5': must be in [0, 1]"),
+    (["--mask_ratio_min", "-0.1"], "--mask_ratio_min '-0.1': must be in [0, 1]"),
+    (["--mask_ratio_std", "0"], "--mask_ratio_std '0': must be in (0, 1]"),
+    (["--mask_ratio_std", "2"], "--mask_ratio_std '2': must be in (0, 1]"),
+    (["--frame_stride", "0"], "--frame_stride '0': must be at least 1"),
+    (["--num_workers", "-1"], "--num_workers '-1': must be at least 0"),
+    (["--sample_num_iter", "0"], "--sample_num_iter '0': must be at least 1"),
+    (["--sample_cfg", "-1"], "--sample_cfg '-1': must be at least 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
     bad_files(tmp_path)

@@ -101,15 +101,39 @@ RUN_KEYS = ("out_dir", "resume", "init_from", "device")  # options of one invoca
 # -----------------------------------------------------------------------------
 # Command line
 
+# what the numeric options must be, checked as they are parsed: before anything is loaded, and
+# before a bad value turns into a NaN loss or a silently frozen run minutes later
+POSITIVE = (lambda x: x > 0, "positive")
+AT_LEAST_0 = (lambda x: x >= 0, "at least 0")
+AT_LEAST_1 = (lambda x: x >= 1, "at least 1")
+FRACTION = (lambda x: 0 <= x <= 1, "in [0, 1]")
+BELOW_1 = (lambda x: 0 <= x < 1, "in [0, 1)")  # a decay or momentum of 1 never moves
+LIMITS = dict(
+    lr=POSITIVE, min_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, weight_decay=AT_LEAST_0,
+    betas=(lambda b: len(b) == 2 and all(BELOW_1[0](x) for x in b), "two numbers in [0, 1)"),
+    grad_clip=(AT_LEAST_0[0], "at least 0 (0: no clipping)"), ema_decay=BELOW_1,
+    frame_stride=AT_LEAST_1, num_workers=AT_LEAST_0, sample_num_iter=AT_LEAST_1,
+    sample_cfg=AT_LEAST_0, text_drop_prob=FRACTION, mask_ratio_min=FRACTION,
+    mask_ratio_std=(lambda x: 0 < x <= 1, "in (0, 1]"),
+)
+
+
 def parse_value(key, value, kind):
     try:
         if kind is bool:
             return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
         if kind is tuple:
-            return tuple(float(v) for v in value.split(","))
-        return kind(value)
+            parsed = tuple(float(v) for v in value.split(","))
+        else:
+            parsed = kind(value)
     except (KeyError, ValueError):
         raise BadInput(f"--{key} {value!r}: expected {kind.__name__}") from None
+    if key in LIMITS:
+        test, what = LIMITS[key]
+        numbers = parsed if kind is tuple else (parsed,)
+        if not (all(math.isfinite(x) for x in numbers) and test(parsed)):  # inf and NaN: never
+            raise BadInput(f"--{key} {value!r}: must be {what}")
+    return parsed
 
 
 def parse_args(argv):
