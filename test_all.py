@@ -752,7 +752,7 @@ def test_resize_center_crop_and_image_grid(tmp_path):
 # -----------------------------------------------------------------------------
 # data sets
 
-def test_video_folder_finds_captions_in_all_layouts(tmp_path):
+def test_video_folder_finds_captions_in_all_layouts(tmp_path, capsys):
     levels = [i / 10 - 0.5 for i in range(10)]
     layouts = {  # b.gif sits in sub/, a.gif in the root
         "txt": lambda root: (root / "sub" / "b.txt").write_text("a caption in a text file\n"),
@@ -767,37 +767,43 @@ def test_video_folder_finds_captions_in_all_layouts(tmp_path):
         write_video(root / "a.gif", flat_video(levels))
         write_video(root / "sub" / "b.gif", flat_video(levels))
         write_captions(root)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
+        data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
         captions = dict(zip((p.name for p in data.videos), data.captions))
         assert captions["b.gif"] == {"txt": "a caption in a text file", "jsonl": "a caption in jsonl",
                                      "csv": "a caption, in café csv"}[name]
         assert captions["a.gif"] == ("another caption" if name == "jsonl" else "")
-        assert len([w for w in caught if "no caption" in str(w.message)]) == (name != "jsonl")
+        note = f"1 of 2 videos in {root} have no caption; using an empty caption\n"
+        assert capsys.readouterr().err == ("" if name == "jsonl" else note)
         clip, caption = data[data.captions.index(captions["b.gif"])]
         assert clip.shape == (3, 3, 16, 16) and caption == captions["b.gif"]
         steps = clip.mean(dim=(1, 2, 3)).diff()  # frames two apart: each 0.2 brighter than the last
         assert torch.allclose(steps, torch.full_like(steps, 0.2), atol=0.03)
 
 
-def test_video_folder_skips_broken_and_short_videos(tmp_path):
+def test_video_folder_skips_broken_and_short_videos(tmp_path, capsys):
     write_video(tmp_path / "good.mp4", smooth_video(9, 32, 48))
     write_video(tmp_path / "short.mp4", smooth_video(3, 32, 48))
     (tmp_path / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)
     (tmp_path / "good.txt").write_text("a good clip")
-    with pytest.warns(UserWarning) as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plain line per skipped video, not a Python warning
         data = VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2)
     assert len(data) == 1 and data.skipped == 2 and data.videos[0].name == "good.mp4"
-    assert sum("skipping" in str(w.message) for w in caught) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"skipping cannot read video {tmp_path / 'corrupt.mp4'}: ")
+    assert lines[1] == f"skipping {tmp_path / 'short.mp4'} has 3 frames, a clip needs 9"
+    assert data.skip_reasons == [line.removeprefix("skipping ") for line in lines]
+    VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2, log=False)
+    assert capsys.readouterr().err == ""
     clip, caption = data[0]
     assert clip.shape == (5, 3, 32, 32) and caption == "a good clip"
     (tmp_path / "empty").mkdir()
     for root in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(BadInput):
             VideoFolder(root, num_frames=5, height=32, width=32)
-    with pytest.warns(UserWarning), pytest.raises(BadInput, match="no usable video"):
-        VideoFolder(tmp_path, num_frames=25, height=32, width=32)
+    with pytest.raises(BadInput, match="no usable video .* \\(3 skipped; the first: cannot read"):
+        VideoFolder(tmp_path, num_frames=25, height=32, width=32, log=False)
 
 
 def test_synthetic_videos_are_deterministic_with_held_out_split():
@@ -1082,6 +1088,36 @@ def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: {path} is not a PyTorch checkpoint\n"
     assert path.read_bytes() == bytes(range(256)) * 4 and files_under(tmp_path) == ["ckpt.pt"]
+
+
+def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "videos"
+    for name in ("a", "b"):
+        write_video(data / f"{name}.mp4", smooth_video(9, 16, 16))
+    write_video(data / "short.mp4", smooth_video(5, 16, 16))  # long enough for stage 1 only
+    (data / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)  # unreadable in both stages
+    (data / "a.txt").write_text("a caption")
+
+    class DataRead(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the data is read and reported: enough for this test
+        raise DataRead
+    monkeypatch.setattr(train, "TextEncoder", stop)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain lines, not Python warnings
+        with pytest.raises(DataRead):
+            train.main(TINY + ["--data", str(data), "--frames", "5,9", "--stage_iters", "1,1",
+                               "--out_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith(f"skipping cannot read video {data / 'corrupt.mp4'}: ")
+    assert lines[1:] == [f"skipping {data / 'short.mp4'} has 5 frames, a clip needs 9",
+                         f"2 of 3 videos in {data} have no caption; using an empty caption"]
+    assert out == (f"data {data}: skipped 1 of 4 for clips of 5 frames, 2 of 4 for clips of 9 "
+                   "frames\n")
 
 
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):

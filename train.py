@@ -216,7 +216,22 @@ def save_checkpoint(path, ckpt):
 def make_dataset(config, num_frames):
     if config.data == "synthetic":
         return SyntheticVideos(num_frames, config.height, config.width, split="train", seed=config.seed)
-    return VideoFolder(config.data, num_frames, config.height, config.width, config.frame_stride)
+    # quiet: every stage reads the same folder, so report_skipped says it once for all of them
+    return VideoFolder(config.data, num_frames, config.height, config.width, config.frame_stride,
+                       log=False)
+
+
+def report_skipped(stages, datasets):
+    """Each video a data folder skips, once and plainly, on stderr (an unreadable one fails every
+    stage, a short one perhaps only the later ones); then how many each stage skipped."""
+    for reason in dict.fromkeys(r for d in datasets for r in d.skip_reasons):
+        print(f"skipping {reason}", file=sys.stderr)
+    largest = max(datasets, key=len)  # the shortest clips: the most videos long enough
+    if largest.uncaptioned:
+        print(largest.caption_note(), file=sys.stderr)
+    counts = ", ".join(f"{d.skipped} of {d.skipped + len(d)} for clips of {n} frames"
+                       for (n, _), d in zip(stages, datasets))
+    print(f"data {datasets[0].root}: skipped {counts}")
 
 
 def batches(dataset, batch_size, rank, world_size, seed, num_workers=0):
@@ -295,6 +310,8 @@ def train(cli, model_cli):
     tokenizer = load_tokenizer(config.tokenizer, device)
     stages = curriculum(config, tokenizer)
     datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]  # a bad data folder fails here, early
+    if master and config.data != "synthetic":
+        report_skipped(stages, datasets)
 
     # the model: fresh from the preset and sized by the frozen encoders, or the source's; then the command line
     model_config = dict(source["config"]) if source else asdict(VideoMARConfig(**PRESETS[config.preset]))
