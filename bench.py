@@ -14,18 +14,21 @@ reported as ratios (this machine is shared and noisy: medians and ratios, not ab
    measured in the same run (fp32 on CPU, bf16 on GPU).
 The model mirrors the paper's proportions at toy size: the transformer, not the head, dominates.
 """
-import argparse
 import json
 import statistics
+import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from data import BadInput
 from diffusion import DiffLoss
 from model import KVCache, VideoMAR, VideoMARConfig
-from sample import generate
+from sample import (ArgumentParser, check_writable, device_option, generate, int_at_least,
+                    positive_int)
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3, diffloss_w=256,
                    text_dim=384, text_len=16)
@@ -152,21 +155,36 @@ def bench_training(model, args, device):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--frames", type=int, default=7, help="latent frames: 1 given + 6 generated")
-    parser.add_argument("--grid", type=int, default=8, help="tokens per side of a latent frame")
-    parser.add_argument("--spatial_grid", type=int, default=32, help="the grid of the spatial-parallelism bench")
-    parser.add_argument("--num_iter", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=4)
+    parser = ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--device", type=device_option,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--frames", type=int_at_least(2), default=7,
+                        help="latent frames: 1 given + 6 generated")
+    parser.add_argument("--grid", type=positive_int, default=8,
+                        help="tokens per side of a latent frame")
+    parser.add_argument("--spatial_grid", type=positive_int, default=32,
+                        help="the grid of the spatial-parallelism bench")
+    parser.add_argument("--num_iter", type=positive_int, default=64)
+    parser.add_argument("--batch_size", type=positive_int, default=4)
     parser.add_argument("--json", help="also write the results here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_iter > args.spatial_grid ** 2:  # each masked step decides L / num_iter tokens
+        parser.error(f"--num_iter {args.num_iter} is more steps than the {args.spatial_grid ** 2} "
+                     f"tokens of a --spatial_grid {args.spatial_grid} frame")
+    if args.json:
+        check_writable(args.json)  # now, not after minutes of benchmarks
+    return args
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    """Benchmark; returns the exit code: 0 done, 2 bad input (one line on stderr)."""
+    try:
+        args = parse_args(argv)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -186,9 +204,11 @@ def main():
           f"speed-up {kv['speedup']:.2f}x; cached per frame " + " ".join(f"{t:.2f}" for t in kv["cached_frame_s"]))
     print(json.dumps(results))
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -26,7 +26,6 @@ import random
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -485,36 +484,46 @@ class VideoFolder(torch.utils.data.Dataset):
     """Every video under root (recursively) with its caption: a same-name .txt beside it, or an entry in
     root/captions.jsonl ({"file": ..., "caption": ...}) or root/metadata.csv (columns file, caption).
     An item is a random clip of num_frames frames, frame_stride apart, resized on the short side and
-    centre-cropped. Unreadable and too-short videos are skipped at construction, with a warning each."""
+    centre-cropped. Unreadable and too-short videos are skipped at construction: counted in
+    `skipped`, why in `skip_reasons`, and with `log` one plain line each on stderr."""
 
-    def __init__(self, root, num_frames, height, width, frame_stride=1):
-        root = Path(root)
+    def __init__(self, root, num_frames, height, width, frame_stride=1, log=True):
+        self.root = root = Path(root)
         if not root.is_dir():
             raise BadInput(f"no such data folder: {root}")
         self.num_frames, self.height, self.width, self.frame_stride = num_frames, height, width, frame_stride
         self.span = (num_frames - 1) * frame_stride + 1  # pixel frames one clip covers
         table = load_caption_tables(root)
-        self.videos, self.captions, self.frame_counts, self.skipped, uncaptioned = [], [], [], 0, 0
+        self.videos, self.captions, self.frame_counts, self.skip_reasons = [], [], [], []
+        self.uncaptioned = 0
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
             try:
                 frames = count_frames(path)
                 if frames < self.span:
                     raise BadInput(f"{path} has {frames} frames, a clip needs {self.span}")
             except BadInput as e:
-                self.skipped += 1
-                warnings.warn(f"skipping a video: {e}")
+                self.skip_reasons.append(str(e))
+                if log:  # a line of its own, not a warning with a source line under it
+                    print(f"skipping {e}", file=sys.stderr)
                 continue
             text_file = path.with_suffix(".txt")
             caption = (text_file.read_text("utf-8-sig").strip() if text_file.is_file()
                        else table.get(path.relative_to(root).as_posix(), table.get(path.name)))
-            uncaptioned += caption is None
+            self.uncaptioned += caption is None
             self.videos.append(path)
             self.captions.append(caption or "")
             self.frame_counts.append(frames)
+        self.skipped = len(self.skip_reasons)
         if not self.videos:
-            raise BadInput(f"no usable video in {root}")
-        if uncaptioned:
-            warnings.warn(f"{uncaptioned} of {len(self.videos)} videos in {root} have no caption; using an empty caption")
+            first = self.skip_reasons[0] if self.skip_reasons else None
+            why = f" ({self.skipped} skipped; the first: {first})" if first else ""
+            raise BadInput(f"no usable video in {root}{why}")
+        if log and self.uncaptioned:
+            print(self.caption_note(), file=sys.stderr)
+
+    def caption_note(self):
+        return (f"{self.uncaptioned} of {len(self.videos)} videos in {self.root} have no caption; "
+                f"using an empty caption")
 
     def __len__(self):
         return len(self.videos)

@@ -26,7 +26,6 @@ From Python (train.py does this at the end of a run):
     result = evaluate(model, tokenizer, text_encoder, n=16, num_frames=25, height=16, width=16)
     result["model"]["psnr"], result["copy"]["psnr"]            # dB, of the mean error over clips and frames
 """
-import argparse
 import json
 import math
 import sys
@@ -37,7 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data import BadInput, SyntheticVideos, save_image_grid, write_video
-from sample import add_generation_options, generate, trained_model
+from sample import (ArgumentParser, add_generation_options, check_writable, generate, positive_int,
+                    trained_model)
 
 METHODS = ("model", "null_text", "copy")
 MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
@@ -291,21 +291,19 @@ def write_side_by_side(path, rows, zoom=8):
 # The command line
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Score a VideoMAR checkpoint on held-out synthetic clips.")
+    parser = ArgumentParser(description="Score a VideoMAR checkpoint on held-out synthetic clips.")
     add_generation_options(parser)
-    parser.add_argument("--n", type=int, default=64, help="held-out clips")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--n", type=positive_int, default=64, help="held-out clips")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--out", default="out/eval", help="directory for eval.json, psnr.png and grid.png")
-    args = parser.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        parser.error("--n and --batch_size must be at least 1")
-    return args
+    return parser.parse_args(argv)
 
 
 def run(args):
-    model, tokenizer, text_encoder, options, (frames, height, width) = trained_model(args)
-    if tokenizer.latent_frames(frames) < 2:
-        raise BadInput(f"--frames {frames} leaves nothing to generate after the first frame")
+    check_writable(args.out, directory=True)
+    # image-to-video: one given latent frame, clips in batches
+    model, tokenizer, text_encoder, options, (frames, height, width) = trained_model(
+        args, batch=min(args.n, args.batch_size), given=1)
 
     result = evaluate(model, tokenizer, text_encoder, args.n, frames, height, width, args.num_iter, args.cfg,
                       args.temperature, args.seed, args.batch_size)

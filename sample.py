@@ -13,7 +13,12 @@ From Python:
 """
 import argparse
 import math
+import os
+import pickle
+import re
 import sys
+import tempfile
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -123,27 +128,52 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
 # ----------------------------------------------------------------------------------------------
 # A trained model: checkpoints written by train.py, loaded with weights_only, config as plain data
 
+# how a file written by torch.save starts: a zip archive, or (the format before PyTorch 1.6) a
+# protocol-2 pickle of torch's magic number
+ZIP_HEAD = b"PK\x03\x04"
+LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def is_torch_file(path):
+    """Whether torch.save could have written `path`: torch.load's error for any other file is a
+    misleading paragraph about weights_only. A truncated zip still counts: torch says what broke."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_HEAD))
+    return head.startswith(ZIP_HEAD) or head == LEGACY_HEAD
+
+
 def load_checkpoint(path, device="cpu"):
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"no checkpoint at {path}: train one with `python train.py --out_dir {path.parent}`")
+    if not is_torch_file(path):
+        raise BadInput(f"{path} is not a PyTorch checkpoint")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings on stderr would break the one-line rule
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # pickle, zip and torch raise many kinds of error for a broken file
-        raise BadInput(f"cannot load checkpoint {path}: {first_line(e)}") from None
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e)).strip()  # torch colours its message
+        raise BadInput(f"cannot load checkpoint {path}: {reason}") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "ema"} <= ckpt.keys():
         raise BadInput(f"{path} is not a VideoMAR checkpoint (no config, model and ema inside)")
     return ckpt
 
 
-def model_from_config(config):
-    """A fresh VideoMAR from a plain dict holding exactly the fields of VideoMARConfig."""
+def config_from_dict(config):
+    """A VideoMARConfig from a plain dict holding exactly its fields."""
     names = {f.name for f in fields(VideoMARConfig)}
     if config.keys() != names:
         raise BadInput(f"the checkpoint's config does not fit this model code: unknown keys "
                        f"{sorted(config.keys() - names)}, missing keys {sorted(names - config.keys())}")
+    return VideoMARConfig(**config)
+
+
+def model_from_config(config):
+    """A fresh VideoMAR from a plain dict holding exactly the fields of VideoMARConfig."""
+    model_config = config_from_dict(config)
     try:
-        return VideoMAR(VideoMARConfig(**config))
+        return VideoMAR(model_config)
     except (AssertionError, TypeError, ValueError, RuntimeError) as e:
         raise BadInput(f"cannot build a model from config {config}: {first_line(e)}") from None
 
@@ -161,40 +191,158 @@ def build_model(ckpt, use_ema=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line
+# The command line: every value is checked before any model is loaded or frame generated
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own mistakes (an unknown option, a bad value) as BadInput, so that the CLIs print
+    them like every other one: one `error: ...` line, exit code 2, rather than usage plus error."""
+
+    def error(self, message):
+        raise BadInput(message)
+
+
+def int_at_least(low):
+    """The type of an integer option that must be at least `low`."""
+    def option(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, not {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {number}")
+        return number
+    return option
+
+
+positive_int = int_at_least(1)
+
+
+def float_where(test, what):
+    """The type of a number option for which test(number) holds, `what` saying so."""
+    def option(value):
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number, not {value!r}") from None
+        if not (math.isfinite(number) and test(number)):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
+        return number
+    return option
+
+
+positive_float = float_where(lambda x: x > 0, "positive")
+non_negative_float = float_where(lambda x: x >= 0, "at least 0")
+
 
 def temperature_option(value):
-    """The type of --temperature: "progressive" or a number."""
+    """The type of --temperature: "progressive" or a positive number."""
     if value == "progressive":
         return value
     try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'progressive' or a number, not {value!r}") from None
+        return positive_float(value)
+    except argparse.ArgumentTypeError:
+        message = f"'progressive' or a positive number, not {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def device_option(value):
+    """The type of --device: a device torch knows and this machine has."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: CUDA is not available here; use cpu")
+    return value
+
+
+def check_writable(path, directory=False):
+    """Refuse at once an output that cannot be written, rather than after the work. Creates the
+    missing directories and a temporary file in them, then removes all it made: a run that fails
+    later leaves nothing behind. `directory`: `path` is a directory to write files into."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise BadInput(f"cannot write {path}: it is a directory")
+    made, missing = [], folder
+    while not missing.exists() and missing != missing.parent:
+        made.append(missing)  # deepest first: the order to remove them in
+        missing = missing.parent
+    try:
+        for d in reversed(made):
+            d.mkdir()
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if not directory and path.exists():
+            open(path, "ab").close()  # appending nothing: is an existing file writable
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    finally:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def memory_bytes(device):
+    """The memory of `device` (all of it, not what is free now), or None where it is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def gigabytes(n):
+    return f"{n / 1e9:.2f} GB" if n >= 0.005e9 else "under 0.01 GB"
+
+
+def check_memory(config, rows, tokens, device):
+    """The KV cache of generating `tokens` tokens for `rows` rows (CFG doubles them): keys and
+    values of every layer, bf16 under CUDA autocast, else fp32. Refused when it exceeds the
+    device's memory, which no waiting could help; returns the estimate in bytes."""
+    element = 2 if device.type == "cuda" else 4
+    need = 2 * config.n_layer * rows * config.n_embd * tokens * element
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise BadInput(f"{tokens} tokens in {rows} rows need a KV cache of {gigabytes(need)}, "
+                       f"more than the {gigabytes(have)} of {device.type} memory here: ask for "
+                       f"fewer --frames, a smaller --height and --width, or fewer videos at a time")
+    return need
 
 
 def add_generation_options(parser):
     """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate."""
     parser.add_argument("--ckpt", default="out/ckpt.pt")
-    parser.add_argument("--frames", type=int, help="pixel frames, 1 + 4k (default: the last training stage; more extrapolates)")
-    parser.add_argument("--height", type=int, help="default: the training height; larger extrapolates")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num_iter", type=int, help="masked generation steps per frame (default: the "
-                        "checkpoint's sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--temperature", type=temperature_option, default="progressive", help="progressive or a number")
+    parser.add_argument("--frames", type=positive_int,
+                        help="pixel frames, 1 + 4k (default: the last training stage; "
+                             "more extrapolates)")
+    parser.add_argument("--height", type=positive_int,
+                        help="default: the training height; larger extrapolates")
+    parser.add_argument("--width", type=positive_int)
+    parser.add_argument("--num_iter", type=positive_int,
+                        help="masked generation steps per frame (default: the checkpoint's "
+                             "sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
+    parser.add_argument("--cfg", type=non_negative_float, default=3.0,
+                        help="guidance scale; 1: none")
+    parser.add_argument("--temperature", type=temperature_option, default="progressive",
+                        help="progressive or a positive number")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_option,
+                        default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Generate a video with a trained VideoMAR.")
+    parser = ArgumentParser(description="Generate a video with a trained VideoMAR.")
     parser.add_argument("--image", help="first frame (image-to-video); without --image or --video: text-to-video")
     parser.add_argument("--video", help="a clip whose first frames condition the video (video-to-video)")
-    parser.add_argument("--cond_frames", type=int, default=1, help="latent frames of --video to keep (§5.3: 2)")
+    parser.add_argument("--cond_frames", type=positive_int, default=1,
+                        help="latent frames of --video to keep (§5.3: 2)")
     parser.add_argument("--prompt", default="", help="the caption")
     add_generation_options(parser)
-    parser.add_argument("--num_samples", type=int, default=1)
+    parser.add_argument("--num_samples", type=positive_int, default=1)
     parser.add_argument("--no_kv_cache", action="store_true", help="the slow reference path of Table 2")
     parser.add_argument("--out", default="out/sample.mp4", help=".mp4 or .gif; a .png contact sheet goes beside it")
     args = parser.parse_args(argv)
@@ -218,30 +366,44 @@ def conditioning_latents(args, tokenizer, height, width, device):
     return tokenizer.encode(pixels.to(device)).to(device).expand(args.num_samples, -1, -1, -1, -1)
 
 
-def trained_model(args):
+def trained_model(args, batch, given):
     """The EMA model of --ckpt on --device, its tokenizer and text encoder, the options it was
-    trained with, and the video's size: --frames, --height and --width, or else the training ones."""
+    trained with, and the video's size: --frames, --height and --width, or else the training ones.
+    The size is checked before the model is built: it must leave frames to generate after the
+    `given` latent frames, and the KV cache of `batch` videos must fit in memory."""
     device = torch.device(args.device)
     ckpt = load_checkpoint(args.ckpt)
     run = ckpt["train"]
-    model = build_model(ckpt).to(device)
     tokenizer = load_tokenizer(run["tokenizer"], device=device, state=ckpt.get("tokenizer"))
     height, width = args.height or run["height"], args.width or run["width"]
     tokenizer.check_size(height, width)
     frames = args.frames or int(str(run["frames"]).split(",")[-1])
-    tokenizer.latent_frames(frames)  # a length the tokenizer cannot take fails here
+    num_frames = tokenizer.latent_frames(frames)  # a length the tokenizer cannot take fails here
+    if num_frames <= given:
+        raise BadInput(f"--frames {frames} is {num_frames} latent frames: nothing to generate "
+                       f"after {given} given ones")
+    config = config_from_dict(dict(ckpt["config"]))
+    p = config.patch_size
+    tokens = num_frames * (height // tokenizer.spatial // p) * (width // tokenizer.spatial // p)
+    rows = batch * (2 if args.cfg != 1 else 1)  # CFG: every video also with the null text
+    cache = check_memory(config, rows, tokens, device)
+    print(f"{num_frames} latent frames ({frames} frames of {height}x{width}), {batch} at a time: "
+          f"KV cache {gigabytes(cache)}")
+    model = build_model(ckpt).to(device)
     text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
     args.num_iter = args.num_iter or run["sample_num_iter"]
     return model, tokenizer, text_encoder, run, (frames, height, width)
 
 
 def sample(args):
-    model, tokenizer, text_encoder, _, (frames, height, width) = trained_model(args)
+    for path in (args.out, Path(args.out).with_suffix(".png")):
+        check_writable(path)
+    given = 1 if args.image else args.cond_frames if args.video else 0
+    model, tokenizer, text_encoder, _, (frames, height, width) = trained_model(
+        args, args.num_samples, given)
     device = torch.device(args.device)
     num_frames = tokenizer.latent_frames(frames)
     cond = conditioning_latents(args, tokenizer, height, width, device)
-    if cond.shape[1] >= num_frames:
-        raise BadInput(f"--frames {frames} is {num_frames} latent frames: nothing to generate after {cond.shape[1]} given ones")
     text = [t.to(device) for t in text_encoder([args.prompt] * args.num_samples)]
 
     generator = torch.Generator(device).manual_seed(args.seed)

@@ -4,6 +4,7 @@ The test suite: CPU, fast. Run with `python -m pytest -q test_all.py`.
 Every test compares against something a wrong implementation would get wrong: values computed
 independently from closed forms, a straightforward reference loop, or an invariance of the method.
 """
+import argparse
 import hashlib
 import importlib.resources
 import json
@@ -573,32 +574,99 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)  # text-to-video, larger than trained
 
 
+def refuse_to_generate(monkeypatch, module):
+    """Bad input is refused before any work: generating at all fails the test."""
+    def generate(*args, **kwargs):
+        raise AssertionError("generated before refusing the input")
+    monkeypatch.setattr(module, "generate", generate)
+
+
+def bad_files(tmp_path):
+    """Files a bad input test can point at: not an image, a checkpoint of another configuration,
+    files that are not checkpoints, a real checkpoint holding an object weights_only refuses."""
+    (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "a_file").write_text("a file where a directory should be")
+    (tmp_path / "a_dir.mp4").mkdir()
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip cut short
+    torch.save({"config": argparse.Namespace(n_layer=1)}, tmp_path / "unsafe.pt")
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
 @pytest.mark.parametrize("args, words", [
     (["--image", "missing.png"], "no such image"),
     (["--image", "{tmp}/not_an_image.png"], "cannot read image"),
     (["--ckpt", "{tmp}/none.pt"], "python train.py"),
     (["--ckpt", "{tmp}/other.pt"], "do not fit"),
+    (["--ckpt", "{tmp}/old.pt"], "missing keys ['causal']"),  # found before the KV cache estimate
     (["--height", "18"], "not divisible"),
     (["--frames", "8"], "1 + 4k"),
+    # issue 14: every value checked before any model is loaded or frame generated
+    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
+    (["--num_samples", "0"], "argument --num_samples: must be at least 1, not 0"),
+    (["--cond_frames", "0", "--video", "clip.mp4"], "argument --cond_frames: must be at least 1"),
+    (["--frames", "0"], "argument --frames: must be at least 1"),
+    (["--height", "-16"], "argument --height: must be at least 1"),
+    (["--width", "x"], "argument --width: a whole number, not 'x'"),
+    (["--temperature", "-1"], "--temperature: 'progressive' or a positive number, not '-1'"),
+    (["--temperature", "0"], "'progressive' or a positive number, not '0'"),
+    (["--temperature", "nan"], "'progressive' or a positive number, not 'nan'"),
+    (["--cfg", "-1"], "argument --cfg: must be at least 0, not -1"),
+    (["--device", "toaster"], "argument --device: not a torch device"),
+    (["--no_such_option"], "unrecognized arguments: --no_such_option"),
+    (["--out", "x.avi"], "--out must end in .mp4 or .gif"),
+    (["--image", "x.png", "--video", "x.mp4"], "give --image or --video, not both"),
+    (["--image", "{tmp}/not_an_image.png", "--frames", "1"], "nothing to generate after 1 given"),
+    (["--out", "{tmp}/a_file/s.mp4"], "cannot write {tmp}/a_file/s.mp4: Not a directory"),
+    (["--out", "{tmp}/a_dir.mp4"], "cannot write {tmp}/a_dir.mp4: it is a directory"),
+    # the output's folders may be made, but are removed again when a later check fails
+    (["--out", "{tmp}/new/deeper/s.mp4", "--ckpt", "{tmp}/none.pt"], "python train.py"),
+    (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),  # 80 TB: more than any machine
+    (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
+    (["--ckpt", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
+    (["--ckpt", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
 ])
-def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, args, words):
-    (tmp_path / "not_an_image.png").write_text("hello")
+def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    bad_files(tmp_path)
     ckpt = sample.load_checkpoint(tiny_checkpoint)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, tmp_path / "other.pt")
+    old_config = {k: v for k, v in ckpt["config"].items() if k != "causal"}
+    torch.save({**ckpt, "config": old_config}, tmp_path / "old.pt")
+    refuse_to_generate(monkeypatch, sample)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--ckpt" not in args:
         args = ["--ckpt", str(tiny_checkpoint)] + args
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "s.mp4")]
+    before = files_under(tmp_path)
     capsys.readouterr()
-    assert sample.main(args + ["--out", str(tmp_path / "s.mp4")]) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and words in err, err
-    assert not (tmp_path / "s.mp4").exists() and not (tmp_path / "s.png").exists()
+    assert sample.main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before  # nothing written, no folder left behind
 
 
-def test_sample_script_exits_2_without_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "none.pt")],
+def test_sample_cli_says_what_it_will_generate(tiny_checkpoint, tmp_path, capsys):
+    assert sample_cli(tiny_checkpoint, tmp_path, "--frames", 9, "--num_samples", 3, "--cfg", 1) == 0
+    assert capsys.readouterr().out.startswith("3 latent frames (9 frames of 16x16), 3 at a time: "
+                                              "KV cache under 0.01 GB\n")
+    # keys and values: 2 x layers x rows x width x tokens x 4 bytes (fp32 on the CPU)
+    need = sample.check_memory(VideoMARConfig(n_layer=36, n_embd=1536), 2, 4096, torch.device("cpu"))
+    assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and sample.gigabytes(need) == "3.62 GB"
+
+
+@pytest.mark.parametrize("args", [["--ckpt", "{tmp}/none.pt"], ["--num_samples", "0"]])
+def test_sample_script_exits_2_without_traceback(tmp_path, args):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = subprocess.run([sys.executable, "sample.py", *args, "--out", str(tmp_path / "s.mp4")],
                             capture_output=True, text=True, cwd=Path(__file__).parent)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,7 +887,7 @@ def test_resize_center_crop_and_image_grid(tmp_path):
 # -----------------------------------------------------------------------------
 # data sets
 
-def test_video_folder_finds_captions_in_all_layouts(tmp_path):
+def test_video_folder_finds_captions_in_all_layouts(tmp_path, capsys):
     levels = [i / 10 - 0.5 for i in range(10)]
     layouts = {  # b.gif sits in sub/, a.gif in the root
         "txt": lambda root: (root / "sub" / "b.txt").write_text("a caption in a text file\n"),
@@ -834,37 +902,43 @@ def test_video_folder_finds_captions_in_all_layouts(tmp_path):
         write_video(root / "a.gif", flat_video(levels))
         write_video(root / "sub" / "b.gif", flat_video(levels))
         write_captions(root)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
+        data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
         captions = dict(zip((p.name for p in data.videos), data.captions))
         assert captions["b.gif"] == {"txt": "a caption in a text file", "jsonl": "a caption in jsonl",
                                      "csv": "a caption, in café csv"}[name]
         assert captions["a.gif"] == ("another caption" if name == "jsonl" else "")
-        assert len([w for w in caught if "no caption" in str(w.message)]) == (name != "jsonl")
+        note = f"1 of 2 videos in {root} have no caption; using an empty caption\n"
+        assert capsys.readouterr().err == ("" if name == "jsonl" else note)
         clip, caption = data[data.captions.index(captions["b.gif"])]
         assert clip.shape == (3, 3, 16, 16) and caption == captions["b.gif"]
         steps = clip.mean(dim=(1, 2, 3)).diff()  # frames two apart: each 0.2 brighter than the last
         assert torch.allclose(steps, torch.full_like(steps, 0.2), atol=0.03)
 
 
-def test_video_folder_skips_broken_and_short_videos(tmp_path):
+def test_video_folder_skips_broken_and_short_videos(tmp_path, capsys):
     write_video(tmp_path / "good.mp4", smooth_video(9, 32, 48))
     write_video(tmp_path / "short.mp4", smooth_video(3, 32, 48))
     (tmp_path / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)
     (tmp_path / "good.txt").write_text("a good clip")
-    with pytest.warns(UserWarning) as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plain line per skipped video, not a Python warning
         data = VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2)
     assert len(data) == 1 and data.skipped == 2 and data.videos[0].name == "good.mp4"
-    assert sum("skipping" in str(w.message) for w in caught) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"skipping cannot read video {tmp_path / 'corrupt.mp4'}: ")
+    assert lines[1] == f"skipping {tmp_path / 'short.mp4'} has 3 frames, a clip needs 9"
+    assert data.skip_reasons == [line.removeprefix("skipping ") for line in lines]
+    VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2, log=False)
+    assert capsys.readouterr().err == ""
     clip, caption = data[0]
     assert clip.shape == (5, 3, 32, 32) and caption == "a good clip"
     (tmp_path / "empty").mkdir()
     for root in (tmp_path / "empty", tmp_path / "missing"):
         with pytest.raises(BadInput):
             VideoFolder(root, num_frames=5, height=32, width=32)
-    with pytest.warns(UserWarning), pytest.raises(BadInput, match="no usable video"):
-        VideoFolder(tmp_path, num_frames=25, height=32, width=32)
+    with pytest.raises(BadInput, match="no usable video .* \\(3 skipped; the first: cannot read"):
+        VideoFolder(tmp_path, num_frames=25, height=32, width=32, log=False)
 
 
 def test_synthetic_videos_are_deterministic_with_held_out_split():
@@ -1060,9 +1134,11 @@ def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeyp
     assert train.main(TINY + ["--frames", "5", "--stage_iters", "2", "--out_dir", str(source)]) == 0
     shapes = record_forward(monkeypatch)
     target = tmp_path / "target"
-    # lr 0: the weights stay the ones loaded, so they must equal the source's exactly
+    # a learning rate of 0 (held there, as --lr must be positive): the weights stay the ones loaded,
+    # so they must equal the source's exactly
+    monkeypatch.setattr(train, "learning_rate", lambda *args: 0.0)
     assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width", "32", "--frames", "5",
-                              "--stage_iters", "3", "--lr", "0", "--min_lr", "0", "--out_dir", str(target)]) == 0
+                              "--stage_iters", "3", "--out_dir", str(target)]) == 0
     assert shapes == [(2, 2, 192, 6, 8)] * 3
     old, new = sample.load_checkpoint(source / "ckpt.pt"), sample.load_checkpoint(target / "ckpt.pt")
     assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
@@ -1122,16 +1198,80 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     (["--frames", "5,9", "--stage_iters", "3"], "one count >= 0 for each"),
     (["--init_from", "{tmp}/missing.pt"], "no checkpoint at"),
     (["--resume"], "no checkpoint at"),
-    (["--init_from", "{tmp}/broken.pt"], "cannot load checkpoint"),
+    (["--init_from", "{tmp}/broken.pt"], "{tmp}/broken.pt is not a PyTorch checkpoint"),
+    (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
+    (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
     (["--data", "{tmp}/no_such_folder"], "no such data folder"),
+    # issue 14: numeric options out of range, refused as they are parsed
+    (["--lr", "0"], "--lr '0': must be positive"),
+    (["--lr", "-1e-3"], "--lr '-1e-3': must be positive"),
+    (["--lr", "nan"], "--lr 'nan': must be positive"),
+    (["--lr", "inf"], "--lr 'inf': must be positive"),
+    (["--min_lr", "-1e-4"], "--min_lr '-1e-4': must be at least 0"),
+    (["--ema_decay", "1"], "--ema_decay '1': must be in [0, 1)"),
+    (["--ema_decay=-0.5"], "--ema_decay '-0.5': must be in [0, 1)"),
+    (["--warmup_iters", "-1"], "--warmup_iters '-1': must be at least 0"),
+    (["--grad_clip", "-1"], "--grad_clip '-1': must be at least 0 (0: no clipping)"),
+    (["--weight_decay", "-0.02"], "--weight_decay '-0.02': must be at least 0"),
+    (["--betas", "0.9,1.0"], "--betas '0.9,1.0': must be two numbers in [0, 1)"),
+    (["--betas", "0.9"], "--betas '0.9': must be two numbers in [0, 1)"),
+    (["--text_drop_prob", "1.5"], "--text_drop_prob '1.5': must be in [0, 1]"),
+    (["--mask_ratio_min", "-0.1"], "--mask_ratio_min '-0.1': must be in [0, 1]"),
+    (["--mask_ratio_std", "0"], "--mask_ratio_std '0': must be in (0, 1]"),
+    (["--mask_ratio_std", "2"], "--mask_ratio_std '2': must be in (0, 1]"),
+    (["--frame_stride", "0"], "--frame_stride '0': must be at least 1"),
+    (["--num_workers", "-1"], "--num_workers '-1': must be at least 0"),
+    (["--sample_num_iter", "0"], "--sample_num_iter '0': must be at least 1"),
+    (["--sample_cfg", "-1"], "--sample_cfg '-1': must be at least 0"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
+    bad_files(tmp_path)
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     args = [a.format(tmp=tmp_path) for a in args]
     code = train.main(["--out_dir", str(tmp_path / "out")] + args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
-    assert not (tmp_path / "out" / "ckpt.pt").exists()
+    out, err = capsys.readouterr()
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and out == "", err
+    assert words.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    """--resume finds out_dir/ckpt.pt, whatever it is: named, refused and left as it was."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {path} is not a PyTorch checkpoint\n"
+    assert path.read_bytes() == bytes(range(256)) * 4 and files_under(tmp_path) == ["ckpt.pt"]
+
+
+def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "videos"
+    for name in ("a", "b"):
+        write_video(data / f"{name}.mp4", smooth_video(9, 16, 16))
+    write_video(data / "short.mp4", smooth_video(5, 16, 16))  # long enough for stage 1 only
+    (data / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)  # unreadable in both stages
+    (data / "a.txt").write_text("a caption")
+
+    class DataRead(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the data is read and reported: enough for this test
+        raise DataRead
+    monkeypatch.setattr(train, "TextEncoder", stop)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain lines, not Python warnings
+        with pytest.raises(DataRead):
+            train.main(TINY + ["--data", str(data), "--frames", "5,9", "--stage_iters", "1,1",
+                               "--out_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith(f"skipping cannot read video {data / 'corrupt.mp4'}: ")
+    assert lines[1:] == [f"skipping {data / 'short.mp4'} has 5 frames, a clip needs 9",
+                         f"2 of 3 videos in {data} have no caption; using an empty caption"]
+    assert out == (f"data {data}: skipped 1 of 4 for clips of 5 frames, 2 of 4 for clips of 9 "
+                   "frames\n")
 
 
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
@@ -1313,10 +1453,34 @@ def test_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_cli_bad_input(tmp_path, capsys):
-    assert evaluation.main(["--ckpt", str(tmp_path / "missing.pt")]) == 2
+@pytest.mark.parametrize("args, words", [
+    (["--ckpt", "{tmp}/missing.pt"], "no checkpoint at"),
+    (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
+    (["--n", "0"], "argument --n: must be at least 1, not 0"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1, not 0"),
+    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
+    (["--temperature", "-0.5"], "argument --temperature: 'progressive' or a positive number"),
+    (["--cfg", "-3"], "argument --cfg: must be at least 0, not -3"),
+    (["--height", "18"], "not divisible"),
+    (["--frames", "1"], "nothing to generate after 1 given"),  # image-to-video: 1 given
+    (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
+    (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
+    (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
+])
+def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    bad_files(tmp_path)
+    refuse_to_generate(monkeypatch, evaluation)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--ckpt" not in args:
+        args = ["--ckpt", str(tiny_checkpoint)] + args
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "eval")]
+    before = files_under(tmp_path)
+    assert evaluation.main(args) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and err.count("\n") == 1
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before
 
 
 def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, capsys):
@@ -1326,6 +1490,32 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
         assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2", "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
     assert "quality on 16 held-out clips" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py: its options
+
+@pytest.mark.parametrize("args, words", [
+    (["--threads", "0"], "argument --threads: must be at least 1, not 0"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
+    (["--frames", "1"], "argument --frames: must be at least 2, not 1"),  # 1 given + 1 generated
+    (["--grid", "0"], "argument --grid: must be at least 1, not 0"),
+    (["--spatial_grid", "-4"], "argument --spatial_grid: must be at least 1, not -4"),
+    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
+    (["--spatial_grid", "4", "--num_iter", "17"], "--num_iter 17 is more steps than the 16 tokens"),
+    (["--batch_size", "0"], "argument --batch_size: must be at least 1, not 0"),
+    (["--device", "toaster"], "argument --device: not a torch device"),
+    (["--json", "{tmp}/a_file/b.json"], "cannot write {tmp}/a_file/b.json: Not a directory"),
+])
+def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
+    bad_files(tmp_path)
+    monkeypatch.setattr(bench, "bench_diffusion_head", lambda *a: pytest.fail("benchmarked"))
+    before = files_under(tmp_path)
+    assert bench.main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and out == "", err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------------------------

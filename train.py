@@ -101,15 +101,39 @@ RUN_KEYS = ("out_dir", "resume", "init_from", "device")  # options of one invoca
 # -----------------------------------------------------------------------------
 # Command line
 
+# what the numeric options must be, checked as they are parsed: before anything is loaded, and
+# before a bad value turns into a NaN loss or a silently frozen run minutes later
+POSITIVE = (lambda x: x > 0, "positive")
+AT_LEAST_0 = (lambda x: x >= 0, "at least 0")
+AT_LEAST_1 = (lambda x: x >= 1, "at least 1")
+FRACTION = (lambda x: 0 <= x <= 1, "in [0, 1]")
+BELOW_1 = (lambda x: 0 <= x < 1, "in [0, 1)")  # a decay or momentum of 1 never moves
+LIMITS = dict(
+    lr=POSITIVE, min_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, weight_decay=AT_LEAST_0,
+    betas=(lambda b: len(b) == 2 and all(BELOW_1[0](x) for x in b), "two numbers in [0, 1)"),
+    grad_clip=(AT_LEAST_0[0], "at least 0 (0: no clipping)"), ema_decay=BELOW_1,
+    frame_stride=AT_LEAST_1, num_workers=AT_LEAST_0, sample_num_iter=AT_LEAST_1,
+    sample_cfg=AT_LEAST_0, text_drop_prob=FRACTION, mask_ratio_min=FRACTION,
+    mask_ratio_std=(lambda x: 0 < x <= 1, "in (0, 1]"),
+)
+
+
 def parse_value(key, value, kind):
     try:
         if kind is bool:
             return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
         if kind is tuple:
-            return tuple(float(v) for v in value.split(","))
-        return kind(value)
+            parsed = tuple(float(v) for v in value.split(","))
+        else:
+            parsed = kind(value)
     except (KeyError, ValueError):
         raise BadInput(f"--{key} {value!r}: expected {kind.__name__}") from None
+    if key in LIMITS:
+        test, what = LIMITS[key]
+        numbers = parsed if kind is tuple else (parsed,)
+        if not (all(math.isfinite(x) for x in numbers) and test(parsed)):  # inf and NaN: never
+            raise BadInput(f"--{key} {value!r}: must be {what}")
+    return parsed
 
 
 def parse_args(argv):
@@ -202,7 +226,22 @@ def fit_tokenizer(tokenizer, dataset, config, verbose, num_clips=512):
 def make_dataset(config, num_frames):
     if config.data == "synthetic":
         return SyntheticVideos(num_frames, config.height, config.width, split="train", seed=config.seed)
-    return VideoFolder(config.data, num_frames, config.height, config.width, config.frame_stride)
+    # quiet: every stage reads the same folder, so report_skipped says it once for all of them
+    return VideoFolder(config.data, num_frames, config.height, config.width, config.frame_stride,
+                       log=False)
+
+
+def report_skipped(stages, datasets):
+    """Each video a data folder skips, once and plainly, on stderr (an unreadable one fails every
+    stage, a short one perhaps only the later ones); then how many each stage skipped."""
+    for reason in dict.fromkeys(r for d in datasets for r in d.skip_reasons):
+        print(f"skipping {reason}", file=sys.stderr)
+    largest = max(datasets, key=len)  # the shortest clips: the most videos long enough
+    if largest.uncaptioned:
+        print(largest.caption_note(), file=sys.stderr)
+    counts = ", ".join(f"{d.skipped} of {d.skipped + len(d)} for clips of {n} frames"
+                       for (n, _), d in zip(stages, datasets))
+    print(f"data {datasets[0].root}: skipped {counts}")
 
 
 def batches(dataset, batch_size, rank, world_size, seed, num_workers=0):
@@ -284,6 +323,8 @@ def train(cli, model_cli):
     datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]  # a bad data folder fails here, early
     if isinstance(tokenizer, PCATokenizer) and tokenizer.basis is None:  # fitted on the data, once
         fit_tokenizer(tokenizer, datasets[-1], config, master)
+    if master and config.data != "synthetic":
+        report_skipped(stages, datasets)
 
     # the model: fresh from the preset and sized by the frozen encoders, or the source's; then the command line
     model_config = dict(source["config"]) if source else asdict(VideoMARConfig(**PRESETS[config.preset]))
