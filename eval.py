@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data import BadInput, SyntheticVideos, save_image_grid, write_video
-from sample import (ArgumentParser, add_generation_options, check_writable, generate, positive_int,
-                    trained_model)
+from sample import (ArgumentParser, add_generation_options, check_writable, generate, generate_total_mask,
+                    positive_int, trained_model)
 
 METHODS = ("model", "null_text", "copy")
 MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
@@ -183,10 +183,15 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
 
     def image_to_video(first_frame, text):
         # with the null text both CFG halves would be the same, so cfg 1 is the same video at half the cost;
-        # a model without frame-wise causal attention (Table 4) cannot use the KV cache
-        latents = generate(model, tokenizer.encode(first_frame), text, num_latent, num_iter,
-                           cfg if text is not None else 1.0, temperature, use_kv_cache=model.config.causal,
-                           generator=generator, clip_range=tokenizer.clip_range)
+        # a model without frame-wise causal attention (Table 4) cannot use the KV cache, and a
+        # "total mask" model (Eq. 3.1) is sampled as it was trained: over the whole video at once
+        options = dict(generator=generator, clip_range=tokenizer.clip_range)
+        cond, guidance = tokenizer.encode(first_frame), cfg if text is not None else 1.0
+        if model.config.next_frame_loss:
+            latents = generate(model, cond, text, num_latent, num_iter, guidance, temperature,
+                               use_kv_cache=model.config.causal, **options)
+        else:
+            latents = generate_total_mask(model, cond, text, num_latent, num_iter, guidance, temperature, **options)
         return tokenizer.decode(latents).clamp(-1, 1)
 
     for start in range(0, n, batch_size):
@@ -243,9 +248,9 @@ def table(result):
 COLOURS = {"model": (214, 39, 40), "null_text": (31, 119, 180), "copy": (127, 127, 127)}
 
 
-def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), cap=MAX_PSNR):
+def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), cap=MAX_PSNR, y_range=None):
     """A line plot of curves {name: [y per x]} against xs, with axes, ticks and a legend, as a PNG;
-    values at `cap` or above run off the top."""
+    values at `cap` or above run off the top. `y_range` (lo, hi, tick step) fixes the y axis."""
     W, H = size
     left, right, top, bottom = 56, 16, 28, 44
     image = Image.new("RGB", size, "white")
@@ -253,11 +258,11 @@ def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), c
     font = ImageFont.load_default()
     values = [y for ys in curves.values() for y in ys]
     finite = [y for y in values if y < cap] or values  # exact copies (MAX_PSNR) run off the top
-    lo, hi = math.floor(min(finite)), math.ceil(max(finite)) + 1
+    lo, hi, y_step = y_range or (math.floor(min(finite)), math.ceil(max(finite)) + 1, None)
     px = lambda x: left + (x - xs[0]) / max(1, xs[-1] - xs[0]) * (W - left - right)
     py = lambda y: H - bottom - (min(y, hi) - lo) / (hi - lo) * (H - top - bottom)
     draw.line([(left, top), (left, H - bottom), (W - right, H - bottom)], fill="black")
-    y_step = max(1, math.ceil((hi - lo) / 6))
+    y_step = y_step or max(1, math.ceil((hi - lo) / 6))
     for y in range(lo, hi + 1, y_step):
         draw.line([(left - 4, py(y)), (left, py(y))], fill="black")
         draw.text((left - 8, py(y)), str(y), fill="black", font=font, anchor="rm")
@@ -319,7 +324,8 @@ def run(args):
                 f"PSNR per frame, {args.n} held-out clips, {frames} frames {height}x{width} ({trained})")
     plot_curves(out / "presence.png", result["frames"],
                 {m: [100 * p for p in result[m]["presence_per_frame"]] for m in METHODS},
-                f"objects present per frame, {args.n} held-out clips ({trained})", "present (%)", cap=math.inf)
+                f"objects present per frame, {args.n} held-out clips ({trained})", "present (%)",
+                cap=math.inf, y_range=(0, 100, 20))
     print(f"{args.ckpt}: {args.n} held-out clips, {frames} frames of {height}x{width} ({trained}), "
           f"num_iter {args.num_iter}, cfg {args.cfg}, temperature {args.temperature}, seed {args.seed}")
     print(table(result))

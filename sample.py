@@ -125,6 +125,56 @@ def generate(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0, temper
     return unpatchify(tokens, p, h, w)
 
 
+@torch.no_grad()
+def generate_total_mask(model, cond_latents, text, num_frames, num_iter=64, cfg=3.0,
+                        temperature="progressive", generator=None, clip_range=None, progress=None):
+    """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation over
+    all the tokens of the video at once, not frame by frame. Every token after the `k` given frames
+    starts masked, in one random order over the whole video; `num_iter` steps per generated frame
+    in all (the same number of passes as `generate` without the cache) reveal them on MAR's cosine
+    schedule, each pass seeing the whole video with full attention. A token is sampled with its
+    frame's temperature (the progressive schedule) and MAR's linear CFG schedule over the video.
+    Same arguments and result as `generate`."""
+    config, device = model.config, cond_latents.device
+    p = config.patch_size
+    B, k, C, h, w = cond_latents.shape
+    grid = (h // p, w // p)
+    L = grid[0] * grid[1]
+    N = (num_frames - k) * L  # the tokens to generate
+    steps = min(num_iter * (num_frames - k), N)
+    guided = cfg != 1.0 and text is not None
+    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+
+    tokens = torch.zeros(B, num_frames * L, config.token_dim, device=device)
+    tokens[:, :k * L] = patchify(cond_latents, p).flatten(1, 2)
+    context = model.text_context(*text) if text is not None else model.null_context(B)
+    if guided:
+        context = merge_contexts(context, model.null_context(B))
+    frame_of = torch.arange(num_frames * L, device=device) // L
+    order = k * L + torch.rand(B, N, generator=generator, device=device).argsort(dim=1)
+    mask = torch.zeros(B, num_frames * L, dtype=torch.bool, device=device)
+    mask[:, k * L:] = True
+    for step in range(steps):
+        z = model.forward_frames(double(tokens), double(mask), 0, grid, context)
+        mask_len = math.floor(N * math.cos(math.pi / 2 * (step + 1) / steps))
+        mask_len = max(1, min(int(mask[0].sum()) - 1, mask_len))  # as MAR, also for its CFG schedule
+        next_mask = torch.zeros_like(mask)
+        if step < steps - 1:  # the last step fills the rest
+            next_mask.scatter_(1, order[:, :mask_len], True)
+        to_predict = mask & ~next_mask
+        cfg_step = 1 + (cfg - 1) * (N - mask_len) / N if guided else 1.0
+        for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
+            rows = to_predict & (frame_of == f)
+            z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if guided else z[rows]
+            sampled = model.diffloss.sample(z_rows, frame_temperature(temperature, f - k), cfg_step,
+                                            generator=generator, clip_range=clip_range)
+            tokens[rows] = sampled.to(tokens.dtype)
+        mask = next_mask
+        if progress is not None:
+            progress.update(1 / num_iter)
+    return unpatchify(tokens.view(B, num_frames, L, -1), p, h, w)
+
+
 # ----------------------------------------------------------------------------------------------
 # A trained model: checkpoints written by train.py, loaded with weights_only, config as plain data
 
