@@ -284,7 +284,7 @@ class PCATokenizer(CausalVideoTokenizer):
         latents = (patches - mean) @ kept
         scale = latents.pow(2).mean().sqrt()
         # the range sampled latents are held to: that of the training latents, with a margin
-        reach = 1.25 * latents.abs().max() / scale
+        reach = 1.25 * (latents / scale).abs().max()
         self.load_state(dict(mean=mean.float(), basis=kept.float(), scale=scale.float(), reach=reach.float()))
         return (variances.sort(descending=True).values[:self.channels].sum() / variances.sum()).item()
 
