@@ -16,6 +16,7 @@ User-facing mistakes (missing or unreadable files, sizes the tokenizer cannot di
 folder) raise BadInput; the CLIs print it as one line on stderr and exit with code 2.
 """
 
+import argparse
 import csv
 import importlib.resources
 import itertools
@@ -26,6 +27,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -532,3 +534,124 @@ class VideoFolder(torch.utils.data.Dataset):
         start = int(torch.randint(0, self.frame_counts[i] - self.span + 1, ()))
         video = read_video(self.videos[i], self.num_frames, self.frame_stride, start)
         return resize_center_crop(video, self.height, self.width), self.captions[i]
+
+# -----------------------------------------------------------------------------
+# The command line: every value the scripts take is checked as it is parsed, before any work
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own mistakes (an unknown option, a bad value) as BadInput, so that the CLIs print
+    them like every other one: one `error: ...` line, exit code 2, rather than usage plus error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a value such as -1e-3 is a number to check, not an option (argparse knows only -1, -.5)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
+
+    def error(self, message):
+        raise BadInput(message)
+
+
+def int_at_least(low):
+    """The type of an integer option that must be at least `low`."""
+    def option(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, not {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {number}")
+        return number
+    return option
+
+
+positive_int = int_at_least(1)
+
+
+def float_where(test, what):
+    """The type of a number option for which test(number) holds, `what` saying so."""
+    def option(value):
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number, not {value!r}") from None
+        if not (math.isfinite(number) and test(number)):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
+        return number
+    return option
+
+
+positive_float = float_where(lambda x: x > 0, "positive")
+non_negative_float = float_where(lambda x: x >= 0, "at least 0")
+
+
+def temperature_option(value):
+    """The type of --temperature: "progressive" or a positive number."""
+    if value == "progressive":
+        return value
+    try:
+        return positive_float(value)
+    except argparse.ArgumentTypeError:
+        message = f"'progressive' or a positive number, not {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def device_option(value):
+    """The type of --device: a device torch knows and this machine has."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: CUDA is not available here; use cpu")
+    return value
+
+
+def check_writable(path, directory=False):
+    """Refuse at once an output that cannot be written, rather than after the work. Creates the
+    missing directories and a temporary file in them, then removes all it made: a run that fails
+    later leaves nothing behind. `directory`: `path` is a directory to write files into."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise BadInput(f"cannot write {path}: it is a directory")
+    made, missing = [], folder
+    while not missing.exists() and missing != missing.parent:
+        made.append(missing)  # deepest first: the order to remove them in
+        missing = missing.parent
+    try:
+        for d in reversed(made):
+            d.mkdir()
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if not directory and path.exists():
+            open(path, "ab").close()  # appending nothing: is an existing file writable
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    finally:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def add_generation_options(parser):
+    """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate
+    (model.trained_model and VideoMAR.generate take them)."""
+    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--frames", type=positive_int,
+                        help="pixel frames, 1 + 4k (default: the last training stage; "
+                             "more extrapolates)")
+    parser.add_argument("--height", type=positive_int,
+                        help="default: the training height; larger extrapolates")
+    parser.add_argument("--width", type=positive_int)
+    parser.add_argument("--num_iter", type=positive_int,
+                        help="masked generation steps per frame (default: the checkpoint's "
+                             "sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
+    parser.add_argument("--cfg", type=non_negative_float, default=3.0,
+                        help="guidance scale; 1: none")
+    parser.add_argument("--temperature", type=temperature_option, default="progressive",
+                        help="progressive or a positive number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=device_option,
+                        default="cuda" if torch.cuda.is_available() else "cpu")

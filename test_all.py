@@ -27,13 +27,15 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
                   count_frames, load_tokenizer, read_image, read_video, resize_center_crop, save_image_grid,
                   write_video)
 from diffusion import DiffLoss, create_diffusion
-from model import KVCache, PRESETS, VideoMAR, VideoMARConfig, patchify, sample_mask_ratios, unpatchify
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, check_memory,
+                   frame_temperature, gigabytes, load_checkpoint, patchify, sample_mask_ratios,
+                   save_checkpoint, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
+import metrics
 import sample
 import train
-from sample import frame_temperature, generate
 
 
 def tiny_config(**overrides):
@@ -434,7 +436,7 @@ def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_kv_cache_matches_uncached_generation(qk_norm):
     model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda cached: generate(model, cond, text, num_frames=5, num_iter=3, cfg=3.0, use_kv_cache=cached,
+    run = lambda cached: model.generate(cond, *text, num_latent_frames=5, num_iter=3, cfg=3.0, use_kv_cache=cached,
                                   generator=torch.Generator().manual_seed(7))
     cached, uncached = run(True), run(False)
     assert cached.shape == (2, 5, 8, 3, 3)
@@ -442,7 +444,7 @@ def test_kv_cache_matches_uncached_generation(qk_norm):
     assert (cached[:, 1:] - cached[:, 1:].mean()).abs().mean() > 1e-3  # not a trivial constant video
     # same seed, same video; another seed, another video
     assert torch.equal(cached, run(True))
-    other = generate(model, cond, text, 5, num_iter=3, cfg=3.0, generator=torch.Generator().manual_seed(8))
+    other = model.generate(cond, *text, 5, num_iter=3, cfg=3.0, generator=torch.Generator().manual_seed(8))
     assert not torch.allclose(other, cached)
 
 
@@ -471,7 +473,7 @@ def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
 def test_generation_under_bf16_autocast(qk_norm):
     """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
     model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda: generate(model, cond, text, num_frames=3, num_iter=2, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    run = lambda: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=3.0, generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run()
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
@@ -480,7 +482,7 @@ def test_generation_under_bf16_autocast(qk_norm):
 
 def test_video_to_video_keeps_given_frames_and_extrapolates():
     model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))  # grid and length unlike training
-    out = generate(model, cond, text, num_frames=9, num_iter=2, cfg=2.0, generator=torch.Generator().manual_seed(0))
+    out = model.generate(cond, *text, num_latent_frames=9, num_iter=2, cfg=2.0, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 9, 8, 5, 7)
     assert torch.equal(out[:, :2], cond)
     assert torch.isfinite(out).all()
@@ -488,11 +490,11 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
 
 def test_text_to_video_and_clip_range():
     model, cond, text = sample_setup(k=0)
-    run = lambda clip: generate(model, cond, text, num_frames=3, num_iter=2, cfg=1.0, clip_range=clip,
+    run = lambda clip: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=1.0, clip_range=clip,
                                 generator=torch.Generator().manual_seed(0))
     assert run(None).shape == (2, 3, 8, 3, 3)
     assert run(None).abs().max() > 0.05
-    assert torch.isfinite(generate(model, cond, None, 3, num_iter=2, cfg=3.0)).all()  # null text: nothing to guide
+    assert torch.isfinite(model.generate(cond, None, None, 3, num_iter=2, cfg=3.0)).all()  # null text: nothing to guide
     assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
 
 
@@ -500,7 +502,7 @@ def test_authors_clip_bounds_frames_after_the_first_generated_one():
     """The authors' sampler clamps each sampled token of the frames after the first generated
     one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
     model, cond, text = sample_setup(k=1)
-    run = lambda clip, cached=True: generate(model, cond, text, num_frames=4, num_iter=3, cfg=3.0,
+    run = lambda clip, cached=True: model.generate(cond, *text, num_latent_frames=4, num_iter=3, cfg=3.0,
                                              use_kv_cache=cached, clip_range=clip, clip_x0=False,
                                              generator=torch.Generator().manual_seed(3))
     free = run(None)
@@ -527,7 +529,7 @@ def test_forward_passes_of_generation_skip_the_last_commit(k):
     model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
     for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
         calls.clear()
-        generate(model, cond, text, num_frames=k + n, num_iter=s, cfg=3.0, use_kv_cache=cached)
+        model.generate(cond, *text, num_latent_frames=k + n, num_iter=s, cfg=3.0, use_kv_cache=cached)
         commits = ((k > 0) + n - 1) if cached else 0
         assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
         assert calls.count(True) == commits
@@ -541,16 +543,16 @@ def test_total_mask_sampler_is_mars_order_over_the_whole_video():
     config = model.config
     cond = torch.randn(2, 1, config.latent_channels, 2, 3)
     text = random_text(2, config)
-    one = sample.generate_total_mask(model, cond, text, 2, num_iter=3, cfg=2.0,
+    one = model.generate_total_mask(cond, *text, 2, num_iter=3, cfg=2.0,
                                      generator=torch.Generator().manual_seed(5))
-    reference = generate(model, cond, text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
+    reference = model.generate(cond, *text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
                          generator=torch.Generator().manual_seed(5))
     assert torch.allclose(one, reference, atol=1e-5)
     passes = []
     forward = model.forward_frames
     model.forward_frames = lambda tokens, mask, *a, **kw: passes.append(int(mask[0].sum())) or forward(
         tokens, mask, *a, **kw)
-    video = sample.generate_total_mask(model, cond, text, 4, num_iter=3, cfg=1.0,
+    video = model.generate_total_mask(cond, *text, 4, num_iter=3, cfg=1.0,
                                        generator=torch.Generator().manual_seed(5))
     assert torch.equal(video[:, :1], cond) and (video[:, 1:] != 0).all()
     assert len(passes) == 9 and passes[0] == 3 * 6 and passes == sorted(passes, reverse=True)
@@ -597,11 +599,12 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)  # text-to-video, larger than trained
 
 
-def refuse_to_generate(monkeypatch, module):
+def refuse_to_generate(monkeypatch):
     """Bad input is refused before any work: generating at all fails the test."""
     def generate(*args, **kwargs):
         raise AssertionError("generated before refusing the input")
-    monkeypatch.setattr(module, "generate", generate)
+    for sampler in ("generate", "generate_total_mask"):
+        monkeypatch.setattr(VideoMAR, sampler, generate)
 
 
 def bad_files(tmp_path):
@@ -654,11 +657,11 @@ def files_under(path):
 ])
 def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     bad_files(tmp_path)
-    ckpt = sample.load_checkpoint(tiny_checkpoint)
+    ckpt = load_checkpoint(tiny_checkpoint)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, tmp_path / "other.pt")
     old_config = {k: v for k, v in ckpt["config"].items() if k != "causal"}
     torch.save({**ckpt, "config": old_config}, tmp_path / "old.pt")
-    refuse_to_generate(monkeypatch, sample)
+    refuse_to_generate(monkeypatch)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--ckpt" not in args:
         args = ["--ckpt", str(tiny_checkpoint)] + args
@@ -678,8 +681,8 @@ def test_sample_cli_says_what_it_will_generate(tiny_checkpoint, tmp_path, capsys
     assert capsys.readouterr().out.startswith("3 latent frames (9 frames of 16x16), 3 at a time: "
                                               "KV cache under 0.01 GB\n")
     # keys and values: 2 x layers x rows x width x tokens x 4 bytes (fp32 on the CPU)
-    need = sample.check_memory(VideoMARConfig(n_layer=36, n_embd=1536), 2, 4096, torch.device("cpu"))
-    assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and sample.gigabytes(need) == "3.62 GB"
+    need = check_memory(VideoMARConfig(n_layer=36, n_embd=1536), 2, 4096, torch.device("cpu"))
+    assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and gigabytes(need) == "3.62 GB"
 
 
 @pytest.mark.parametrize("args", [["--ckpt", "{tmp}/none.pt"], ["--num_samples", "0"]])
@@ -1117,10 +1120,10 @@ def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypat
     assert [s[1] for s in shapes] == [2, 2, 2, 3, 3] and all(s[-2:] == (4, 4) for s in shapes)
     assert log_steps(capsys.readouterr().out) == [(1, 1, 5), (2, 1, 5), (3, 1, 5), (4, 2, 9), (5, 2, 9)]
     assert [s[:3] for s in saves] == [(0, 3, 3), (1, 2, 5)]
-    ckpt = sample.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 2, 5)
     assert ckpt["config"]["n_embd"] == 32 and ckpt["config"]["latent_channels"] == 192 and ckpt["config"]["text_dim"] == 384
-    assert ckpt["train"]["frames"] == "5,9" and (tmp_path / "sample.mp4").stat().st_size > 0 and (tmp_path / "sample.png").is_file()
+    assert ckpt["train"]["frames"] == [5, 9] and (tmp_path / "sample.mp4").stat().st_size > 0 and (tmp_path / "sample.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]  # no temporary left
 
 
@@ -1135,7 +1138,7 @@ def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, 
     monkeypatch.setattr(VideoMAR, "forward", interrupted_forward)
     with pytest.raises(KeyboardInterrupt):
         train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,3", "--ckpt_interval", "2", "--out_dir", str(tmp_path)])
-    ckpt = sample.load_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 1, 4)
     capsys.readouterr()
 
@@ -1146,7 +1149,7 @@ def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, 
     out = capsys.readouterr().out
     assert "resuming" in out and log_steps(out) == [(5, 2, 9), (6, 2, 9)]
     assert [s[1] for s in shapes] == [3, 3]  # stage 2's clips, two iterations left
-    final = sample.load_checkpoint(tmp_path / "ckpt.pt")
+    final = load_checkpoint(tmp_path / "ckpt.pt")
     assert (final["stage"], final["stage_step"], final["step"]) == (1, 3, 6)
     # the optimizer went on from its saved state: Adam's step counters count all 6 steps, not 2
     assert all(int(state["step"]) == 6 for state in final["optimizer"]["state"].values())
@@ -1163,7 +1166,7 @@ def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeyp
     assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width", "32", "--frames", "5",
                               "--stage_iters", "3", "--out_dir", str(target)]) == 0
     assert shapes == [(2, 2, 192, 6, 8)] * 3
-    old, new = sample.load_checkpoint(source / "ckpt.pt"), sample.load_checkpoint(target / "ckpt.pt")
+    old, new = load_checkpoint(source / "ckpt.pt"), load_checkpoint(target / "ckpt.pt")
     assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
     assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
     assert all(int(state["step"]) == 3 for state in new["optimizer"]["state"].values())  # a fresh optimizer
@@ -1183,7 +1186,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
     assert log_steps(result.stdout) == [(1, 1, 5), (2, 1, 5), (3, 1, 5)]  # one writer of logs: each step once
     assert result.stdout.count("checkpoint written") == 1 and result.stdout.count("2 process(es)") == 1
-    assert sample.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
 
 
 def test_ranks_draw_different_clips():
@@ -1208,12 +1211,12 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     assert f"loss is nan at step 3; stopping, last good checkpoint {path} kept" in capsys.readouterr().err
     assert [s[:3] for s in saves] == [(0, 2, 2)]  # nothing written after the NaN
     assert hashlib.sha256(path.read_bytes()).hexdigest() == saves[0][3]
-    assert sample.load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
+    assert load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--no_such_key", "1"], "unknown option '--no_such_key'"),
-    (["--lr=fast"], "--lr 'fast': expected float"),
+    (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
+    (["--lr=fast"], "argument --lr: a number, not 'fast'"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--preset", "videomar"], "needs --tokenizer cosmos:"),
     (["--height", "18"], "not divisible"),
@@ -1226,26 +1229,26 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
     (["--data", "{tmp}/no_such_folder"], "no such data folder"),
     # issue 14: numeric options out of range, refused as they are parsed
-    (["--lr", "0"], "--lr '0': must be positive"),
-    (["--lr", "-1e-3"], "--lr '-1e-3': must be positive"),
-    (["--lr", "nan"], "--lr 'nan': must be positive"),
-    (["--lr", "inf"], "--lr 'inf': must be positive"),
-    (["--min_lr", "-1e-4"], "--min_lr '-1e-4': must be at least 0"),
-    (["--ema_decay", "1"], "--ema_decay '1': must be in [0, 1)"),
-    (["--ema_decay=-0.5"], "--ema_decay '-0.5': must be in [0, 1)"),
-    (["--warmup_iters", "-1"], "--warmup_iters '-1': must be at least 0"),
-    (["--grad_clip", "-1"], "--grad_clip '-1': must be at least 0 (0: no clipping)"),
-    (["--weight_decay", "-0.02"], "--weight_decay '-0.02': must be at least 0"),
-    (["--betas", "0.9,1.0"], "--betas '0.9,1.0': must be two numbers in [0, 1)"),
-    (["--betas", "0.9"], "--betas '0.9': must be two numbers in [0, 1)"),
-    (["--text_drop_prob", "1.5"], "--text_drop_prob '1.5': must be in [0, 1]"),
-    (["--mask_ratio_min", "-0.1"], "--mask_ratio_min '-0.1': must be in [0, 1]"),
-    (["--mask_ratio_std", "0"], "--mask_ratio_std '0': must be in (0, 1]"),
-    (["--mask_ratio_std", "2"], "--mask_ratio_std '2': must be in (0, 1]"),
-    (["--frame_stride", "0"], "--frame_stride '0': must be at least 1"),
-    (["--num_workers", "-1"], "--num_workers '-1': must be at least 0"),
-    (["--sample_num_iter", "0"], "--sample_num_iter '0': must be at least 1"),
-    (["--sample_cfg", "-1"], "--sample_cfg '-1': must be at least 0"),
+    (["--lr", "0"], "argument --lr: must be positive, not 0"),
+    (["--lr", "-1e-3"], "argument --lr: must be positive, not -1e-3"),
+    (["--lr", "nan"], "argument --lr: must be positive, not nan"),
+    (["--lr", "inf"], "argument --lr: must be positive, not inf"),
+    (["--min_lr", "-1e-4"], "argument --min_lr: must be at least 0, not -1e-4"),
+    (["--ema_decay", "1"], "argument --ema_decay: must be in [0, 1), not 1"),
+    (["--ema_decay=-0.5"], "argument --ema_decay: must be in [0, 1), not -0.5"),
+    (["--warmup_iters", "-1"], "argument --warmup_iters: must be at least 0, not -1"),
+    (["--grad_clip", "-1"], "argument --grad_clip: must be at least 0 (0: no clipping), not -1"),
+    (["--weight_decay", "-0.02"], "argument --weight_decay: must be at least 0, not -0.02"),
+    (["--betas", "0.9,1.0"], "argument --betas: must be in [0, 1), not 1.0"),
+    (["--betas", "0.9"], "argument --betas: needs 2 values, not 1"),
+    (["--text_drop_prob", "1.5"], "argument --text_drop_prob: must be in [0, 1], not 1.5"),
+    (["--mask_ratio_min", "-0.1"], "argument --mask_ratio_min: must be in [0, 1], not -0.1"),
+    (["--mask_ratio_std", "0"], "argument --mask_ratio_std: must be in (0, 1], not 0"),
+    (["--mask_ratio_std", "2"], "argument --mask_ratio_std: must be in (0, 1], not 2"),
+    (["--frame_stride", "0"], "argument --frame_stride: must be at least 1, not 0"),
+    (["--num_workers", "-1"], "argument --num_workers: must be at least 0, not -1"),
+    (["--sample_num_iter", "0"], "argument --sample_num_iter: must be at least 1, not 0"),
+    (["--sample_cfg", "-1"], "argument --sample_cfg: must be at least 0, not -1"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
     bad_files(tmp_path)
@@ -1302,7 +1305,7 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
     model = VideoMAR(config)
     ckpt = dict(config=asdict(config), model=model.state_dict(), ema=model.state_dict())
     path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, ckpt)
+    save_checkpoint(path, ckpt)
     before = path.read_bytes()
 
     def crash(obj, f):
@@ -1310,17 +1313,17 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
         raise KeyboardInterrupt  # killed in the middle of writing
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, ckpt)
+        save_checkpoint(path, ckpt)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
-    rebuilt = sample.build_model(sample.load_checkpoint(path))
+    rebuilt = build_model(load_checkpoint(path))
     assert not rebuilt.training and all(torch.equal(a, b) for a, b in zip(rebuilt.parameters(), model.parameters()))
     with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
-        sample.build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
+        build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
     with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
-        sample.build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
+        build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
     with pytest.raises(BadInput, match="another shape, the first diffloss"):
-        sample.build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
+        build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1331,9 +1334,9 @@ def test_psnr_of_a_known_noise_level():
     x = 0.25 + 0.5 * torch.rand(3, 3, 16, 16)
     for sigma in (0.1, 0.03):
         sign = torch.randint(0, 2, x.shape).float() * 2 - 1  # +-sigma everywhere: the MSE is exactly sigma^2
-        got = evaluation.psnr(evaluation.mse(x + sigma * sign, x))
+        got = metrics.psnr(metrics.mse(x + sigma * sign, x))
         assert torch.allclose(got, torch.full((3,), -20 * math.log10(sigma)), atol=1e-3)
-    assert torch.equal(evaluation.psnr(evaluation.mse(x, x)), torch.full((3,), evaluation.MAX_PSNR))  # capped, not inf
+    assert torch.equal(metrics.psnr(metrics.mse(x, x)), torch.full((3,), metrics.MAX_PSNR))  # capped, not inf
 
 
 def ssim_at_one_position(x, y):
@@ -1353,7 +1356,7 @@ def test_ssim_against_a_direct_computation():
     torch.manual_seed(0)
     x, y = torch.rand(2, 3, 11, 11), torch.rand(2, 3, 11, 11)
     y[1] = 0.7 * x[1] + 0.3 * y[1]  # a correlated pair too
-    got = evaluation.ssim(x, y)
+    got = metrics.ssim(x, y)
     for i in range(2):
         assert abs(got[i].item() - ssim_at_one_position(x[i].numpy(), y[i].numpy())) < 1e-4
     assert got[1] > got[0] + 0.3
@@ -1362,18 +1365,18 @@ def test_ssim_against_a_direct_computation():
 def test_ssim_properties():
     torch.manual_seed(0)
     x, y = torch.rand(4, 3, 24, 20), torch.rand(4, 3, 24, 20)
-    assert torch.allclose(evaluation.ssim(x, x), torch.ones(4), atol=1e-5)
-    assert torch.allclose(evaluation.ssim(x, y), evaluation.ssim(y, x), atol=1e-6)
-    assert (evaluation.ssim(x, 1 - x) < 0).all()  # an image against its negative: anti-correlated
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(4), atol=1e-5)
+    assert torch.allclose(metrics.ssim(x, y), metrics.ssim(y, x), atol=1e-6)
+    assert (metrics.ssim(x, 1 - x) < 0).all()  # an image against its negative: anti-correlated
     # constant images a and b: no variance, so SSIM is the luminance term (2ab + C1) / (a^2 + b^2 + C1)
     a, b, C1 = 0.3, 0.5, 0.01 ** 2
-    got = evaluation.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
+    got = metrics.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
     assert abs(got.item() - (2 * a * b + C1) / (a * a + b * b + C1)) < 1e-5
     # averaged over channels: one channel wrong out of three
     z = x.clone()
     z[:, 0] = y[:, 0]
-    expected = (evaluation.ssim(x[:, :1], y[:, :1]) + 2) / 3
-    assert torch.allclose(evaluation.ssim(x, z), expected, atol=1e-5)
+    expected = (metrics.ssim(x[:, :1], y[:, :1]) + 2) / 3
+    assert torch.allclose(metrics.ssim(x, z), expected, atol=1e-5)
 
 
 def tiny_model(token_dim, text_dim):
@@ -1392,10 +1395,10 @@ def test_copy_baseline(monkeypatch):
     tokenizer = load_tokenizer("patch:4x4x4")
     model = tiny_model(tokenizer.channels, 16)
     args = (model, tokenizer, FakeText(), 3, 9, 16, 16)
-    result = evaluation.evaluate(*args, num_iter=1, batch_size=2)
+    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
     clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
     truth = (clips + 1) / 2
-    frame_1 = evaluation.psnr(evaluation.mse(truth[:, 0], truth[:, 1]).mean()).item()  # PSNR of the mean error
+    frame_1 = metrics.psnr(metrics.mse(truth[:, 0], truth[:, 1]).mean()).item()  # PSNR of the mean error
     assert result["frames"] == list(range(1, 9)) and len(result["model"]["psnr_per_frame"]) == 8
     assert abs(result["copy"]["psnr_per_frame"][0] - frame_1) < 1e-4  # frame 1 against frame 0
     last_third = np.mean([10 ** (-p / 10) for p in result["copy"]["psnr_per_frame"][-3:]])  # frames 6-8, as errors
@@ -1406,9 +1409,9 @@ def test_copy_baseline(monkeypatch):
         def __getitem__(self, i):
             clip, caption = super().__getitem__(i)
             return clip[:1].expand_as(clip), caption
-    monkeypatch.setattr(evaluation, "SyntheticVideos", Static)
-    result = evaluation.evaluate(*args, num_iter=1, batch_size=2)
-    assert result["copy"]["psnr"] == evaluation.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
+    monkeypatch.setattr(metrics, "SyntheticVideos", Static)
+    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
 
 
@@ -1425,22 +1428,22 @@ def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(siz
         speckle = torch.randint(0, 2, clip.shape).float() * 2 - 1  # pure colours, everywhere
         for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
                             ("background", background.expand_as(clip)), ("speckle", speckle)):
-            per_clip[name].append(evaluation.object_scores(video, clip, data.describe(i)))
+            per_clip[name].append(metrics.object_scores(video, clip, data.describe(i)))
     last_third = slice(-8, None)
-    truth, copy = (evaluation.summarise_objects(per_clip[k], last_third) for k in ("truth", "copy"))
+    truth, copy = (metrics.summarise_objects(per_clip[k], last_third) for k in ("truth", "copy"))
     assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
     assert truth["direction"] == 1 and truth["direction_judged"] >= 20
     assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
-    assert evaluation.summarise_objects(per_clip["background"], last_third)["presence"] == 0
-    assert evaluation.summarise_objects(per_clip["speckle"], last_third)["presence"] < 0.05
+    assert metrics.summarise_objects(per_clip["background"], last_third)["presence"] == 0
+    assert metrics.summarise_objects(per_clip["speckle"], last_third)["presence"] < 0.05
     # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
     o = data.describe(0)["objects"][0]
     clip = SyntheticVideos(25, size, size, split="test")[0][0]
     way = SyntheticVideos.DIRECTIONS[o["direction"]]
     still = clip[:1].expand_as(clip).roll((-way[1], -way[0]), dims=(-2, -1))
-    scores = evaluation.object_scores(still, clip, data.describe(0))[0]
+    scores = metrics.object_scores(still, clip, data.describe(0))[0]
     assert scores["direction"] is False
-    assert abs(scores["position_error"][0] - evaluation.object_scores(clip[:1].expand_as(clip), clip,
+    assert abs(scores["position_error"][0] - metrics.object_scores(clip[:1].expand_as(clip), clip,
                data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
 
 
@@ -1463,7 +1466,7 @@ def test_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert "| model |" in printed and "| null_text |" in printed and "| copy |" in printed
     result = json.loads((out / "eval.json").read_text())
     assert result["num_frames"] == 9 and result["frames"] == list(range(1, 9))
-    for method in evaluation.METHODS:
+    for method in metrics.METHODS:
         assert {"psnr", "ssim", "psnr_last_third", "ssim_last_third"} <= result[method].keys()
         assert len(result[method]["psnr_per_frame"]) == len(result[method]["ssim_per_frame"]) == 8
     assert Image.open(out / "psnr.png").size == (560, 360)
@@ -1492,7 +1495,7 @@ def test_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
 ])
 def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     bad_files(tmp_path)
-    refuse_to_generate(monkeypatch, evaluation)
+    refuse_to_generate(monkeypatch)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--ckpt" not in args:
         args = ["--ckpt", str(tiny_checkpoint)] + args
@@ -1521,7 +1524,7 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
 @pytest.mark.parametrize("args, words", [
     (["--threads", "0"], "argument --threads: must be at least 1, not 0"),
     (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
-    (["--frames", "1"], "argument --frames: must be at least 2, not 1"),  # 1 given + 1 generated
+    (["--latent_frames", "1"], "argument --latent_frames: must be at least 2, not 1"),  # 1 + 1
     (["--grid", "0"], "argument --grid: must be at least 1, not 0"),
     (["--spatial_grid", "-4"], "argument --spatial_grid: must be at least 1, not -4"),
     (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
