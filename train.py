@@ -190,8 +190,8 @@ def shown(value):
 
 def add_field_options(parser, cls, presets):
     """One option per field of the dataclass `cls`, typed by its annotation and checked by
-    CHECKS. Its help shows the default, the tiny preset's value, and where another preset differs,
-    that one's."""
+    CHECKS. Its help shows the default (the tiny preset's value) and the value of any other
+    preset that differs."""
     kinds = {f.name: f.type for f in fields(cls)}
     tiny = {**asdict(cls()), **presets["tiny"]}
     for heading, comments in commented_fields(cls):
@@ -200,7 +200,7 @@ def add_field_options(parser, cls, presets):
             values = [SIZED_BY.get(name, shown(tiny[name]))] + [
                 f"{preset}: {shown(v[name])}" for preset, v in presets.items()
                 if name in v and name not in SIZED_BY and v[name] != tiny[name]]
-            help = f"{comment} (default: {'; '.join(values)})".strip().replace("%", "%%")
+            text = f"{comment} (default: {'; '.join(values)})".strip().replace("%", "%%")
             kind, parts = typing.get_origin(kinds[name]), typing.get_args(kinds[name])
             element = parts[0] if parts else kinds[name]
             check = CHECKS.get(name, element)
@@ -212,7 +212,7 @@ def add_field_options(parser, cls, presets):
                                length=len(parts) if kind is tuple else None)
             else:
                 options = dict(type=check, metavar=element.__name__.upper())
-            group.add_argument(f"--{name}", help=help, **options)
+            group.add_argument(f"--{name}", help=text, **options)
 
 
 def parse_args(argv):
