@@ -83,7 +83,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokens and masks
+# Tokens, masks and the temperature schedule
 
 def patchify(latents, p):
     """(B, T, C, h, w) -> (B, T, L, C p p), L = (h/p)(w/p) tokens per frame in raster order."""
