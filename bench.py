@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import BadInput
+from data import (ArgumentParser, BadInput, check_writable, device_option, int_at_least,
+                  positive_int)
 from diffusion import DiffLoss
 from model import KVCache, VideoMAR, VideoMARConfig
-from sample import (ArgumentParser, check_writable, device_option, generate, int_at_least,
-                    positive_int)
 
-BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3, diffloss_w=256,
-                   text_dim=384, text_len=16)
+BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,
+                   diffloss_w=256, text_dim=384, text_len=16)
 
 
 def synchronize(device):
@@ -53,7 +52,7 @@ def median_time(fn, device, repeats):
 
 
 class FrameClock:
-    """Passed to generate() as its progress bar: records the time at which each frame finishes."""
+    """Passed to VideoMAR.generate as its progress bar: records the time each frame finishes."""
 
     def __init__(self, device):
         self.device, self.times = device, [time.perf_counter()]
@@ -69,13 +68,14 @@ class FrameClock:
 def bench_kv_cache(model, args, device):
     grid = (args.grid, args.grid)
     cond = torch.randn(1, 1, model.config.latent_channels, *grid, device=device)
-    text = (torch.randn(1, model.config.text_len, model.config.text_dim, device=device),
-            torch.ones(1, model.config.text_len, dtype=torch.bool, device=device))
+    text = torch.randn(1, model.config.text_len, model.config.text_dim, device=device)
+    text_mask = torch.ones(1, model.config.text_len, dtype=torch.bool, device=device)
     result = {}
     for cached in (True, False):
         clock = FrameClock(device)
-        generate(model, cond, text, args.frames, args.num_iter, cfg=3.0, use_kv_cache=cached,
-                 generator=torch.Generator(device).manual_seed(0), progress=clock)
+        model.generate(cond, text, text_mask, args.latent_frames, args.num_iter, cfg=3.0,
+                       use_kv_cache=cached, generator=torch.Generator(device).manual_seed(0),
+                       progress=clock)
         result["cached" if cached else "uncached"] = clock.frame_times()
     cached, uncached = sum(result["cached"]), sum(result["uncached"])
     per_frame = result["cached"]
@@ -95,10 +95,11 @@ def bench_spatial_parallelism(model, args, device):
                                  torch.ones(2, config.text_len, dtype=torch.bool, device=device))
     cache = KVCache(config, 2, 2 * L)
     with torch.no_grad():
-        model.forward_frames(frame, None, 0, grid, context, cache, commit=True)  # the given first frame
+        model.forward_frames(frame, None, 0, grid, context, cache, commit=True)  # the given frame
+        all_masked = torch.ones_like(frame[..., 0], dtype=torch.bool)
 
         def masked_step():
-            z = model.forward_frames(frame, torch.ones_like(frame[..., 0], dtype=torch.bool), 1, grid, context, cache)
+            z = model.forward_frames(frame, all_masked, 1, grid, context, cache)
             model.diffloss.sample(z[:, :L // args.num_iter].flatten(0, 1), cfg=3.0)
 
         def next_token_step():
@@ -117,7 +118,8 @@ def bench_diffusion_head(args, device):
     times = {}
     for n in (1, 4, 16, 64):
         z = torch.randn(2 * n, 256, device=device)
-        times[n] = median_time(lambda: head.sample(z, temperature=0.95, cfg=3.0), device, args.repeats)
+        times[n] = median_time(lambda: head.sample(z, temperature=0.95, cfg=3.0), device,
+                               args.repeats)
     return {f"{n}_tokens_ms": 1000 * t for n, t in times.items()}
 
 
@@ -130,15 +132,17 @@ def matmul_flops(device, dtype, size=1024, repeats=5):
 def bench_training(model, args, device):
     config = model.config
     model.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    latents = torch.randn(args.batch_size, args.frames, config.latent_channels, args.grid, args.grid, device=device)
-    text = (torch.randn(args.batch_size, config.text_len, config.text_dim, device=device),
-            torch.ones(args.batch_size, config.text_len, dtype=torch.bool, device=device))
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    latents = torch.randn(args.batch_size, args.latent_frames, config.latent_channels, args.grid,
+                          args.grid, device=device)
+    text = torch.randn(args.batch_size, config.text_len, config.text_dim, device=device)
+    text_mask = torch.ones(args.batch_size, config.text_len, dtype=torch.bool, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():  # the last frame as target: every step does the same, largest, work
         with autocast:
-            loss = model(latents, *text, target_frame=args.frames - 1)
+            loss = model(latents, text, text_mask, target_frame=args.latent_frames - 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -149,9 +153,10 @@ def bench_training(model, args, device):
     seconds = median_time(step, device, args.repeats)
     peak = matmul_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.eval()
-    tokens = args.batch_size * args.frames * args.grid * args.grid
+    tokens = args.batch_size * args.latent_frames * args.grid * args.grid
     return dict(step_s=seconds, tokens_per_s=tokens / seconds, step_gflop=flops / 1e9,
-                achieved_gflops=flops / seconds / 1e9, matmul_gflops=peak / 1e9, utilisation=flops / seconds / peak)
+                achieved_gflops=flops / seconds / 1e9, matmul_gflops=peak / 1e9,
+                utilisation=flops / seconds / peak)
 
 
 def parse_args(argv=None):
@@ -160,8 +165,8 @@ def parse_args(argv=None):
                         default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=positive_int, default=3)
-    parser.add_argument("--frames", type=int_at_least(2), default=7,
-                        help="latent frames: 1 given + 6 generated")
+    parser.add_argument("--latent_frames", type=int_at_least(2), default=7,
+                        help="1 given + 6 generated")
     parser.add_argument("--grid", type=positive_int, default=8,
                         help="tokens per side of a latent frame")
     parser.add_argument("--spatial_grid", type=positive_int, default=32,
@@ -192,16 +197,20 @@ def main(argv=None):
 
     results = dict(device=str(device), threads=args.threads, model=BENCH_MODEL, args=vars(args))
     results["diffusion_head"] = bench_diffusion_head(args, device)
-    print("diffusion head, one 100-step CFG call:", ", ".join(f"{k} {v:.1f}" for k, v in results["diffusion_head"].items()))
+    print("diffusion head, one 100-step CFG call:",
+          ", ".join(f"{k} {v:.1f}" for k, v in results["diffusion_head"].items()))
     results["training"] = train = bench_training(model, args, device)
-    print(f"training step: {train['step_s']:.3f} s, {train['tokens_per_s']:.0f} tokens/s, {train['achieved_gflops']:.1f} GFLOP/s "
-          f"of {train['matmul_gflops']:.1f} matmul GFLOP/s = {100 * train['utilisation']:.0f}%")
+    print(f"training step: {train['step_s']:.3f} s, {train['tokens_per_s']:.0f} tokens/s, "
+          f"{train['achieved_gflops']:.1f} GFLOP/s of {train['matmul_gflops']:.1f} matmul "
+          f"GFLOP/s = {100 * train['utilisation']:.0f}%")
     results["spatial_parallelism"] = sp = bench_spatial_parallelism(model, args, device)
     print(f"steps per frame: masked {sp['masked_steps']} vs next-token {sp['ntp_steps']}; "
-          f"per step {1000 * sp['masked_step_s']:.1f} ms vs {1000 * sp['ntp_step_s']:.1f} ms; implied speed-up {sp['implied_speedup']:.1f}x")
+          f"per step {1000 * sp['masked_step_s']:.1f} ms vs {1000 * sp['ntp_step_s']:.1f} ms; "
+          f"implied speed-up {sp['implied_speedup']:.1f}x")
     results["kv_cache"] = kv = bench_kv_cache(model, args, device)
-    print(f"1 + {args.frames - 1} latent frames: cached {kv['cached_s']:.1f} s, uncached {kv['uncached_s']:.1f} s, "
-          f"speed-up {kv['speedup']:.2f}x; cached per frame " + " ".join(f"{t:.2f}" for t in kv["cached_frame_s"]))
+    print(f"1 + {args.latent_frames - 1} latent frames: cached {kv['cached_s']:.1f} s, uncached "
+          f"{kv['uncached_s']:.1f} s, speed-up {kv['speedup']:.2f}x; cached per frame "
+          + " ".join(f"{t:.2f}" for t in kv["cached_frame_s"]))
     print(json.dumps(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

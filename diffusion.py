@@ -9,7 +9,8 @@ classifier-free guidance on epsilon. Parameter names equal MAR's `DiffLoss`, so 
 of the head loads here weight for weight.
 
 Usage:
-    head = DiffLoss(target_channels=16, z_channels=1536, depth=3, width=1280, num_sampling_steps="100")
+    head = DiffLoss(target_channels=16, z_channels=1536, depth=3, width=1280,
+                    num_sampling_steps="100")
     loss = head(target, z)                              # target (N, 16), z (N, 1536)
     x = head.sample(torch.cat([z_cond, z_uncond]), temperature=0.95, cfg=3.0)   # (N, 16)
 """
@@ -33,11 +34,13 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t, max_period=10000):
         half = self.frequency_embedding_size // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        steps = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(max_period) * steps / half)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
@@ -48,7 +51,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
         self.in_ln = nn.LayerNorm(channels, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(), nn.Linear(channels, channels))
+        self.mlp = nn.Sequential(nn.Linear(channels, channels), nn.SiLU(),
+                                 nn.Linear(channels, channels))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 3 * channels))
 
     def forward(self, x, modulation):
@@ -61,7 +65,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(model_channels, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(model_channels, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 2 * model_channels))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              nn.Linear(model_channels, 2 * model_channels))
 
     def forward(self, x, modulation):
         shift, scale = modulation
@@ -74,7 +79,6 @@ class SimpleMLPAdaLN(nn.Module):
 
     def __init__(self, in_channels, model_channels, out_channels, z_channels, num_res_blocks):
         super().__init__()
-        self.in_channels = in_channels
         self.time_embed = TimestepEmbedder(model_channels)
         self.cond_embed = nn.Linear(z_channels, model_channels)
         self.input_proj = nn.Linear(in_channels, model_channels)
@@ -89,7 +93,8 @@ class SimpleMLPAdaLN(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
         nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
-        # Zero-initialised modulation and output: every block starts as the identity (DiT's adaLN-Zero)
+        # Zero-initialised modulation and output: every block starts as the identity (DiT's
+        # adaLN-Zero)
         for block in self.res_blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -98,13 +103,23 @@ class SimpleMLPAdaLN(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def modulations(self, t, c):
-        """Shift, scale (and gate) of every AdaLN layer. They depend on t and c but not on x_t,
-        so the sampler computes them for all its steps at once, before its loop."""
+        """Shift, scale (and gate) of every AdaLN layer. They depend on t and c but not on x_t."""
         y = self.time_embed(t) + self.cond_embed(c)
         blocks = [block.adaLN_modulation(y).chunk(3, dim=-1) for block in self.res_blocks]
         return blocks, self.final_layer.adaLN_modulation(y).chunk(2, dim=-1)
 
+    def modulations_per_step(self, timesteps, c):
+        """The modulations of every sampling step, for conditions c (N, z_channels), computed in
+        one batched pass: a list with, per step, what `denoise` takes."""
+        steps, rows = len(timesteps), c.shape[0]
+        blocks, final = self.modulations(timesteps.repeat_interleave(rows), c.repeat(steps, 1))
+        per_step = lambda chunks: [chunk.view(steps, rows, -1).unbind(0) for chunk in chunks]
+        blocks, final = [per_step(block) for block in blocks], per_step(final)
+        return [([[m[i] for m in block] for block in blocks], [m[i] for m in final])
+                for i in range(steps)]
+
     def denoise(self, x, modulations):
+        """The MLP on x_t under given modulations: the part of forward that depends on x_t."""
         blocks, final = modulations
         x = self.input_proj(x)
         for block, modulation in zip(self.res_blocks, blocks):
@@ -121,13 +136,8 @@ class SimpleMLPAdaLN(nn.Module):
 def cosine_betas(num_steps, max_beta=0.999):
     """Improved DDPM's cosine schedule: alpha_bar(s) = cos^2(((s + 0.008) / 1.008) * pi / 2)."""
     alpha_bar = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-    return torch.tensor([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-                         for i in range(num_steps)], dtype=torch.float64)
-
-
-def linear_betas(num_steps):
-    scale = 1000 / num_steps
-    return torch.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=torch.float64)
+    return torch.tensor([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps),
+                             max_beta) for i in range(num_steps)], dtype=torch.float64)
 
 
 def space_timesteps(num_timesteps, section_counts):
@@ -147,19 +157,22 @@ def space_timesteps(num_timesteps, section_counts):
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log p(x) of data in [-1, 1] quantised to 256 bins (ADM's decoder term at t = 0)."""
-    normal_cdf = lambda y: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y ** 3)))
+    normal_cdf = lambda y: 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi)
+                                                   * (y + 0.044715 * y ** 3)))
     centered, inv_std = x - means, torch.exp(-log_scales)
     cdf_plus = normal_cdf(inv_std * (centered + 1.0 / 255.0))
     cdf_min = normal_cdf(inv_std * (centered - 1.0 / 255.0))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
-    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 class GaussianDiffusion(nn.Module):
@@ -188,9 +201,11 @@ class GaussianDiffusion(nn.Module):
             sqrt_recip_alphas_cumprod=(1.0 / self.alphas_cumprod).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1.0 / self.alphas_cumprod - 1).sqrt(),
             # the posterior variance is 0 at t = 0: ADM clips its log to the value at t = 1
-            posterior_log_variance_clipped=torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
+            posterior_log_variance_clipped=torch.log(
+                torch.cat([posterior_variance[1:2], posterior_variance[1:]])),
             posterior_mean_coef1=self.betas * previous.sqrt() / (1.0 - self.alphas_cumprod),
-            posterior_mean_coef2=(1.0 - previous) * (1.0 - self.betas).sqrt() / (1.0 - self.alphas_cumprod),
+            posterior_mean_coef2=(1.0 - previous) * (1.0 - self.betas).sqrt()
+            / (1.0 - self.alphas_cumprod),
             log_betas=torch.log(self.betas),
         )
         for name, value in coefficients.items():
@@ -199,10 +214,12 @@ class GaussianDiffusion(nn.Module):
     # q(x_t | x_0) and q(x_{t-1} | x_t, x_0)
 
     def q_sample(self, x_start, t, noise):
-        return self.sqrt_alphas_cumprod[t, None] * x_start + self.sqrt_one_minus_alphas_cumprod[t, None] * noise
+        return (self.sqrt_alphas_cumprod[t, None] * x_start
+                + self.sqrt_one_minus_alphas_cumprod[t, None] * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
-        mean = self.posterior_mean_coef1[t, None] * x_start + self.posterior_mean_coef2[t, None] * x_t
+        mean = (self.posterior_mean_coef1[t, None] * x_start
+                + self.posterior_mean_coef2[t, None] * x_t)
         return mean, self.posterior_log_variance_clipped[t, None]
 
     # p(x_{t-1} | x_t) from the denoiser's output
@@ -214,11 +231,14 @@ class GaussianDiffusion(nn.Module):
         index = (t, None) if torch.is_tensor(t) else t
         # learned-range variance: interpolate between the posterior variance and beta_t
         frac = (v + 1) / 2
-        log_variance = frac * self.log_betas[index] + (1 - frac) * self.posterior_log_variance_clipped[index]
-        pred_xstart = self.sqrt_recip_alphas_cumprod[index] * x_t - self.sqrt_recipm1_alphas_cumprod[index] * eps
+        log_variance = (frac * self.log_betas[index]
+                        + (1 - frac) * self.posterior_log_variance_clipped[index])
+        pred_xstart = (self.sqrt_recip_alphas_cumprod[index] * x_t
+                       - self.sqrt_recipm1_alphas_cumprod[index] * eps)
         if clip_range is not None:
             pred_xstart = pred_xstart.clamp(*clip_range)
-        mean = self.posterior_mean_coef1[index] * pred_xstart + self.posterior_mean_coef2[index] * x_t
+        mean = (self.posterior_mean_coef1[index] * pred_xstart
+                + self.posterior_mean_coef2[index] * x_t)
         return mean, log_variance
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
@@ -232,8 +252,10 @@ class GaussianDiffusion(nn.Module):
 
         true_mean, true_log_variance = self.q_posterior_mean_variance(x_start, x_t, t)
         mean, log_variance = self.p_mean_variance(torch.cat([eps.detach(), v], dim=-1), x_t, t)
-        kl = normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=-1) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance).mean(dim=-1) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_variance, mean, log_variance).mean(dim=-1)
+        kl = kl / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_variance).mean(dim=-1)
+        nll = nll / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
@@ -246,20 +268,23 @@ class GaussianDiffusion(nn.Module):
         return mean + torch.exp(0.5 * log_variance) * temperature * noise
 
     @torch.no_grad()
-    def p_sample_loop(self, model, shape, noise=None, model_kwargs=None, temperature=1.0, generator=None, clip_range=None):
-        """Sampling from x_T = noise down to x_0; `model(x, t, **model_kwargs)` -> (N, 2C)."""
-        x = torch.randn(shape, generator=generator, device=self.timesteps.device) if noise is None else noise
+    def p_sample_loop(self, model, shape, noise=None, temperature=1.0, generator=None,
+                      clip_range=None):
+        """Ancestral sampling from x_T = noise (drawn if None) down to x_0. `model(x, i)` -> (N, 2C)
+        is the denoiser at step i of the kept ones, whose timestep is self.timesteps[i]."""
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, device=self.timesteps.device)
+        x = noise
         for i in reversed(range(self.num_timesteps)):
-            output = model(x, self.timesteps[i].expand(shape[0]), **(model_kwargs or {}))
-            x = self.p_sample(output, x, i, temperature, generator, clip_range)
+            x = self.p_sample(model(x, i), x, i, temperature, generator, clip_range)
         return x
 
 
-def create_diffusion(timestep_respacing, noise_schedule="cosine", diffusion_steps=1000):
-    """ADM's factory: "" or None keeps all `diffusion_steps`, "100" respaces to 100 steps."""
-    betas = {"cosine": cosine_betas, "linear": linear_betas}[noise_schedule](diffusion_steps)
+def create_diffusion(timestep_respacing, diffusion_steps=1000):
+    """ADM's factory, for the cosine schedule: "" or None keeps all `diffusion_steps`, "100"
+    respaces to 100 steps."""
     kept = space_timesteps(diffusion_steps, timestep_respacing or str(diffusion_steps))
-    return GaussianDiffusion(betas, kept)
+    return GaussianDiffusion(cosine_betas(diffusion_steps), kept)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +301,8 @@ class DiffLoss(nn.Module):
     def forward(self, target, z, mask=None):
         """Mean diffusion loss of tokens `target` (N, C) given conditions `z` (N, z_channels),
         each with its own random timestep; `mask` (N,) weights the rows."""
-        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
+        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],),
+                          device=target.device)
         loss = self.train_diffusion.training_losses(self.net, target, t, dict(c=z))["loss"]
         if mask is None:
             return loss.mean()
@@ -292,26 +318,18 @@ class DiffLoss(nn.Module):
         cosine schedule sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0."""
         diffusion, guided = self.gen_diffusion, cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
-        if noise is None:
-            noise = torch.randn(n, self.in_channels, generator=generator, device=z.device)
         # Hot path (every token of every frame, 100 steps, in many small calls): the AdaLN
-        # modulations depend only on (t, z), so compute those of all steps in one batched pass.
-        steps = diffusion.num_timesteps
-        t = diffusion.timesteps.repeat_interleave(z.shape[0])
-        blocks, final = self.net.modulations(t, z.repeat(steps, 1))
-        per_step = lambda chunks: [c.unflatten(0, (steps, z.shape[0])) for c in chunks]
-        blocks, final = [per_step(b) for b in blocks], per_step(final)
+        # modulations depend on the timestep and z, not on x_t, so those of every step are
+        # computed at once, before the loop; the loop runs only the MLP on x_t and the update.
+        modulations = self.net.modulations_per_step(diffusion.timesteps, z)
 
-        def guided_model(x, step):
-            x_in = torch.cat([x, x]) if guided else x
-            out = self.net.denoise(x_in, ([[m[step] for m in b] for b in blocks], [m[step] for m in final]))
+        def guided_denoiser(x, i):  # MAR's forward_with_cfg, at step i
+            output = self.net.denoise(torch.cat([x, x]) if guided else x, modulations[i])
             if not guided:
-                return out
-            eps, v = out.chunk(2, dim=-1)
+                return output
+            eps, v = output.chunk(2, dim=-1)
             eps_cond, eps_uncond = eps.chunk(2)
             return torch.cat([eps_uncond + cfg * (eps_cond - eps_uncond), v[:n]], dim=-1)
 
-        x = noise
-        for i in reversed(range(steps)):
-            x = diffusion.p_sample(guided_model(x, i), x, i, temperature, generator, clip_range)
-        return x
+        return diffusion.p_sample_loop(guided_denoiser, (n, self.in_channels), noise, temperature,
+                                       generator, clip_range)

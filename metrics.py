@@ -1,0 +1,227 @@
+"""
+Quality at toy scale: PSNR, SSIM and the object metrics (a toy VBench-I2V) of generated clips
+against the synthetic truth, and `evaluate`, which scores image-to-video on held-out clips of the
+built-in synthetic set, where the first frame plus the caption determine the whole clip
+(data.SyntheticVideos). eval.py is its command line; train.py calls it at the end of a run.
+
+For each held-out clip: image-to-video from its first frame and caption with the EMA weights, then
+the squared error and SSIM of every generated pixel frame against the truth. Two baselines on the
+same clips: "copy" repeats the first frame (a model that learnt nothing about motion), "null_text"
+is the model with the caption replaced by the null text (it sees the image, not what moves where).
+A PSNR here is that of the mean squared error over the clips (and frames) it summarises: objects
+bounce, so some frames equal the first one exactly and the copy baseline's PSNR there is infinite;
+a mean of per-frame PSNRs would be ruled by those frames. SSIM is the mean over frames and clips.
+
+Usage:
+    result = evaluate(model, tokenizer, text_encoder, n=16, num_frames=25, height=16, width=16)
+    result["model"]["psnr"], result["copy"]["psnr"]    # dB, of the mean error over clips and frames
+    print(summary(result))                             # one line
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from data import SyntheticVideos
+
+METHODS = ("model", "null_text", "copy")
+MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
+
+
+# ----------------------------------------------------------------------------------------------
+# The metrics, on images in [0, 1] of shape (N, 3, H, W), one value per image
+
+def mse(x, y):
+    return (x - y).pow(2).flatten(1).mean(1)
+
+
+def psnr(mean_squared_error):
+    """Peak signal-to-noise ratio in dB (peak 1) of a mean squared error, capped at MAX_PSNR."""
+    return (10 * torch.log10(1 / mean_squared_error)).clamp(max=MAX_PSNR)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(offsets ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x, y, window_size=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004): local means, variances and covariance under an
+    11 x 11 Gaussian window (sigma 1.5), only where the window fits the image, averaged over
+    positions and channels. C1 = (0.01)^2 and C2 = (0.03)^2 for a data range of 1."""
+    C1, C2 = 0.01 ** 2, 0.03 ** 2
+    x, y = x.double(), y.double()  # E[x^2] - E[x]^2 in float32 loses small variances to rounding
+    channels = x.shape[1]
+    window = gaussian_window(window_size, sigma).to(x)[None, None].expand(channels, 1, -1, -1)
+    blur = lambda image: F.conv2d(image, window, groups=channels)  # each channel on its own
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x ** 2
+    var_y = blur(y * y) - mu_y ** 2
+    cov = blur(x * y) - mu_x * mu_y
+    ssim_map = (((2 * mu_x * mu_y + C1) * (2 * cov + C2))
+                / ((mu_x ** 2 + mu_y ** 2 + C1) * (var_x + var_y + C2)))
+    return ssim_map.flatten(1).mean(1).float()
+
+
+def frame_scores(generated, truth):
+    """Per-frame squared error and SSIM of videos (B, T, 3, H, W) in [-1, 1]: two (B, T) tensors."""
+    g, t = (generated.flatten(0, 1).float() + 1) / 2, (truth.flatten(0, 1).float() + 1) / 2
+    B, T = truth.shape[:2]
+    return mse(g, t).view(B, T), ssim(g, t).view(B, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Object metrics: a toy VBench-I2V. The synthetic set knows every object's colour, shape and way;
+# an object's pixels are those within COLOUR_TOLERANCE of its colour in every channel (backgrounds
+# keep every channel in [0.15, 0.45] and objects' channels are 0 or 1, so no background passes).
+
+COLOUR_TOLERANCE = 0.3
+
+
+def centroids(masks):
+    """(x, y) mean coordinates of the True pixels of masks (T, H, W): (T, 2), NaN where none are."""
+    T, H, W = masks.shape
+    weights = masks.flatten(1).float()
+    ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    coordinates = torch.stack([xs.flatten(), ys.flatten()], dim=1).float()  # (H W, 2)
+    return weights @ coordinates / weights.sum(1, keepdim=True)  # 0 / 0 = NaN for an empty mask
+
+
+def frames_before_bounce(o, width, height, last):
+    """The last frame (at most `last`) before object o of SyntheticVideos.describe meets a
+    border."""
+    frames = [last]
+    for start, speed, room in ((o["x"], o["velocity"][0], width - o["size"]),
+                               (o["y"], o["velocity"][1], height - o["size"])):
+        if speed:
+            frames.append(math.floor(((room - start) if speed > 0 else start) / abs(speed)))
+    return min(frames)
+
+
+def object_scores(video, truth, clip):
+    """Per object of a clip (`SyntheticVideos.describe`), for a video against the true one, both
+    (T, 3, H, W) in [-1, 1] with frame 0 given:
+    - presence (T - 1,): the object's colour covers at least half of its true (visible) area inside
+      an object-sized box somewhere in the generated frame, and at most twice its whole area in the
+      whole frame; NaN where the truth hides it (another object in front),
+    - position_error (T - 1,): pixels between the colour's centroid and the true one, NaN where
+      absent,
+    - direction: does the object move the caption's way? Judged at the last frame before the true
+      object meets a border (a bounce turns it): correct if the generated object's displacement
+      from the true start is within 45 degrees of the caption's way and covers at least half the
+      true distance. None where the truth moves less than half the object's size before it
+      turns."""
+    scores = []
+    for o in clip["objects"]:
+        rgb = torch.tensor(o["rgb"], dtype=torch.float32).view(1, 3, 1, 1)
+        is_colour = lambda v: ((v.float().cpu() + 1) / 2 - rgb).abs().amax(1) < COLOUR_TOLERANCE
+        generated, true = is_colour(video), is_colour(truth)
+        true_area, area = true.flatten(1).sum(1).float(), generated.flatten(1).sum(1).float()
+        # half its area inside one object-sized box, and no more than twice its area in the frame:
+        # speckle of that colour all over the frame is not the object
+        box = torch.ones(1, 1, o["size"], o["size"])
+        in_box = F.conv2d(generated[:, None].float(), box).flatten(1).amax(1)
+        found = (in_box >= 0.5 * true_area) & (area <= 2 * true_area.max())  # max: its whole area
+        present = torch.where(true_area > 0, found.float(), torch.nan)
+        centre, true_centre = centroids(generated), centroids(true)
+        error = (centre - true_centre).norm(dim=1)
+        error = torch.where(present == 1, error, torch.nan)
+        b = frames_before_bounce(o, truth.shape[-1], truth.shape[-2], len(truth) - 1)
+        b = max(f for f in range(b + 1) if true_area[f] > 0)  # where no other object hides it
+        travel = b * math.hypot(*o["velocity"])  # the true distance, along the caption's way
+        direction = None
+        if travel >= o["size"] / 2:
+            way = torch.tensor(SyntheticVideos.DIRECTIONS[o["direction"]], dtype=torch.float32)
+            moved = centre[b] - true_centre[0]
+            along = moved @ (way / way.norm())
+            direction = bool(along >= 0.5 * travel
+                             and along >= math.cos(math.pi / 4) * moved.norm())
+        scores.append(dict(presence=present[1:], position_error=error[1:], direction=direction))
+    return scores
+
+
+def summarise_objects(per_clip, last_third):
+    """Means over clips, objects and frames of the object scores of many clips."""
+    presence = torch.stack([o["presence"] for clip in per_clip for o in clip])  # (objects, T - 1)
+    errors = torch.stack([o["position_error"] for clip in per_clip for o in clip])
+    judged = [o["direction"] for clip in per_clip for o in clip if o["direction"] is not None]
+    return dict(presence=presence.nanmean().item(),
+                presence_last_third=presence[:, last_third].nanmean().item(),
+                position_error=errors.nanmean().item(),
+                direction=sum(judged) / len(judged) if judged else math.nan,
+                direction_judged=len(judged), presence_per_frame=presence.nanmean(0).tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+
+@torch.no_grad()
+def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_iter=16, cfg=3.0,
+             temperature="progressive", seed=0, batch_size=16, null_text=True, keep=4):
+    """Image-to-video on the first n held-out clips (num_frames pixel frames of height x width),
+    scored against the truth. Returns a dict: per method ("model", "null_text" unless null_text
+    is False, "copy") its PSNR and SSIM over all generated frames and over their last third,
+    and per generated frame index (1, 2, ...) over the clips; "frames", the frame indices;
+    "grid", the truth and the model's video of the first `keep` clips (tensors, not for JSON)."""
+    device = next(model.parameters()).device
+    dataset = SyntheticVideos(num_frames, height, width, split="test")
+    num_latent_frames = tokenizer.latent_frames(num_frames)
+    methods = [m for m in METHODS if null_text or m != "null_text"]
+    scores = {m: ([], []) for m in methods}  # per method and batch: squared errors, SSIMs (B, T-1)
+    objects = {m: [] for m in methods}  # per method and clip: object_scores
+    grid = []
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def image_to_video(first_frame, text, text_mask):
+        # with the null text both CFG halves would be the same, so cfg 1 is the same video at half
+        # the cost; a model without frame-wise causal attention (Table 4) cannot use the KV cache,
+        # and a "total mask" model (Eq. 3.1) is sampled as it was trained: the whole video at once
+        options = dict(generator=generator, clip_range=tokenizer.clip_range)
+        cond, guidance = tokenizer.encode(first_frame), cfg if text is not None else 1.0
+        if model.config.next_frame_loss:
+            latents = model.generate(cond, text, text_mask, num_latent_frames, num_iter, guidance,
+                                     temperature, use_kv_cache=model.config.causal, **options)
+        else:
+            latents = model.generate_total_mask(cond, text, text_mask, num_latent_frames, num_iter,
+                                                guidance, temperature, **options)
+        return tokenizer.decode(latents).clamp(-1, 1)
+
+    for start in range(0, n, batch_size):
+        clips, captions = zip(*(dataset[i] for i in range(start, min(n, start + batch_size))))
+        truth = torch.stack(clips).to(device)
+        first_frame = truth[:, :1]  # encoded alone: one latent frame
+        videos = {"model": image_to_video(first_frame, *text_encoder(list(captions))),
+                  "copy": first_frame.expand_as(truth)}
+        if null_text:
+            videos["null_text"] = image_to_video(first_frame, None, None)
+        for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
+            for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
+                scores_m.append(s.cpu())
+            for i, (video, true) in enumerate(zip(videos[m], truth)):
+                objects[m].append(object_scores(video, true, dataset.describe(start + i)))
+        grid += [row for pair in zip(truth, videos["model"]) for row in pair][:2 * keep - len(grid)]
+
+    last_third = slice(-math.ceil((num_frames - 1) / 3), None)
+    result = dict(n=n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
+                  cfg=cfg, temperature=temperature, seed=seed, frames=list(range(1, num_frames)),
+                  grid=grid)
+    for m in methods:
+        e, s = (torch.cat(x).double() for x in scores[m])  # (n, T - 1)
+        result[m] = dict(psnr=psnr(e.mean()).item(), ssim=s.mean().item(),
+                         psnr_last_third=psnr(e[:, last_third].mean()).item(),
+                         ssim_last_third=s[:, last_third].mean().item(),
+                         psnr_per_frame=psnr(e.mean(0)).tolist(), ssim_per_frame=s.mean(0).tolist(),
+                         **summarise_objects(objects[m], last_third))
+    return result
+
+
+def summary(result):
+    """One line for the end of a training run."""
+    m, c = result["model"], result["copy"]
+    return (f"quality on {result['n']} held-out clips ({result['num_frames']} frames): PSNR model "
+            f"{m['psnr']:.1f} dB vs copy-first-frame {c['psnr']:.1f} dB (SSIM {m['ssim']:.3f} vs "
+            f"{c['ssim']:.3f}); objects present {m['presence']:.0%} "
+            f"(last third {m['presence_last_third']:.0%}), "
+            f"position error {m['position_error']:.2f} px, direction {m['direction']:.0%}")
