@@ -433,10 +433,10 @@ def build(cli, model_cli, process):
     stages = curriculum(config, tokenizer)
     # a bad data folder fails here, early
     datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]
-    if isinstance(tokenizer, PCATokenizer) and tokenizer.basis is None:  # fitted on the data, once
-        fit_tokenizer(tokenizer, datasets[-1], config, process.master)
     if process.master and config.data != "synthetic":
         report_skipped(stages, datasets)
+    if isinstance(tokenizer, PCATokenizer) and tokenizer.basis is None:  # fitted on the data, once
+        fit_tokenizer(tokenizer, datasets[-1], config, process.master)
     origin = f"the checkpoint {config.init_from or out_dir / 'ckpt.pt'}" if source else "the model"
     model_config = model_options(config, model_cli, source, tokenizer, origin)
     text_encoder = TextEncoder(config.text_encoder, max_length=model_config["text_len"],
