@@ -1484,6 +1484,35 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     assert load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
 
 
+def cli_args(args, tmp_path, ckpt, out):
+    """args with {tmp} filled in, and `ckpt` and `out` given unless args name their own."""
+    args = with_tmp(args, tmp_path)
+    if "--ckpt" not in args:
+        args = ["--ckpt", str(ckpt)] + args
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    return args
+
+
+def out_of_range(table):
+    """Bad-input cases [(args, words)] of a table {rule: ["--option value", ...]}: argparse's line."""
+    return [([option, value], f"argument {option}: {rule}, not {value}")
+            for rule, cases in table.items() for option, value in map(str.split, cases)]
+
+
+# issue 14: train.py's numeric options out of range, refused as they are parsed; {rule: cases}
+TRAIN_OUT_OF_RANGE = {
+    "must be positive": ["--lr 0", "--lr -1e-3", "--lr nan", "--lr inf"],
+    "must be at least 0": ["--min_lr -1e-4", "--warmup_iters -1", "--weight_decay -0.02",
+                           "--num_workers -1", "--sample_cfg -1"],
+    "must be at least 0 (0: no clipping)": ["--grad_clip -1"],
+    "must be in [0, 1)": ["--ema_decay 1"],
+    "must be in [0, 1]": ["--text_drop_prob 1.5", "--mask_ratio_min -0.1"],
+    "must be in (0, 1]": ["--mask_ratio_std 0", "--mask_ratio_std 2"],
+    "must be at least 1": ["--frame_stride 0", "--sample_num_iter 0"],
+}
+
+
 @pytest.mark.parametrize("args, words", [
     (["--no_such_key", "1"], "unrecognized arguments: --no_such_key 1"),
     (["--lr=fast"], "argument --lr: a number, not 'fast'"),
@@ -1498,28 +1527,10 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
     (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
     (["--data", "{tmp}/no_such_folder"], "no such data folder"),
-    # issue 14: numeric options out of range, refused as they are parsed
-    (["--lr", "0"], "argument --lr: must be positive, not 0"),
-    (["--lr", "-1e-3"], "argument --lr: must be positive, not -1e-3"),
-    (["--lr", "nan"], "argument --lr: must be positive, not nan"),
-    (["--lr", "inf"], "argument --lr: must be positive, not inf"),
-    (["--min_lr", "-1e-4"], "argument --min_lr: must be at least 0, not -1e-4"),
-    (["--ema_decay", "1"], "argument --ema_decay: must be in [0, 1), not 1"),
     (["--ema_decay=-0.5"], "argument --ema_decay: must be in [0, 1), not -0.5"),
-    (["--warmup_iters", "-1"], "argument --warmup_iters: must be at least 0, not -1"),
-    (["--grad_clip", "-1"], "argument --grad_clip: must be at least 0 (0: no clipping), not -1"),
-    (["--weight_decay", "-0.02"], "argument --weight_decay: must be at least 0, not -0.02"),
     (["--betas", "0.9,1.0"], "argument --betas: must be in [0, 1), not 1.0"),
     (["--betas", "0.9"], "argument --betas: needs 2 values, not 1"),
-    (["--text_drop_prob", "1.5"], "argument --text_drop_prob: must be in [0, 1], not 1.5"),
-    (["--mask_ratio_min", "-0.1"], "argument --mask_ratio_min: must be in [0, 1], not -0.1"),
-    (["--mask_ratio_std", "0"], "argument --mask_ratio_std: must be in (0, 1], not 0"),
-    (["--mask_ratio_std", "2"], "argument --mask_ratio_std: must be in (0, 1], not 2"),
-    (["--frame_stride", "0"], "argument --frame_stride: must be at least 1, not 0"),
-    (["--num_workers", "-1"], "argument --num_workers: must be at least 0, not -1"),
-    (["--sample_num_iter", "0"], "argument --sample_num_iter: must be at least 1, not 0"),
-    (["--sample_cfg", "-1"], "argument --sample_cfg: must be at least 0, not -1"),
-])
+] + out_of_range(TRAIN_OUT_OF_RANGE))
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, words):
     """train.py refuses every bad option or file before training: one line on stderr, exit code 2,
     nothing written."""
@@ -1651,16 +1662,11 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     (["--height", "18"], "not divisible"),
     (["--frames", "8"], "1 + 4k"),
     # issue 14: every value checked before any model is loaded or frame generated
-    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
-    (["--num_samples", "0"], "argument --num_samples: must be at least 1, not 0"),
     (["--cond_frames", "0", "--video", "clip.mp4"], "argument --cond_frames: must be at least 1"),
-    (["--frames", "0"], "argument --frames: must be at least 1"),
-    (["--height", "-16"], "argument --height: must be at least 1"),
     (["--width", "x"], "argument --width: a whole number, not 'x'"),
     (["--temperature", "-1"], "--temperature: 'progressive' or a positive number, not '-1'"),
     (["--temperature", "0"], "'progressive' or a positive number, not '0'"),
     (["--temperature", "nan"], "'progressive' or a positive number, not 'nan'"),
-    (["--cfg", "-1"], "argument --cfg: must be at least 0, not -1"),
     (["--device", "toaster"], "argument --device: not a torch device"),
     (["--no_such_option"], "unrecognized arguments: --no_such_option"),
     (["--out", "x.avi"], "--out must end in .mp4 or .gif"),
@@ -1674,7 +1680,9 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
     (["--ckpt", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
     (["--ckpt", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
-])
+] + out_of_range({"must be at least 1": ["--num_iter 0", "--num_samples 0", "--frames 0",
+                                         "--height -16"],
+                  "must be at least 0": ["--cfg -1"]}))
 def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     """sample.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
     written."""
@@ -1684,11 +1692,7 @@ def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, ar
     old_config = {k: v for k, v in ckpt["config"].items() if k != "causal"}
     torch.save({**ckpt, "config": old_config}, tmp_path / "old.pt")
     refuse_to_generate(monkeypatch)
-    args = with_tmp(args, tmp_path)
-    if "--ckpt" not in args:
-        args = ["--ckpt", str(tiny_checkpoint)] + args
-    if "--out" not in args:
-        args += ["--out", str(tmp_path / "s.mp4")]
+    args = cli_args(args, tmp_path, tiny_checkpoint, tmp_path / "s.mp4")
     refused(sample.main, args, words, tmp_path, capsys)
 
 
@@ -1760,27 +1764,20 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
 @pytest.mark.parametrize("args, words", [
     (["--ckpt", "{tmp}/missing.pt"], "no checkpoint at"),
     (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
-    (["--n", "0"], "argument --n: must be at least 1, not 0"),
-    (["--batch_size", "0"], "argument --batch_size: must be at least 1, not 0"),
-    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
     (["--temperature", "-0.5"], "argument --temperature: 'progressive' or a positive number"),
-    (["--cfg", "-3"], "argument --cfg: must be at least 0, not -3"),
     (["--height", "18"], "not divisible"),
     (["--frames", "1"], "nothing to generate after 1 given"),  # image-to-video: 1 given
     (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
     (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
     (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
-])
+] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0"],
+                  "must be at least 0": ["--cfg -3"]}))
 def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
     written."""
     bad_files(tmp_path)
     refuse_to_generate(monkeypatch)
-    args = with_tmp(args, tmp_path)
-    if "--ckpt" not in args:
-        args = ["--ckpt", str(tiny_checkpoint)] + args
-    if "--out" not in args:
-        args += ["--out", str(tmp_path / "eval")]
+    args = cli_args(args, tmp_path, tiny_checkpoint, tmp_path / "eval")
     refused(evaluation.main, args, words, tmp_path, capsys)
 
 
@@ -1801,17 +1798,14 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
 # bench.py: its options
 
 @pytest.mark.parametrize("args, words", [
-    (["--threads", "0"], "argument --threads: must be at least 1, not 0"),
-    (["--repeats", "0"], "argument --repeats: must be at least 1, not 0"),
-    (["--latent_frames", "1"], "argument --latent_frames: must be at least 2, not 1"),  # 1 + 1
-    (["--grid", "0"], "argument --grid: must be at least 1, not 0"),
-    (["--spatial_grid", "-4"], "argument --spatial_grid: must be at least 1, not -4"),
-    (["--num_iter", "0"], "argument --num_iter: must be at least 1, not 0"),
     (["--spatial_grid", "4", "--num_iter", "17"], "--num_iter 17 is more steps than the 16 tokens"),
-    (["--batch_size", "0"], "argument --batch_size: must be at least 1, not 0"),
     (["--device", "toaster"], "argument --device: not a torch device"),
     (["--json", "{tmp}/a_file/b.json"], "cannot write {tmp}/a_file/b.json: Not a directory"),
-])
+] + out_of_range({
+    "must be at least 1": ["--threads 0", "--repeats 0", "--grid 0", "--spatial_grid -4",
+                           "--num_iter 0", "--batch_size 0"],
+    "must be at least 2": ["--latent_frames 1"],  # one given frame and one to generate
+}))
 def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
     """bench.py refuses bad options before benchmarking: one line on stderr, exit code 2."""
     bad_files(tmp_path)
