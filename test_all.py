@@ -1521,12 +1521,14 @@ TRAIN_OUT_OF_RANGE = {
     (["--height", "18"], "not divisible"),
     (["--frames", "6", "--stage_iters", "1"], "cannot be tokenized"),
     (["--frames", "5,9", "--stage_iters", "3"], "one count >= 0 for each"),
+    # checkpoints that are missing, or not checkpoints, or unsafe
     (["--init_from", "{tmp}/missing.pt"], "no checkpoint at"),
     (["--resume"], "no checkpoint at"),
     (["--init_from", "{tmp}/broken.pt"], "{tmp}/broken.pt is not a PyTorch checkpoint"),
     (["--init_from", "{tmp}/truncated.pt"], "checkpoint {tmp}/truncated.pt: PytorchStreamReader"),
     (["--init_from", "{tmp}/unsafe.pt"], "checkpoint {tmp}/unsafe.pt: Weights only load failed"),
     (["--data", "{tmp}/no_such_folder"], "no such data folder"),
+    # ranges that the table does not hold: the --key=value form, pairs
     (["--ema_decay=-0.5"], "argument --ema_decay: must be in [0, 1), not -0.5"),
     (["--betas", "0.9,1.0"], "argument --betas: must be in [0, 1), not 1.0"),
     (["--betas", "0.9"], "argument --betas: needs 2 values, not 1"),
@@ -1664,14 +1666,16 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     # issue 14: every value checked before any model is loaded or frame generated
     (["--cond_frames", "0", "--video", "clip.mp4"], "argument --cond_frames: must be at least 1"),
     (["--width", "x"], "argument --width: a whole number, not 'x'"),
+    # a temperature scales noise: positive, or the progressive schedule
     (["--temperature", "-1"], "--temperature: 'progressive' or a positive number, not '-1'"),
     (["--temperature", "0"], "'progressive' or a positive number, not '0'"),
     (["--temperature", "nan"], "'progressive' or a positive number, not 'nan'"),
     (["--device", "toaster"], "argument --device: not a torch device"),
     (["--no_such_option"], "unrecognized arguments: --no_such_option"),
-    (["--out", "x.avi"], "--out must end in .mp4 or .gif"),
     (["--image", "x.png", "--video", "x.mp4"], "give --image or --video, not both"),
     (["--image", "{tmp}/not_an_image.png", "--frames", "1"], "nothing to generate after 1 given"),
+    # outputs that cannot be written, found before any work
+    (["--out", "x.avi"], "--out must end in .mp4 or .gif"),
     (["--out", "{tmp}/a_file/s.mp4"], "cannot write {tmp}/a_file/s.mp4: Not a directory"),
     (["--out", "{tmp}/a_dir.mp4"], "cannot write {tmp}/a_dir.mp4: it is a directory"),
     # the output's folders may be made, but are removed again when a later check fails
