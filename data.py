@@ -18,6 +18,7 @@ folder) raise BadInput; the CLIs print it as one line on stderr and exit with co
 """
 
 import argparse
+import contextlib
 import csv
 import importlib.resources
 import itertools
@@ -29,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
+from tqdm import tqdm
 
 
 class BadInput(Exception):
@@ -93,18 +96,29 @@ def check_video_path(path):
     return path
 
 
+@contextlib.contextmanager
+def decoded_frames(path):
+    """An iterator over a video file's frames, uint8 (H, W, 3) arrays decoded in order one at a
+    time as they are taken; leaving the `with` stops the decoder there."""
+    with warnings.catch_warnings():
+        # imageio-ffmpeg leaves the pipes of an ffmpeg that has reached the end of the file to
+        # the garbage collector, which says so with a ResourceWarning (an error where warnings are)
+        warnings.simplefilter("ignore", ResourceWarning)
+        if path.suffix.lower() == ".gif":
+            yield iter(gif_frames(path))
+        else:
+            with iio.imopen(path, "r", plugin="FFMPEG") as video:
+                yield video.iter()
+
+
 def read_video(path, num_frames=None, frame_stride=1, start=0):
     """Frames start, start + stride, ... of a video file (all to the end if num_frames is None) as
     (T, 3, H, W) in [-1, 1]."""
     path = check_video_path(path)
     stop = None if num_frames is None else start + (num_frames - 1) * frame_stride + 1
     try:
-        if path.suffix.lower() == ".gif":
-            frames = gif_frames(path)[start:stop:frame_stride]
-        else:
-            # decodes in order and stops after the last frame needed
-            with iio.imopen(path, "r", plugin="FFMPEG") as video:
-                frames = list(itertools.islice(video.iter(), start, stop, frame_stride))
+        with decoded_frames(path) as stream:  # stops decoding after the last frame needed
+            frames = list(itertools.islice(stream, start, stop, frame_stride))
     except Exception as e:  # imageio, ffmpeg and Pillow raise many kinds of error for a broken file
         raise BadInput(f"cannot read video {path}: {first_line(e)}") from None
     if not frames or (num_frames is not None and len(frames) < num_frames):
@@ -162,6 +176,34 @@ def resize_center_crop(frames, height, width):
                                align_corners=False)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return frames[..., top:top + height, left:left + width]
+
+
+def read_video_at_size(path, height, width, chunk=32):
+    """Every frame of a video file, resized on the short side and centre-cropped, as uint8
+    (T, 3, height, width): what a data set keeps in memory. Decoded `chunk` frames at a time, so
+    a long video is never held whole at its own size in floats."""
+    path = check_video_path(path)
+    parts = []
+    try:
+        with decoded_frames(path) as stream:
+            while frames := list(itertools.islice(stream, chunk)):
+                parts.append(quantize(resize_center_crop(to_tensor(frames), height, width)))
+    except Exception as e:  # imageio, ffmpeg and Pillow raise many kinds of error for a broken file
+        raise BadInput(f"cannot read video {path}: {first_line(e)}") from None
+    if not parts:
+        raise BadInput(f"cannot read video {path}: no frames")
+    return torch.cat(parts)
+
+
+def quantize(video):
+    """float (T, 3, H, W) in [-1, 1] -> uint8 (T, 3, H, W), the inverse of dequantize up to
+    rounding: a quarter of the memory of float32, and the precision the video file had."""
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def dequantize(pixels):
+    """uint8 (T, 3, H, W) -> float (T, 3, H, W) in [-1, 1], as to_tensor scales decoded frames."""
+    return pixels.float() / 127.5 - 1
 
 
 def read_image(path, height, width):
@@ -545,37 +587,48 @@ class VideoFolder(torch.utils.data.Dataset):
     entry in root/captions.jsonl ({"file": ..., "caption": ...}) or root/metadata.csv (columns file,
     caption). An item is a random clip of num_frames frames, frame_stride apart, resized on the
     short side and centre-cropped. Unreadable and too-short videos are skipped at construction:
-    counted in `skipped`, why in `skip_reasons`, and with `log` one plain line each on stderr."""
+    counted in `skipped`, why in `skip_reasons`, and with `log` one plain line each on stderr.
 
-    def __init__(self, root, num_frames, height, width, frame_stride=1, log=True):
+    Each video is decoded once, at construction, at the training size: every frame (a clip may
+    start at any of them), uint8 in memory, when all of them fit in `cache_bytes` (`cached`);
+    else each clip is decoded as it is drawn, and with `log` one line says so. Both ways give the
+    same clips. Decoding once also spares every DataLoader worker its own ffmpeg processes.
+    `frames_cache`, a dict, shares the decoded videos between data sets of the same folder and
+    size (train.py's curriculum stages: one decode for all); `progress` shows a bar while
+    decoding."""
+
+    def __init__(self, root, num_frames, height, width, frame_stride=1, log=True,
+                 cache_bytes=2e9, frames_cache=None, progress=False):
         self.root = root = Path(root)
         if not root.is_dir():
             raise BadInput(f"no such data folder: {root}")
         self.num_frames, self.height, self.width = num_frames, height, width
-        self.frame_stride = frame_stride
+        self.frame_stride, self.cache_bytes = frame_stride, cache_bytes
         self.span = (num_frames - 1) * frame_stride + 1  # pixel frames one clip covers
         table = load_caption_tables(root)
-        self.videos, self.captions, self.frame_counts, self.skip_reasons = [], [], [], []
-        self.uncaptioned = 0
+        self.skip_reasons, kept = [], []  # kept: (path, caption or None, frames)
         found = (p for p in root.rglob("*")
                  if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
         for path in sorted(found):
             try:
                 frames = count_frames(path)
-                if frames < self.span:
-                    raise BadInput(f"{path} has {frames} frames, a clip needs {self.span}")
+                self.check_length(path, frames)
             except BadInput as e:
-                self.skip_reasons.append(str(e))
-                if log:  # a line of its own, not a warning with a source line under it
-                    print(f"skipping {e}", file=sys.stderr)
+                self.skip(e, log)
                 continue
             text_file = path.with_suffix(".txt")
             caption = (text_file.read_text("utf-8-sig").strip() if text_file.is_file()
                        else table.get(path.relative_to(root).as_posix(), table.get(path.name)))
-            self.uncaptioned += caption is None
-            self.videos.append(path)
-            self.captions.append(caption or "")
-            self.frame_counts.append(frames)
+            kept.append((path, caption, frames))
+        self.cache_need = sum(frames for _, _, frames in kept) * 3 * height * width  # uint8 RGB
+        self.cached = self.cache_need <= cache_bytes
+        self.decoded = None  # per video its uint8 frames (T, 3, height, width), when cached
+        if self.cached:
+            kept = self.decode(kept, {} if frames_cache is None else frames_cache, log, progress)
+        self.videos = [path for path, _, _ in kept]
+        self.captions = [caption or "" for _, caption, _ in kept]
+        self.frame_counts = [frames for _, _, frames in kept]
+        self.uncaptioned = sum(caption is None for _, caption, _ in kept)
         self.skipped = len(self.skip_reasons)
         if not self.videos:
             first = self.skip_reasons[0] if self.skip_reasons else None
@@ -583,18 +636,64 @@ class VideoFolder(torch.utils.data.Dataset):
             raise BadInput(f"no usable video in {root}{why}")
         if log and self.uncaptioned:
             print(self.caption_note(), file=sys.stderr)
+        if log and not self.cached:
+            print(self.cache_note(), file=sys.stderr)
+
+    def check_length(self, path, frames):
+        if frames < self.span:
+            raise BadInput(f"{path} has {frames} frames, a clip needs {self.span}")
+
+    def skip(self, reason, log):
+        self.skip_reasons.append(str(reason))
+        if log:  # a line of its own, not a warning with a source line under it
+            print(f"skipping {reason}", file=sys.stderr)
+
+    def decode(self, kept, frames_cache, log, progress):
+        """Decode every video of `kept` that `frames_cache` lacks, at the training size, into it;
+        set self.decoded and return the videos that decoded into enough frames, each with its
+        decoded frame count (ffmpeg's packet count, which the scan used, is nearly always the
+        same)."""
+        key = lambda path: (path, self.height, self.width)
+        missing = sum(key(path) not in frames_cache for path, _, _ in kept)
+        self.decoded, decoded = [], []
+        for path, caption, _ in tqdm(kept, desc="decode videos", unit="video",
+                                     disable=not (progress and missing)):
+            try:
+                if key(path) not in frames_cache:
+                    frames_cache[key(path)] = read_video_at_size(path, self.height, self.width)
+                self.check_length(path, len(frames_cache[key(path)]))
+            except BadInput as e:
+                self.skip(e, log)
+                continue
+            self.decoded.append(frames_cache[key(path)])
+            decoded.append((path, caption, len(frames_cache[key(path)])))
+        return decoded
 
     def caption_note(self):
         return (f"{self.uncaptioned} of {len(self.videos)} videos in {self.root} have no caption; "
                 f"using an empty caption")
+
+    def cache_note(self):
+        return (f"{len(self.videos)} videos in {self.root} take {self.cache_need / 1e9:.2f} GB "
+                f"decoded at {self.height}x{self.width}, more than the cache's "
+                f"{self.cache_bytes / 1e9:.2f} GB: decoding each clip as it is drawn, which is "
+                f"slower")
 
     def __len__(self):
         return len(self.videos)
 
     def __getitem__(self, i):
         start = int(torch.randint(0, self.frame_counts[i] - self.span + 1, ()))
-        video = read_video(self.videos[i], self.num_frames, self.frame_stride, start)
-        return resize_center_crop(video, self.height, self.width), self.captions[i]
+        return self.clip(i, start), self.captions[i]
+
+    def clip(self, i, start):
+        """Video i's clip from frame `start`: (num_frames, 3, height, width) in [-1, 1]."""
+        if self.cached:
+            pixels = self.decoded[i][start:start + self.span:self.frame_stride]
+        else:  # quantized as the cache is, so that both ways give the same clips
+            video = read_video(self.videos[i], self.num_frames, self.frame_stride, start)
+            pixels = quantize(resize_center_crop(video, self.height, self.width))
+        return dequantize(pixels)
 
 # -----------------------------------------------------------------------------
 # The command line: every value the scripts take is checked as it is parsed, before any work

@@ -30,7 +30,7 @@ from PIL import Image
 
 from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
                   VideoFolder, count_frames, load_tokenizer, read_image, read_video,
-                  resize_center_crop, save_image_grid, write_video)
+                  read_video_at_size, resize_center_crop, save_image_grid, write_video)
 from diffusion import DiffLoss, create_diffusion
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, check_memory,
                    frame_temperature, gigabytes, load_checkpoint, patchify, sample_mask_ratios,
@@ -1084,6 +1084,77 @@ def test_video_folder_skips_broken_and_short_videos(tmp_path, capsys):
         VideoFolder(tmp_path, num_frames=25, height=32, width=32, log=False)
 
 
+def test_video_folder_decodes_once_and_gives_the_clips_of_decoding_every_time(tmp_path, capsys,
+                                                                            monkeypatch):
+    """Issue 15: a data folder decodes each video once, at the training size, into memory; its
+    clips and captions are those of decoding every clip from the file, random starts still cover
+    every start, and no video is read again. A folder over the memory budget says so in one line
+    and decodes each clip as it is drawn."""
+    write_video(tmp_path / "a.mp4", smooth_video(11, 24, 40))
+    write_video(tmp_path / "sub" / "b.mp4", smooth_video(13, 24, 40).flip(-1))
+    (tmp_path / "a.txt").write_text("a caption")
+    options = dict(num_frames=3, height=16, width=16, frame_stride=2)  # 5 frames a clip
+    data = VideoFolder(tmp_path, **options, progress=True)
+    bar = capsys.readouterr().err
+    assert "decode videos: 100%" in bar and "2/2" in bar
+    need = (11 + 13) * 3 * 16 * 16  # every frame, uint8 RGB at the training size
+    assert data.cached and data.cache_need == need
+    assert VideoFolder(tmp_path, **options, cache_bytes=need).cached
+    capsys.readouterr()
+    every_time = VideoFolder(tmp_path, **options, cache_bytes=need - 1)
+    assert not every_time.cached
+    assert capsys.readouterr().err == f"{every_time.caption_note()}\n{every_time.cache_note()}\n"
+    assert "decoding each clip as it is drawn" in every_time.cache_note()
+    assert data.captions == every_time.captions == ["a caption", ""]
+    assert data.frame_counts == every_time.frame_counts == [11, 13]
+    starts = [range(count - 5 + 1) for count in data.frame_counts]
+    for i, path in enumerate(data.videos):
+        for start in starts[i]:
+            clip = data.clip(i, start)
+            assert torch.equal(clip, every_time.clip(i, start))
+            from_file = resize_center_crop(read_video(path, 3, 2, start), 16, 16)
+            assert (clip - from_file).abs().max() <= 0.5 / 127.5 + 1e-6  # uint8 in memory
+    # another clip length shares the decoded videos (train.py's stages): nothing decoded again
+    frames_cache = {}
+    VideoFolder(tmp_path, **options, frames_cache=frames_cache)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded a video again")
+    monkeypatch.setattr("data.decoded_frames", no_decoding)
+    longer = VideoFolder(tmp_path, **{**options, "num_frames": 5}, frames_cache=frames_cache)
+    assert longer.frame_counts == [11, 13] and longer.clip(1, 4).shape == (5, 3, 16, 16)
+    # drawing items reads no file, and the starts stay random: every one of them comes up
+    monkeypatch.setattr("data.read_video", no_decoding)
+    monkeypatch.setattr("data.count_frames", no_decoding)
+    torch.manual_seed(0)
+    for i in range(len(data)):
+        seen = set()
+        for _ in range(60):
+            clip, caption = data[i]
+            assert caption == data.captions[i]
+            seen.update(s for s in starts[i] if torch.equal(clip, data.clip(i, s)))
+        assert seen == set(starts[i])
+
+
+def test_video_folder_skips_a_video_that_fails_to_decode(tmp_path, capsys, monkeypatch):
+    """A video whose frames can be counted but not decoded, or that decodes into fewer frames than
+    a clip needs, is skipped like an unreadable or short one."""
+    for name in ("a", "b", "c"):
+        write_video(tmp_path / f"{name}.mp4", smooth_video(9, 16, 16))
+        (tmp_path / f"{name}.txt").write_text(f"caption {name}")
+
+    def failing(path, height, width):
+        if path.name == "a.mp4":
+            raise BadInput(f"cannot read video {path}: broken in the middle")
+        return read_video_at_size(path, height, width)[:4 if path.name == "b.mp4" else None]
+    monkeypatch.setattr("data.read_video_at_size", failing)
+    data = VideoFolder(tmp_path, num_frames=5, height=16, width=16)
+    assert data.captions == ["caption c"] and data.skipped == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"skipping cannot read video {tmp_path / 'a.mp4'}: broken in the middle",
+        f"skipping {tmp_path / 'b.mp4'} has 4 frames, a clip needs 5"]
+
+
 def test_synthetic_videos_are_deterministic_with_held_out_split():
     """SyntheticVideos: each clip a pure function of (split, index, seed); the test split is held
     out."""
@@ -1567,6 +1638,9 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
     def stop(*args, **kwargs):  # the data is read and reported: enough for this test
         raise DataRead
     monkeypatch.setattr(train, "TextEncoder", stop)
+    decoded = []  # once for both stages
+    monkeypatch.setattr("data.read_video_at_size", lambda path, *size: decoded.append(
+        path.name) or read_video_at_size(path, *size))
     capsys.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # plain lines, not Python warnings
@@ -1574,7 +1648,11 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
             train.main(TINY + ["--data", str(data), "--frames", "5,9", "--stage_iters", "1,1",
                                "--tokenizer", "patch:4x4x4", "--out_dir", str(tmp_path / "out")])
     out, err = capsys.readouterr()
-    lines = err.splitlines()
+    assert sorted(decoded) == ["a.mp4", "b.mp4", "short.mp4"]
+    # one progress bar, over the 3 videos the stages read (tqdm redraws it after a \r)
+    bar = [line for line in err.splitlines() if line.startswith("decode videos")]
+    assert "decode videos: 100%" in bar[-1] and all("/3 " in line for line in bar)
+    lines = [line for line in err.splitlines() if line and line not in bar]
     assert len(lines) == 3, err
     assert lines[0].startswith(f"skipping cannot read video {data / 'corrupt.mp4'}: ")
     assert lines[1:] == [f"skipping {data / 'short.mp4'} has 5 frames, a clip needs 9",

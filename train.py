@@ -62,6 +62,7 @@ class TrainConfig:
     # data and the frozen encoders
     data: str = "synthetic"  # or a folder of videos with captions (data.VideoFolder)
     frame_stride: int = 1  # for folders: take every n-th frame
+    cache_gb: float = 2.0  # for folders: memory for the videos decoded once; more: clip by clip
     num_workers: int = 0
     height: int = 16  # tiny: 16x16 in 4x4x4 patches, 16 tokens of 16 channels per latent frame
     width: int = 16
@@ -130,7 +131,8 @@ CHECKS = dict(
     grad_clip=float_where(lambda x: x >= 0, "at least 0 (0: no clipping)"),
     batch_size=positive_int, log_interval=positive_int, ckpt_interval=positive_int,
     frames=positive_int, stage_iters=int_at_least(0), frame_stride=positive_int,
-    num_workers=int_at_least(0), sample_num_iter=positive_int, sample_cfg=non_negative_float,
+    num_workers=int_at_least(0), cache_gb=non_negative_float, sample_num_iter=positive_int,
+    sample_cfg=non_negative_float,
     device=device_option, text_drop_prob=fraction, mask_ratio_min=fraction,
     mask_ratio_std=float_where(lambda x: 0 < x <= 1, "in (0, 1]"),
 )
@@ -277,23 +279,29 @@ def fit_tokenizer(tokenizer, dataset, config, verbose, num_clips=512):
               f"the patch variance")
 
 
-def make_dataset(config, num_frames):
+def make_dataset(config, num_frames, frames_cache=None, progress=False):
+    """The training clips of one stage. A folder's videos are decoded once, into `frames_cache`,
+    a dict the stages share; `progress` shows the decoding."""
     if config.data == "synthetic":
         return SyntheticVideos(num_frames, config.height, config.width, split="train",
                                seed=config.seed)
     # quiet: every stage reads the same folder, so report_skipped says it once for all of them
     return VideoFolder(config.data, num_frames, config.height, config.width, config.frame_stride,
-                       log=False)
+                       log=False, cache_bytes=config.cache_gb * 1e9, frames_cache=frames_cache,
+                       progress=progress)
 
 
 def report_skipped(stages, datasets):
     """Each video a data folder skips, once and plainly, on stderr (an unreadable one fails every
-    stage, a short one perhaps only the later ones); then how many each stage skipped."""
+    stage, a short one perhaps only the later ones), and whether its videos fit the memory they are
+    decoded into; then how many each stage skipped."""
     for reason in dict.fromkeys(r for d in datasets for r in d.skip_reasons):
         print(f"skipping {reason}", file=sys.stderr)
     largest = max(datasets, key=len)  # the shortest clips: the most videos long enough
     if largest.uncaptioned:
         print(largest.caption_note(), file=sys.stderr)
+    if not largest.cached:
+        print(f"{largest.cache_note()} (--cache_gb sets the memory)", file=sys.stderr)
     counts = ", ".join(f"{d.skipped} of {d.skipped + len(d)} for clips of {n} frames"
                        for (n, _), d in zip(stages, datasets))
     print(f"data {datasets[0].root}: skipped {counts}")
@@ -431,8 +439,10 @@ def build(cli, model_cli, process):
     tokenizer = load_tokenizer(config.tokenizer, process.device,
                                source.get("tokenizer") if same_tokenizer else None)
     stages = curriculum(config, tokenizer)
-    # a bad data folder fails here, early
-    datasets = [make_dataset(config, num_frames) for num_frames, _ in stages]
+    # a bad data folder fails here, early; its videos are decoded once for all the stages
+    frames_cache = {}
+    datasets = [make_dataset(config, num_frames, frames_cache, process.master)
+                for num_frames, _ in stages]
     if process.master and config.data != "synthetic":
         report_skipped(stages, datasets)
     if isinstance(tokenizer, PCATokenizer) and tokenizer.basis is None:  # fitted on the data, once
