@@ -1877,10 +1877,84 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
 
 
 # ----------------------------------------------------------------------------------------------
-# bench.py: its options
+# bench.py: its references, what it reports, its options
+
+def test_bench_mar_loop_gives_the_samples_of_diffloss_sample():
+    """Issue 15: the plain loop that bench.py times against DiffLoss.sample (MAR's, modulations
+    recomputed every step) draws the same samples from the same noise: the two do the same work."""
+    torch.manual_seed(0)
+    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.1)
+    z, noise = torch.randn(8, 24), torch.randn(4, 6)
+    for given in (noise, None):  # None: both draw x_T from the generator first
+        fast = head.sample(z, temperature=0.9, cfg=2.5, noise=given,
+                           generator=torch.Generator().manual_seed(5))
+        plain = bench.mar_sample_loop(head, z, temperature=0.9, cfg=2.5, noise=given,
+                                      generator=torch.Generator().manual_seed(5))
+        assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-4 * fast.abs().max().item())
+
+
+def test_bench_paper_head_share_is_the_flops_of_the_1_4b_model():
+    """Issue 15: the diffusion head's share of a cached step of the paper's model, counted on the
+    meta device, equals the count by hand: 36 layers of width 1536 over 2 x 1,024 tokens (CFG)
+    attending to the frames so far and 300 text tokens, against the head (3 blocks of 1280,
+    100 steps) on the 2 x 16 tokens a step decides, its modulations computed for every step."""
+    d, layers, L, S, C, w = 1536, 36, 1024, 300, 16, 1280
+    transformer = [2 * (2 * L * C * d + layers * (2 * L * 14 * d * d  # token_proj, linear layers
+                                                  + 4 * L * (f + 1) * L * d  # self-attention
+                                                  + 4 * L * S * d))  # cross-attention
+                   for f in (1, 2)]
+    modulations = 2 * (256 * w + w * w + d * w + 3 * 3 * w * w + 2 * w * w)
+    denoiser = 2 * (C * w + 3 * 2 * w * w + w * 2 * C)
+    head = 32 * 100 * (modulations + denoiser)
+    share = head / (sum(transformer) / 2 + head)
+    assert bench.paper_head_share(2) == pytest.approx(share, rel=1e-9)
+    assert 0.01 < share < 0.05
+
+
+def test_bench_prints_each_ratio_beside_its_bound(tmp_path, capsys, monkeypatch):
+    """Issue 15: bench.py runs end to end (a tiny model here); the KV-cache speed-up stands beside
+    its bound, sum_{f=1..n} (f + 1) / n, and as a share of it, also for the transformer alone and
+    at the paper's head share; the head is set beside MAR's plain loop."""
+    monkeypatch.setattr(bench, "BENCH_MODEL", dict(
+        latent_channels=8, n_layer=1, n_embd=32, n_head=2, diffloss_d=1, diffloss_w=32,
+        text_dim=16, text_len=4, num_sampling_steps="5"))
+    monkeypatch.setattr(bench, "paper_head_share", lambda n: 0.02)  # counted in the test above
+    argv = ["--latent_frames", "4", "--num_iter", "2", "--grid", "2", "--spatial_grid", "2",
+            "--batch_size", "1", "--json", str(tmp_path / "bench.json")]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    kv = json.loads((tmp_path / "bench.json").read_text())["kv_cache"]
+    assert kv["bound"] == (2 + 3 + 4) / 3
+    cached = kv["cached_s"] - kv["head_cached_s"]
+    uncached = kv["uncached_s"] - kv["head_uncached_s"]
+    h = 0.02 / 0.98 * cached  # the head time that is 2% of a cached step
+    assert kv["speedup_at_paper_share"] == pytest.approx((uncached + h) / (cached + h))
+    assert kv["transformer_speedup"] == pytest.approx(uncached / cached)
+    percent = lambda ratio: f"{100 * kv[ratio] / 3:.0f}%"
+    assert (f"speed-up {kv['speedup']:.2f}x of a bound of 3.00x (the uncached path re-runs f + 1 "
+            f"frames at each step of frame f) = {percent('speedup')}") in out
+    for ratio in ("transformer_speedup", "speedup_at_paper_share"):
+        assert f"{kv[ratio]:.2f}x = {percent(ratio)} of the bound" in out
+    assert "at the paper's head share (2.0% of a step" in out
+    assert re.search(r"MAR's plain loop \(modulations every step\) for 1 / 16 tokens "
+                     r"[\d.]+ / [\d.]+ ms, [\d.]+ / [\d.]+ times as long", out)
+
+
+def test_bench_is_quick_by_default_and_long_with_full():
+    """Issue 15: the default run is the quick one; --full the long one; options given win."""
+    assert {k: getattr(bench.parse_args([]), k) for k in bench.RUNS["quick"]} == bench.RUNS["quick"]
+    full = bench.parse_args(["--full", "--num_iter", "32"])
+    assert {k: getattr(full, k) for k in bench.RUNS["full"]} == {**bench.RUNS["full"],
+                                                                  "num_iter": 32}
+    assert bench.RUNS["full"]["latent_frames"] == 7  # 1 + 6 frames: the bound of 4.5x
+
 
 @pytest.mark.parametrize("args, words", [
     (["--spatial_grid", "4", "--num_iter", "17"], "--num_iter 17 is more steps than the 16 tokens"),
+    (["--full", "--spatial_grid", "4"], "--num_iter 64 is more steps than the 16 tokens"),
     (["--device", "toaster"], "argument --device: not a torch device"),
     (["--json", "{tmp}/a_file/b.json"], "cannot write {tmp}/a_file/b.json: Not a directory"),
 ] + out_of_range({
