@@ -252,9 +252,10 @@ def bench_kv_cache(model, args, device):
         frame_s[path], head_s[path] = clock.frame_times(), head.seconds
     cached, uncached = sum(frame_s["cached"]), sum(frame_s["uncached"])
     n = args.latent_frames - 1
-    # the uncached path re-runs the f + 1 frames so far at each step of frame f, the cached path
-    # runs frame f alone: on the linear layers (all of a step's FLOPs but attention's) the ratio
-    # of their work
+    # At each step of frame f the uncached path re-runs the f + 1 frames so far, the cached path
+    # runs frame f alone: the ratio of their work on the linear layers, whose work a step is the
+    # same at every frame. (Attention's grows with the frames before, which weighs the later
+    # frames' larger ratios more: with it the bound is a little higher.)
     bound = sum(f + 1 for f in range(1, n + 1)) / n
     # the transformer's time: all but the head's (the same calls in both paths)
     cached_transformer = cached - head_s["cached"]

@@ -661,12 +661,13 @@ class VideoFolder(torch.utils.data.Dataset):
             try:
                 if key(path) not in frames_cache:
                     frames_cache[key(path)] = read_video_at_size(path, self.height, self.width)
-                self.check_length(path, len(frames_cache[key(path)]))
+                frames = frames_cache[key(path)]
+                self.check_length(path, len(frames))
             except BadInput as e:
                 self.skip(e, log)
                 continue
-            self.decoded.append(frames_cache[key(path)])
-            decoded.append((path, caption, len(frames_cache[key(path)])))
+            self.decoded.append(frames)
+            decoded.append((path, caption, len(frames)))
         return decoded
 
     def caption_note(self):
