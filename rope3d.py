@@ -30,7 +30,8 @@ def split_head_dim(head_dim):
 
 def rope_angles_1d(positions, dim, theta=10000.0):
     """Angles (N, dim/2) of ordinary 1D RoPE: position * theta^(-2i/dim)."""
-    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim
+    inv_freq = theta ** -exponents
     return positions.to(torch.float64)[:, None] * inv_freq[None, :]
 
 

@@ -284,7 +284,7 @@ class StandInDecoder(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The method, model.py: tokens, frame-wise causal attention, text, masks, the next-frame loss (§4.1)
+# The method, model.py: tokens, frame-wise causal attention, text, masks, next-frame loss (§4.1)
 
 def test_patchify_round_trip_and_raster_order():
     """§4.1 tokens: patchify is invertible and orders a frame's tokens in raster order."""
@@ -543,8 +543,8 @@ def test_cosine_schedule_matches_closed_form():
 
 
 def test_respacing_to_100_steps():
-    """§5.1 (MAR): sampling respaced to 100 of the 1000 steps, evenly strided, betas recomputed from
-    alpha_bar."""
+    """§5.1 (MAR): sampling respaced to 100 of the 1000 steps, evenly strided, betas recomputed
+    from alpha_bar."""
     base, spaced = create_diffusion(""), create_diffusion("100")
     assert spaced.num_timesteps == 100
     assert spaced.timestep_map == [round(i * 999 / 99) for i in range(100)]
@@ -1174,7 +1174,8 @@ def test_synthetic_videos_are_deterministic_with_held_out_split():
 def test_synthetic_speeds_scale_with_the_frame():
     """At 16 px an object moves half the pixels a frame it moves at 32 px (0.5 or 1), drawn at
     the whole pixels its fractional position covers, and reflects off the borders."""
-    small, large = SyntheticVideos(25, 16, 16, split="test"), SyntheticVideos(25, 32, 32, split="test")
+    small = SyntheticVideos(25, 16, 16, split="test")
+    large = SyntheticVideos(25, 32, 32, split="test")
     checked = 0
     for i in range(60):
         o, same = small.describe(i)["objects"][0], large.describe(i)["objects"][0]
@@ -1566,7 +1567,8 @@ def cli_args(args, tmp_path, ckpt, out):
 
 
 def out_of_range(table):
-    """Bad-input cases [(args, words)] of a table {rule: ["--option value", ...]}: argparse's line."""
+    """Bad-input cases [(args, words)] of a table {rule: ["--option value", ...]}: the line
+    argparse prints for each."""
     return [([option, value], f"argument {option}: {rule}, not {value}")
             for rule, cases in table.items() for option, value in map(str.split, cases)]
 
