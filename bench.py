@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import (ArgumentParser, BadInput, check_writable, device_option, int_at_least,
-                  positive_int)
+from cli import ArgumentParser, check_writable, device_option, int_at_least, positive_int
+from data import BadInput
 from model import PRESETS, KVCache, VideoMAR, VideoMARConfig
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,

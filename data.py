@@ -17,7 +17,6 @@ User-facing mistakes (missing or unreadable files, sizes the tokenizer cannot di
 folder) raise BadInput; the CLIs print it as one line on stderr and exit with code 2.
 """
 
-import argparse
 import contextlib
 import csv
 import importlib.resources
@@ -29,7 +28,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -66,13 +64,12 @@ def to_rgb(image):
 
 def to_tensor(frames):
     """uint8 frames (T, H, W, 3) -> float (T, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return dequantize(torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2))
 
 
 def to_uint8(video):
     """float (..., 3, H, W) in [-1, 1] -> uint8 numpy (..., H, W, 3)."""
-    pixels = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.movedim(-3, -1).numpy()
+    return quantize(video.detach().float().cpu()).movedim(-3, -1).numpy()
 
 
 def gif_frames(path):
@@ -196,13 +193,13 @@ def read_video_at_size(path, height, width, chunk=32):
 
 
 def quantize(video):
-    """float (T, 3, H, W) in [-1, 1] -> uint8 (T, 3, H, W), the inverse of dequantize up to
-    rounding: a quarter of the memory of float32, and the precision the video file had."""
+    """float (..., 3, H, W) in [-1, 1] -> uint8, the inverse of dequantize up to rounding: a
+    quarter of the memory of float32, and the precision the video file had."""
     return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def dequantize(pixels):
-    """uint8 (T, 3, H, W) -> float (T, 3, H, W) in [-1, 1], as to_tensor scales decoded frames."""
+    """uint8 (..., 3, H, W) -> float in [-1, 1]."""
     return pixels.float() / 127.5 - 1
 
 
@@ -356,15 +353,15 @@ class PCATokenizer(CausalVideoTokenizer):
                            f"components")
         mean = patches.mean(0)
         variances, vectors = torch.linalg.eigh((patches - mean).T @ (patches - mean) / len(patches))
-        kept = vectors[:, variances.argsort(descending=True)[:self.channels]]
+        largest = variances.argsort(descending=True)[:self.channels]
+        kept = vectors[:, largest]
         latents = (patches - mean) @ kept
         scale = latents.pow(2).mean().sqrt()
         # the range sampled latents are held to: that of the training latents, with a margin
         reach = 1.25 * latents.abs().max() / scale
         self.load_state(dict(mean=mean.float(), basis=kept.float(), scale=scale.float(),
                              reach=reach.float()))
-        largest = variances.sort(descending=True).values[:self.channels]
-        return (largest.sum() / variances.sum()).item()
+        return (variances[largest].sum() / variances.sum()).item()
 
     def load_state(self, state):
         self.mean, self.basis = state["mean"], state["basis"]
@@ -695,124 +692,3 @@ class VideoFolder(torch.utils.data.Dataset):
             video = read_video(self.videos[i], self.num_frames, self.frame_stride, start)
             pixels = quantize(resize_center_crop(video, self.height, self.width))
         return dequantize(pixels)
-
-# -----------------------------------------------------------------------------
-# The command line: every value the scripts take is checked as it is parsed, before any work
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's own mistakes (an unknown option, a bad value) as BadInput, so that the CLIs print
-    them like every other one: one `error: ...` line, exit code 2, rather than usage plus error."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # a value such as -1e-3 is a number to check, not an option (argparse knows only -1, -.5)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)
-
-    def error(self, message):
-        raise BadInput(message)
-
-
-def int_at_least(low):
-    """The type of an integer option that must be at least `low`."""
-    def option(value):
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a whole number, not {value!r}") from None
-        if number < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {number}")
-        return number
-    return option
-
-
-positive_int = int_at_least(1)
-
-
-def float_where(test, what):
-    """The type of a number option for which test(number) holds, `what` saying so."""
-    def option(value):
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"a number, not {value!r}") from None
-        if not (math.isfinite(number) and test(number)):
-            raise argparse.ArgumentTypeError(f"must be {what}, not {value}")
-        return number
-    return option
-
-
-positive_float = float_where(lambda x: x > 0, "positive")
-non_negative_float = float_where(lambda x: x >= 0, "at least 0")
-
-
-def temperature_option(value):
-    """The type of --temperature: "progressive" or a positive number."""
-    if value == "progressive":
-        return value
-    try:
-        return positive_float(value)
-    except argparse.ArgumentTypeError:
-        message = f"'progressive' or a positive number, not {value!r}"
-        raise argparse.ArgumentTypeError(message) from None
-
-
-def device_option(value):
-    """The type of --device: a device torch knows and this machine has."""
-    try:
-        device = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"not a torch device: {value!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{value}: CUDA is not available here; use cpu")
-    return value
-
-
-def check_writable(path, directory=False):
-    """Refuse at once an output that cannot be written, rather than after the work. Creates the
-    missing directories and a temporary file in them, then removes all it made: a run that fails
-    later leaves nothing behind. `directory`: `path` is a directory to write files into."""
-    path = Path(path)
-    folder = path if directory else path.parent
-    if not directory and path.is_dir():
-        raise BadInput(f"cannot write {path}: it is a directory")
-    made, missing = [], folder
-    while not missing.exists() and missing != missing.parent:
-        made.append(missing)  # deepest first: the order to remove them in
-        missing = missing.parent
-    try:
-        for d in reversed(made):
-            d.mkdir()
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-        if not directory and path.exists():
-            open(path, "ab").close()  # appending nothing: is an existing file writable
-    except OSError as e:
-        raise BadInput(f"cannot write {path}: {e.strerror or first_line(e)}") from None
-    finally:
-        for d in made:
-            try:
-                d.rmdir()
-            except OSError:
-                pass
-
-
-def add_generation_options(parser):
-    """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate
-    (model.trained_model and VideoMAR.generate take them)."""
-    parser.add_argument("--ckpt", default="out/ckpt.pt")
-    parser.add_argument("--frames", type=positive_int,
-                        help="pixel frames, 1 + 4k (default: the last training stage; "
-                             "more extrapolates)")
-    parser.add_argument("--height", type=positive_int,
-                        help="default: the training height; larger extrapolates")
-    parser.add_argument("--width", type=positive_int)
-    parser.add_argument("--num_iter", type=positive_int,
-                        help="masked generation steps per frame (default: the checkpoint's "
-                             "sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
-    parser.add_argument("--cfg", type=non_negative_float, default=3.0,
-                        help="guidance scale; 1: none")
-    parser.add_argument("--temperature", type=temperature_option, default="progressive",
-                        help="progressive or a positive number")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=device_option,
-                        default="cuda" if torch.cuda.is_available() else "cpu")

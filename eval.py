@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from data import (ArgumentParser, BadInput, add_generation_options, check_writable, positive_int,
-                  save_image_grid, write_video)
+from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
+                 trained_model)
+from data import BadInput, save_image_grid, write_video
 from metrics import MAX_PSNR, METHODS, evaluate
-from model import trained_model
 
 
 def table(result):

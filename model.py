@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import BadInput, TextEncoder, first_line, load_tokenizer
+from data import BadInput, first_line
 from diffusion import DiffLoss
 from rope3d import apply_rope, rope_frequencies
 
@@ -117,6 +117,19 @@ def random_masks(batch, length, ratios, device):
 def frame_causal_mask(query_frames, key_frames):
     """bool (Nq, Nk), True = may attend: a token sees every token of its own and earlier frames."""
     return query_frames[:, None] >= key_frames[None, :]
+
+
+def next_mask(mask, order, step, num_steps, total):
+    """MAR's cosine masking schedule: after `step` of `num_steps`, cos(pi/2 (step+1)/num_steps) of
+    the `total` tokens stay masked, the first of each row's `order` among those masked now; at
+    least one until the last step, which reveals the rest. Returns the next mask and how many it
+    keeps (MAR's mask_len, which its linear CFG schedule reads, also at the last step)."""
+    mask_len = math.floor(total * math.cos(math.pi / 2 * (step + 1) / num_steps))
+    mask_len = max(1, min(int(mask[0].sum()) - 1, mask_len))
+    following = torch.zeros_like(mask)
+    if step < num_steps - 1:
+        following.scatter_(1, order[:, :mask_len], True)
+    return following, mask_len
 
 
 def frame_temperature(temperature, i):
@@ -431,7 +444,6 @@ class VideoMAR(nn.Module):
             frame_temp = frame_temperature(temperature, f - k)
             order = torch.rand(B, L, generator=generator, device=device).argsort(dim=1)
             mask = torch.ones(B, L, dtype=torch.bool, device=device)
-            num_masked = L
             for step in range(num_iter):
                 if use_kv_cache:
                     z = self.forward_frames(double(tokens[:, f]), double(mask), f, grid, context,
@@ -446,17 +458,8 @@ class VideoMAR(nn.Module):
                     z = self.forward_frames(double(tokens[:, :seen].flatten(1, 2)),
                                             double(full_mask.flatten(1)), 0, grid, context)
                     z = z[:, f * L:(f + 1) * L]
-                # cosine schedule: after this step cos(pi/2 (step+1)/num_iter) of the frame stays
-                # masked, at least one token until the last step (MAR)
-                mask_len = math.floor(L * math.cos(math.pi / 2 * (step + 1) / num_iter))
-                mask_len = max(1, min(num_masked - 1, mask_len))
-                next_mask = torch.zeros_like(mask)
-                if step == num_iter - 1:
-                    num_masked = 0
-                else:
-                    next_mask.scatter_(1, order[:, :mask_len], True)
-                    num_masked = mask_len
-                to_predict = mask & ~next_mask
+                following, mask_len = next_mask(mask, order, step, num_iter, L)
+                to_predict = mask & ~following
                 z_rows = (torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided
                           else z[to_predict])
                 cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
@@ -465,7 +468,7 @@ class VideoMAR(nn.Module):
                 if clip_range is not None and f > k:  # the authors' clip, before later steps see it
                     sampled = sampled.clamp(*clip_range)
                 tokens[:, f][to_predict] = sampled.to(tokens.dtype)
-                mask = next_mask
+                mask = following
             if use_kv_cache and f < num_latent_frames - 1:
                 # commit: the finished frame once more, fully visible, into the cache; the last
                 # frame's keys and values would be read by nothing (the authors skip it too)
@@ -505,13 +508,8 @@ class VideoMAR(nn.Module):
         mask[:, k * L:] = True
         for step in range(steps):
             z = self.forward_frames(double(tokens), double(mask), 0, grid, context)
-            mask_len = math.floor(N * math.cos(math.pi / 2 * (step + 1) / steps))
-            # at least one token stays masked, as MAR, also for its CFG schedule
-            mask_len = max(1, min(int(mask[0].sum()) - 1, mask_len))
-            next_mask = torch.zeros_like(mask)
-            if step < steps - 1:  # the last step fills the rest
-                next_mask.scatter_(1, order[:, :mask_len], True)
-            to_predict = mask & ~next_mask
+            following, mask_len = next_mask(mask, order, step, steps, N)
+            to_predict = mask & ~following
             cfg_step = 1 + (cfg - 1) * (N - mask_len) / N if guided else 1.0
             for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
                 rows = to_predict & (frame_of == f)
@@ -519,7 +517,7 @@ class VideoMAR(nn.Module):
                 sampled = self.diffloss.sample(z_rows, frame_temperature(temperature, f - k),
                                                cfg_step, generator=generator, clip_range=clip_range)
                 tokens[rows] = sampled.to(tokens.dtype)
-            mask = next_mask
+            mask = following
             if progress is not None:
                 progress.update(1 / num_iter)
         return unpatchify(tokens.view(B, num_latent_frames, L, -1), p, h, w)
@@ -576,9 +574,6 @@ def load_checkpoint(path, device="cpu"):
         raise BadInput(f"cannot load checkpoint {path}: {reason}") from None
     if not isinstance(ckpt, dict) or not {"config", "model", "ema"} <= ckpt.keys():
         raise BadInput(f"{path} is not a VideoMAR checkpoint (no config, model and ema inside)")
-    for key in ("frames", "stage_iters"):  # earlier checkpoints hold them as "5,13,25"
-        if isinstance(ckpt.get("train", {}).get(key), str):
-            ckpt["train"][key] = [int(n) for n in ckpt["train"][key].split(",")]
     return ckpt
 
 
@@ -612,62 +607,3 @@ def build_model(ckpt, use_ema=True):
                        f"missing, unexpected or of another shape, the first {wrong[0]}")
     model.load_state_dict(weights)
     return model.eval()
-
-
-def memory_bytes(device):
-    """The memory of `device` (all of it, not what is free now), or None where it is unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-        return None
-
-
-def gigabytes(n):
-    return f"{n / 1e9:.2f} GB" if n >= 0.005e9 else "under 0.01 GB"
-
-
-def check_memory(config, rows, tokens, device):
-    """The KV cache of generating `tokens` tokens for `rows` rows (CFG doubles them): keys and
-    values of every layer, bf16 under CUDA autocast, else fp32. Refused when it exceeds the
-    device's memory, which no waiting could help; returns the estimate in bytes."""
-    element = 2 if device.type == "cuda" else 4
-    need = 2 * config.n_layer * rows * config.n_embd * tokens * element
-    have = memory_bytes(device)
-    if have is not None and need > have:
-        raise BadInput(f"{tokens} tokens in {rows} rows need a KV cache of {gigabytes(need)}, "
-                       f"more than the {gigabytes(have)} of {device.type} memory here: ask for "
-                       f"fewer --frames, a smaller --height and --width, or fewer videos at a time")
-    return need
-
-
-def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=3.0,
-                  given=0):
-    """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
-    encoder, the options it was trained with, and the video's size (num_frames pixel frames of
-    height x width: the ones given, or else the last training stage's). The size is checked
-    before the model is built: it must leave frames to generate after `given` latent frames, and
-    the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
-    device = torch.device(device)
-    ckpt = load_checkpoint(path)
-    run = ckpt["train"]
-    tokenizer = load_tokenizer(run["tokenizer"], device=device, state=ckpt.get("tokenizer"))
-    height, width = height or run["height"], width or run["width"]
-    tokenizer.check_size(height, width)
-    num_frames = num_frames or run["frames"][-1]
-    num_latent_frames = tokenizer.latent_frames(num_frames)  # fails for a length it cannot take
-    if num_latent_frames <= given:
-        raise BadInput(f"--frames {num_frames} is {num_latent_frames} latent frames: nothing to "
-                       f"generate after {given} given ones")
-    config = config_from_dict(dict(ckpt["config"]))
-    grid = (height // tokenizer.spatial // config.patch_size,
-            width // tokenizer.spatial // config.patch_size)
-    tokens = num_latent_frames * grid[0] * grid[1]
-    rows = batch * (2 if cfg != 1 else 1)  # CFG: every video also with the null text
-    cache = check_memory(config, rows, tokens, device)
-    print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
-          f"at a time: KV cache {gigabytes(cache)}")
-    model = build_model(ckpt).to(device)
-    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
-    return model, tokenizer, text_encoder, run, (num_frames, height, width)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import (ArgumentParser, BadInput, add_generation_options, check_writable, positive_int,
-                  read_image, read_video, resize_center_crop, save_image_grid, write_video)
-from model import trained_model
+from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
+                 trained_model)
+from data import BadInput, read_image, read_video, resize_center_crop, save_image_grid, write_video
 
 
 def parse_args(argv=None):

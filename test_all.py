@@ -31,10 +31,10 @@ from PIL import Image
 from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
                   VideoFolder, count_frames, load_tokenizer, read_image, read_video,
                   read_video_at_size, resize_center_crop, save_image_grid, write_video)
+from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, check_memory,
-                   frame_temperature, gigabytes, load_checkpoint, patchify, sample_mask_ratios,
-                   save_checkpoint, unpatchify)
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, frame_temperature,
+                   load_checkpoint, patchify, sample_mask_ratios, save_checkpoint, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation

@@ -48,9 +48,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from data import (ArgumentParser, BadInput, PCATokenizer, SyntheticVideos, TextEncoder,
-                  VideoFolder, device_option, float_where, int_at_least, load_tokenizer,
-                  non_negative_float, positive_float, positive_int, save_image_grid, write_video)
+from cli import (ArgumentParser, device_option, float_where, int_at_least, non_negative_float,
+                 positive_float, positive_int)
+from data import (BadInput, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
+                  save_image_grid, write_video)
 from metrics import evaluate, summary
 from model import (PRESETS, VideoMARConfig, build_model, load_checkpoint, model_from_config,
                    save_checkpoint)
