@@ -1,8 +1,9 @@
 """
 What the scripts (train, sample, eval, bench) share at the command line: an argparse parser whose
 mistakes are one line, the option types that check every value as it is parsed, the output check,
-the generation options of sample.py and eval.py, and loading a trained model for sampling with its
-tokenizer and text encoder (sized, and its KV cache checked against memory, before it is built).
+the generation options of sample.py and eval.py, train.py's options made from the fields of its
+config dataclasses, and loading a trained model for sampling with its tokenizer and text encoder
+(sized, and its KV cache checked against memory, before it is built).
 
 Usage:
     parser = ArgumentParser(description="...")
@@ -11,10 +12,13 @@ Usage:
     model, tokenizer, text_encoder, run, size = trained_model(args.ckpt, args.device)
 """
 import argparse
+import inspect
 import math
 import os
 import re
 import tempfile
+import typing
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -143,6 +147,92 @@ def add_generation_options(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=device_option,
                         default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+# -----------------------------------------------------------------------------
+# Options from the fields of a config dataclass (train.py's)
+
+def boolean(value):
+    """The type of a boolean option: true or false (also yes/no, 1/0)."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if value.lower() not in words:
+        raise argparse.ArgumentTypeError(f"true or false, not {value!r}")
+    return words[value.lower()]
+
+
+def comma_list(element):
+    """The type of one word of a list option: a value, or values joined by commas (5,13,25)."""
+    return lambda value: [element(v) for v in value.split(",")]
+
+
+class JoinLists(argparse.Action):
+    """--frames 5 13 25 and --frames 5,13,25 give the same list; a tuple field takes `length`
+    values (betas: two)."""
+
+    def __init__(self, *args, length=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.length = length
+
+    def __call__(self, parser, namespace, words, option_string=None):
+        values = [v for word in words for v in word]
+        if self.length is None:
+            setattr(namespace, self.dest, values)
+        elif len(values) == self.length:
+            setattr(namespace, self.dest, tuple(values))
+        else:
+            parser.error(f"argument {option_string}: needs {self.length} values, not {len(values)}")
+
+
+def commented_fields(cls):
+    """[(heading, {field: comment})]: the fields of the dataclass `cls` in the groups its comment
+    lines head, each with the comment on its own line. The dataclass stays the one place where
+    its options are explained; --help shows them in its order."""
+    groups, continued = [(cls.__name__, {})], False
+    for line in inspect.getsource(cls).splitlines()[2:]:  # after @dataclass and the class line
+        comment = re.fullmatch(r"\s*# (.*)", line)
+        declared = re.fullmatch(r"\s*(\w+): [^#]*?(?:  # (.*))?", line)
+        if comment and continued:  # a heading of several lines
+            groups[-1] = (f"{groups[-1][0]} {comment[1]}", groups[-1][1])
+        elif comment:
+            groups.append((comment[1], {}))
+        elif declared:
+            groups[-1][1][declared[1]] = declared[2] or ""
+        else:
+            break  # the fields end at the first other line
+        continued = bool(comment)
+    return [(heading, names) for heading, names in groups if names]
+
+
+def shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def add_field_options(parser, cls, presets, checks, sized_by):
+    """One option per field of the dataclass `cls`, typed by its annotation and checked by
+    `checks` (field: option type). Its help shows the default (the tiny preset's value, or
+    `sized_by`'s words for a field that something else sizes) and the value of any other preset
+    that differs."""
+    kinds = {f.name: f.type for f in fields(cls)}
+    tiny = {**asdict(cls()), **presets["tiny"]}
+    for heading, comments in commented_fields(cls):
+        group = parser.add_argument_group(heading.replace("%", "%%"))
+        for name, comment in comments.items():
+            values = [sized_by.get(name, shown(tiny[name]))] + [
+                f"{preset}: {shown(v[name])}" for preset, v in presets.items()
+                if name in v and name not in sized_by and v[name] != tiny[name]]
+            text = f"{comment} (default: {'; '.join(values)})".strip().replace("%", "%%")
+            kind, parts = typing.get_origin(kinds[name]), typing.get_args(kinds[name])
+            element = parts[0] if parts else kinds[name]
+            check = checks.get(name, element)
+            if kinds[name] is bool:
+                options = dict(type=boolean, nargs="?", const=True, metavar="true|false")
+            elif kind in (list, tuple):
+                options = dict(type=comma_list(check), nargs="+", action=JoinLists,
+                               metavar=element.__name__.upper(),
+                               length=len(parts) if kind is tuple else None)
+            else:
+                options = dict(type=check, metavar=element.__name__.upper())
+            group.add_argument(f"--{name}", help=text, **options)
 
 
 # -----------------------------------------------------------------------------

@@ -28,14 +28,11 @@ The learning rate warms up linearly for warmup_iters, then follows a cosine to m
 whole curriculum (min_lr = lr gives MAR's constant rate, as the videomar preset does).
 """
 import argparse
-import inspect
 import itertools
 import math
 import os
-import re
 import sys
 import time
-import typing
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
@@ -48,8 +45,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from cli import (ArgumentParser, device_option, float_where, int_at_least, non_negative_float,
-                 positive_float, positive_int)
+from cli import (ArgumentParser, add_field_options, device_option, float_where, int_at_least,
+                 non_negative_float, positive_float, positive_int)
 from data import (BadInput, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
                   save_image_grid, write_video)
 from metrics import evaluate, summary
@@ -141,96 +138,14 @@ CHECKS = dict(
 SIZED_BY = dict(latent_channels="the tokenizer's channels", text_dim="the text encoder's width")
 
 
-def boolean(value):
-    """The type of a boolean option: true or false (also yes/no, 1/0)."""
-    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    if value.lower() not in words:
-        raise argparse.ArgumentTypeError(f"true or false, not {value!r}")
-    return words[value.lower()]
-
-
-def comma_list(element):
-    """The type of one word of a list option: a value, or values joined by commas (5,13,25)."""
-    return lambda value: [element(v) for v in value.split(",")]
-
-
-class JoinLists(argparse.Action):
-    """--frames 5 13 25 and --frames 5,13,25 give the same list; a tuple field takes `length`
-    values (betas: two)."""
-
-    def __init__(self, *args, length=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.length = length
-
-    def __call__(self, parser, namespace, words, option_string=None):
-        values = [v for word in words for v in word]
-        if self.length is None:
-            setattr(namespace, self.dest, values)
-        elif len(values) == self.length:
-            setattr(namespace, self.dest, tuple(values))
-        else:
-            parser.error(f"argument {option_string}: needs {self.length} values, not {len(values)}")
-
-
-def commented_fields(cls):
-    """[(heading, {field: comment})]: the fields of the dataclass `cls` in the groups its comment
-    lines head, each with the comment on its own line. The dataclass stays the one place where
-    its options are explained; --help shows them in its order."""
-    groups, continued = [(cls.__name__, {})], False
-    for line in inspect.getsource(cls).splitlines()[2:]:  # after @dataclass and the class line
-        comment = re.fullmatch(r"\s*# (.*)", line)
-        declared = re.fullmatch(r"\s*(\w+): [^#]*?(?:  # (.*))?", line)
-        if comment and continued:  # a heading of several lines
-            groups[-1] = (f"{groups[-1][0]} {comment[1]}", groups[-1][1])
-        elif comment:
-            groups.append((comment[1], {}))
-        elif declared:
-            groups[-1][1][declared[1]] = declared[2] or ""
-        else:
-            break  # the fields end at the first other line
-        continued = bool(comment)
-    return [(heading, names) for heading, names in groups if names]
-
-
-def shown(value):
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def add_field_options(parser, cls, presets):
-    """One option per field of the dataclass `cls`, typed by its annotation and checked by
-    CHECKS. Its help shows the default (the tiny preset's value) and the value of any other
-    preset that differs."""
-    kinds = {f.name: f.type for f in fields(cls)}
-    tiny = {**asdict(cls()), **presets["tiny"]}
-    for heading, comments in commented_fields(cls):
-        group = parser.add_argument_group(heading.replace("%", "%%"))
-        for name, comment in comments.items():
-            values = [SIZED_BY.get(name, shown(tiny[name]))] + [
-                f"{preset}: {shown(v[name])}" for preset, v in presets.items()
-                if name in v and name not in SIZED_BY and v[name] != tiny[name]]
-            text = f"{comment} (default: {'; '.join(values)})".strip().replace("%", "%%")
-            kind, parts = typing.get_origin(kinds[name]), typing.get_args(kinds[name])
-            element = parts[0] if parts else kinds[name]
-            check = CHECKS.get(name, element)
-            if kinds[name] is bool:
-                options = dict(type=boolean, nargs="?", const=True, metavar="true|false")
-            elif kind in (list, tuple):
-                options = dict(type=comma_list(check), nargs="+", action=JoinLists,
-                               metavar=element.__name__.upper(),
-                               length=len(parts) if kind is tuple else None)
-            else:
-                options = dict(type=check, metavar=element.__name__.upper())
-            group.add_argument(f"--{name}", help=text, **options)
-
-
 def parse_args(argv):
     """The command line -> (TrainConfig overrides, VideoMARConfig overrides): only the options
     given, so that presets and a resumed run's options fill in the rest (make_config)."""
     parser = ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS,
                             allow_abbrev=False,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_field_options(parser, TrainConfig, TRAIN_PRESETS)
-    add_field_options(parser, VideoMARConfig, PRESETS)
+    add_field_options(parser, TrainConfig, TRAIN_PRESETS, CHECKS, SIZED_BY)
+    add_field_options(parser, VideoMARConfig, PRESETS, CHECKS, SIZED_BY)
     options = vars(parser.parse_args(argv))
     model_keys = {f.name for f in fields(VideoMARConfig)}
     return ({k: v for k, v in options.items() if k not in model_keys},
