@@ -1,7 +1,8 @@
 """
 Score a trained VideoMAR at toy scale: image-to-video on held-out clips of the built-in synthetic
-set, where the first frame plus the caption determine the whole clip, against the truth and two
-baselines ("copy" the first frame, "null_text"), with PSNR, SSIM and the object metrics of
+set, where the first frame plus the caption determine the whole clip, against the truth, two
+baselines ("copy" the first frame, "null_text") and the ceiling of the tokenizer (the truth encoded
+and decoded), with PSNR, SSIM and the object metrics of
 metrics.py. Prints a table; writes eval.json, plots of PSNR and object presence per frame, a
 contact sheet and a GIF of truth above generated.
 
@@ -10,6 +11,7 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --n 16 --num_iter 8      # quicker
     python eval.py --ckpt out/ckpt.pt --temperature 1.0        # Table 4 / 5: a constant temperature
     python eval.py --ckpt out/ckpt.pt --cfg 1.0                # no classifier-free guidance
+    python eval.py --ckpt out/ckpt.pt --teacher_forced         # §4.3: the accumulated error
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
@@ -52,7 +54,8 @@ def table(result):
 # ----------------------------------------------------------------------------------------------
 # The plot of PSNR per frame, drawn with Pillow
 
-COLOURS = {"model": (214, 39, 40), "null_text": (31, 119, 180), "copy": (127, 127, 127)}
+COLOURS = {"model": (214, 39, 40), "teacher_forced": (255, 127, 14), "null_text": (31, 119, 180),
+           "copy": (127, 127, 127), "tokenizer": (44, 160, 44)}
 
 
 def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), cap=MAX_PSNR,
@@ -107,6 +110,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description="Score a VideoMAR checkpoint on held-out synthetic clips.")
     add_generation_options(parser)
     parser.add_argument("--n", type=positive_int, default=64, help="held-out clips")
+    parser.add_argument("--teacher_forced", action="store_true",
+                        help="also generate each latent frame from the true earlier ones (a row "
+                             "teacher_forced: the accumulated error of §4.3 is its gap to model)")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--out", default="out/eval",
                         help="directory for eval.json, psnr.png, presence.png, grid.png and "
@@ -121,9 +127,13 @@ def run(args):
         args.ckpt, args.device, args.frames, args.height, args.width,
         batch=min(args.n, args.batch_size), cfg=args.cfg, given=1)
     num_iter = args.num_iter or options["sample_num_iter"]
+    if args.teacher_forced and not model.config.next_frame_loss:
+        raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
+                       "total-mask loss (--next_frame_loss false), sampled as a whole video")
 
     result = evaluate(model, tokenizer, text_encoder, args.n, num_frames, height, width, num_iter,
-                      args.cfg, args.temperature, args.seed, args.batch_size)
+                      args.cfg, args.temperature, args.seed, args.batch_size,
+                      teacher_forced=args.teacher_forced)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [video.cpu() for video in result.pop("grid")]
@@ -134,11 +144,12 @@ def run(args):
     trained = (f"trained at {options['height']}x{options['width']}, "
                f"{options['frames'][-1]} frames")
     plot_curves(out / "psnr.png", result["frames"],
-                {m: result[m]["psnr_per_frame"] for m in METHODS},
+                {m: result[m]["psnr_per_frame"] for m in METHODS if m in result},
                 f"PSNR per frame, {args.n} held-out clips, {num_frames} frames {height}x{width} "
                 f"({trained})")
     plot_curves(out / "presence.png", result["frames"],
-                {m: [100 * p for p in result[m]["presence_per_frame"]] for m in METHODS},
+                {m: [100 * p for p in result[m]["presence_per_frame"]] for m in METHODS
+                 if m in result},
                 f"objects present per frame, {args.n} held-out clips ({trained})", "present (%)",
                 cap=math.inf, y_range=(0, 100, 20))
     print(f"{args.ckpt}: {args.n} held-out clips, {num_frames} frames of {height}x{width} "

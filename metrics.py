@@ -8,6 +8,11 @@ For each held-out clip: image-to-video from its first frame and caption with the
 the squared error and SSIM of every generated pixel frame against the truth. Two baselines on the
 same clips: "copy" repeats the first frame (a model that learnt nothing about motion), "null_text"
 is the model with the caption replaced by the null text (it sees the image, not what moves where).
+And a ceiling: "tokenizer" is the true clip encoded and decoded, what a model that samples every
+latent exactly right would score: no model on these latents can do better. With teacher_forced,
+"teacher_forced" generates each latent frame from the true earlier ones (with the temperature that
+frame gets in the free run): its gap to "model" is the accumulated error of §4.3 (exposure bias),
+its gap to "tokenizer" what one step of the model gets wrong.
 A PSNR here is that of the mean squared error over the clips (and frames) it summarises: objects
 bounce, so some frames equal the first one exactly and the copy baseline's PSNR there is infinite;
 a mean of per-frame PSNRs would be ruled by those frames. SSIM is the mean over frames and clips.
@@ -23,8 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from data import SyntheticVideos
+from model import frame_temperature
 
-METHODS = ("model", "null_text", "copy")
+METHODS = ("model", "teacher_forced", "null_text", "copy", "tokenizer")
 MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
 
 
@@ -159,16 +165,20 @@ def summarise_objects(per_clip, last_third):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_iter=16, cfg=3.0,
-             temperature="progressive", seed=0, batch_size=16, null_text=True, keep=4):
+             temperature="progressive", seed=0, batch_size=16, null_text=True,
+             teacher_forced=False, keep=4):
     """Image-to-video on the first n held-out clips (num_frames pixel frames of height x width),
-    scored against the truth. Returns a dict: per method ("model", "null_text" unless null_text
-    is False, "copy") its PSNR and SSIM over all generated frames and over their last third,
-    and per generated frame index (1, 2, ...) over the clips; "frames", the frame indices;
-    "grid", the truth and the model's video of the first `keep` clips (tensors, not for JSON)."""
+    scored against the truth. Returns a dict: per method ("model", "teacher_forced" if asked,
+    "null_text" unless null_text is False, "copy", "tokenizer") its PSNR and SSIM over all
+    generated frames, over their last third and per generated frame index (1, 2, ...), and its
+    object scores;
+    "frames", the frame indices; "grid", the truth and the model's video of the first `keep`
+    clips (tensors, not for JSON)."""
     device = next(model.parameters()).device
     dataset = SyntheticVideos(num_frames, height, width, split="test")
     num_latent_frames = tokenizer.latent_frames(num_frames)
-    methods = [m for m in METHODS if null_text or m != "null_text"]
+    methods = [m for m in METHODS if (null_text or m != "null_text")
+               and (teacher_forced or m != "teacher_forced")]
     scores = {m: ([], []) for m in methods}  # per method and batch: squared errors, SSIMs (B, T-1)
     objects = {m: [] for m in methods}  # per method and clip: object_scores
     grid = []
@@ -188,14 +198,29 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
                                                 guidance, temperature, **options)
         return tokenizer.decode(latents).clamp(-1, 1)
 
+    def teacher_forcing(truth, text, text_mask):
+        # frame t from the true frames before it, at the temperature frame t gets in the free run
+        true_latents = tokenizer.encode(truth)
+        latents = true_latents.clone()
+        for t in range(1, num_latent_frames):
+            latents[:, t] = model.generate(
+                true_latents[:, :t], text, text_mask, t + 1, num_iter, cfg,
+                frame_temperature(temperature, t - 1), use_kv_cache=model.config.causal,
+                generator=generator, clip_range=tokenizer.clip_range)[:, t]
+        return tokenizer.decode(latents).clamp(-1, 1)
+
     for start in range(0, n, batch_size):
         clips, captions = zip(*(dataset[i] for i in range(start, min(n, start + batch_size))))
         truth = torch.stack(clips).to(device)
         first_frame = truth[:, :1]  # encoded alone: one latent frame
-        videos = {"model": image_to_video(first_frame, *text_encoder(list(captions))),
-                  "copy": first_frame.expand_as(truth)}
+        text = text_encoder(list(captions))
+        videos = {"model": image_to_video(first_frame, *text),
+                  "copy": first_frame.expand_as(truth),
+                  "tokenizer": tokenizer.decode(tokenizer.encode(truth)).clamp(-1, 1)}
         if null_text:
             videos["null_text"] = image_to_video(first_frame, None, None)
+        if teacher_forced:
+            videos["teacher_forced"] = teacher_forcing(truth, *text)
         for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
             for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
                 scores_m.append(s.cpu())

@@ -1368,7 +1368,7 @@ def test_ssim_properties():
 
 def test_copy_baseline(monkeypatch):
     """evaluate(): the copy baseline's PSNR per frame is that of frame 0 against the truth, exact
-    where nothing moves."""
+    where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
     tokenizer = load_tokenizer("patch:4x4x4")
     model = tiny_model(tokenizer.channels, 16)
     args = (model, tokenizer, FakeText(), 3, 9, 16, 16)
@@ -1383,6 +1383,15 @@ def test_copy_baseline(monkeypatch):
     last_third = np.mean([10 ** (-p / 10) for p in result["copy"]["psnr_per_frame"][-3:]])
     assert abs(result["copy"]["psnr_last_third"] - -10 * math.log10(last_third)) < 1e-4
     assert len(result["grid"]) == 6  # truth and generated of each of the 3 clips (keep=4)
+    # the ceiling row: raw patches are exactly invertible, so the tokenizer loses nothing
+    ceiling = result["tokenizer"]
+    assert ceiling["psnr"] == metrics.MAX_PSNR and ceiling["presence"] == 1.0
+    assert ceiling["position_error"] < 1e-6
+    # a lossy one's is not: 4 principal components drop most of a 4x4x4 patch
+    lossy = load_tokenizer("pca:4x4x4:4")
+    lossy.fit(clips)
+    result = metrics.evaluate(tiny_model(4, 16), lossy, FakeText(), 3, 9, 16, 16, num_iter=1)
+    assert result["tokenizer"]["psnr"] < 30
 
     class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
         def __getitem__(self, i):
@@ -1392,6 +1401,35 @@ def test_copy_baseline(monkeypatch):
     result = metrics.evaluate(*args, num_iter=1, batch_size=2)
     assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
+
+
+def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():
+    """evaluate(teacher_forced=True) with a model that repeats the last frame it is given: free
+    running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel frames) late."""
+    class RepeatLast(torch.nn.Module):
+        config = VideoMARConfig(next_frame_loss=True, causal=True)
+
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, cond, text, text_mask, num_latent_frames, *args, **kwargs):
+            repeats = num_latent_frames - cond.shape[1]
+            return torch.cat([cond, cond[:, -1:].expand(-1, repeats, -1, -1, -1)], dim=1)
+
+    tokenizer = load_tokenizer("patch:4x4x4")  # exact: latents are the pixels
+    result = metrics.evaluate(RepeatLast(), tokenizer, FakeText(), 3, 13, 16, 16, batch_size=2,
+                              teacher_forced=True)
+    assert result["model"]["psnr_per_frame"] == result["copy"]["psnr_per_frame"]
+    truth = (torch.stack([SyntheticVideos(13, 16, 16, split="test")[i][0]
+                          for i in range(3)]) + 1) / 2
+    # pixel frame f (1..12) lies in latent frame k = (f + 3) // 4, position j = (f - 1) % 4; the
+    # true latent frame k - 1 holds frame 0 (k = 1) or frames 4 (k - 2) + 1 .. 4 (k - 1)
+    late = [0 if f <= 4 else f - 4 for f in range(1, 13)]
+    expected = [metrics.psnr(metrics.mse(truth[:, f], truth[:, g]).mean()).item()
+                for f, g in zip(range(1, 13), late)]
+    assert np.allclose(result["teacher_forced"]["psnr_per_frame"], expected, atol=1e-4)
+    assert expected[4] != result["copy"]["psnr_per_frame"][4]  # the two rows differ
 
 
 @pytest.mark.parametrize("size", [16, 32])
@@ -1825,9 +1863,10 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     out = tmp_path / "eval"
     args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--batch_size", "2", "--num_iter", "2",
             "--out", str(out)]
-    assert evaluation.main(args) == 0
+    assert evaluation.main(args[:-2] + ["--teacher_forced"] + args[-2:]) == 0
     printed = capsys.readouterr().out
-    assert "| model |" in printed and "| null_text |" in printed and "| copy |" in printed
+    for row in ("model", "teacher_forced", "null_text", "copy", "tokenizer"):
+        assert f"| {row} |" in printed
     result = json.loads((out / "eval.json").read_text())
     assert result["num_frames"] == 9 and result["frames"] == list(range(1, 9))
     for method in metrics.METHODS:
