@@ -182,13 +182,16 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
     scores = {m: ([], []) for m in methods}  # per method and batch: squared errors, SSIMs (B, T-1)
     objects = {m: [] for m in methods}  # per method and clip: object_scores
     grid = []
-    generator = torch.Generator(device).manual_seed(seed)
+    # one generator per sampled row, so that asking for a row leaves the others' draws alone
+    generators = {m: torch.Generator(device).manual_seed(seed)
+                  for m in ("model", "null_text", "teacher_forced")}
 
     def image_to_video(first_frame, text, text_mask):
         # with the null text both CFG halves would be the same, so cfg 1 is the same video at half
         # the cost; a model without frame-wise causal attention (Table 4) cannot use the KV cache,
         # and a "total mask" model (Eq. 3.1) is sampled as it was trained: the whole video at once
-        options = dict(generator=generator, clip_range=tokenizer.clip_range)
+        options = dict(generator=generators["model" if text is not None else "null_text"],
+                       clip_range=tokenizer.clip_range)
         cond, guidance = tokenizer.encode(first_frame), cfg if text is not None else 1.0
         if model.config.next_frame_loss:
             latents = model.generate(cond, text, text_mask, num_latent_frames, num_iter, guidance,
@@ -206,7 +209,7 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
             latents[:, t] = model.generate(
                 true_latents[:, :t], text, text_mask, t + 1, num_iter, cfg,
                 frame_temperature(temperature, t - 1), use_kv_cache=model.config.causal,
-                generator=generator, clip_range=tokenizer.clip_range)[:, t]
+                generator=generators["teacher_forced"], clip_range=tokenizer.clip_range)[:, t]
         return tokenizer.decode(latents).clamp(-1, 1)
 
     for start in range(0, n, batch_size):

@@ -62,12 +62,12 @@ class TrainConfig:
     frame_stride: int = 1  # for folders: take every n-th frame
     cache_gb: float = 2.0  # for folders: memory for the videos decoded once; more: clip by clip
     num_workers: int = 0
-    height: int = 16  # tiny: 16x16 in 4x4x4 patches, 16 tokens of 24 channels per latent frame
+    height: int = 16  # tiny: 16x16 in 4x4x4 patches, 16 tokens of 16 channels per latent frame
     width: int = 16
-    # "pca:4x4x4:24": the 24 principal components of 4x4x4 patches, fitted before training (a
+    # "pca:4x4x4:16": the 16 principal components of 4x4x4 patches, fitted before training (a
     # linear stand-in for Cosmos's 16 channels); "patch:4x4x4" the raw 192 values; or
     # "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
-    tokenizer: str = "pca:4x4x4:24"
+    tokenizer: str = "pca:4x4x4:16"
     text_encoder: str = None  # None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path
     # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order; tiny's
     # takes about 11 minutes on a quiet 2-core CPU (README)
@@ -82,6 +82,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    # torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off for
+    # tiny: on a 2-core CPU its compile time (~70 s) exceeds what it saves (README, "Speed")
+    compile: bool = False
     # the run
     out_dir: str = "out"
     log_interval: int = 50
@@ -99,18 +102,20 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     # the TrainConfig defaults: trains on a 2-core CPU in minutes. 16x16 in 4x4x4 patches (16
-    # tokens a frame, cheap steps) reduced to 24 principal components: at equal iterations a few
-    # components drew the objects more often than the raw 192 values, 48 components or 2- and
-    # 1-frame patches; 24 keep 96% of the objects through the tokenizer where 16 keep 86%, and
-    # trained as well as 16 (3 seeds); lr 2e-3 a little better than 1e-3 (README, "what it took")
+    # tokens a frame, cheap steps) reduced to 16 principal components: at equal iterations these
+    # drew the objects more often than the raw 192 values, 24 or 48 components (24 keep 97% of the
+    # objects through the tokenizer, 16 keep 86%, but the model drew them in 27% of frames
+    # against 44%) or 2- and 1-frame patches; lr 2e-3 a little better than 1e-3 (README, "what it
+    # took")
     "tiny": {},
     # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight
     # decay 0.02, lr 1e-4 throughout. Not given by the paper, so MAR's: warm-up, clipping 3.0, EMA
-    # 0.9999; batch and iterations ours.
+    # 0.9999; batch and iterations ours. torch.compile on, as nanoGPT on GPUs, where a run of
+    # 350k iterations repays its compile time many times over (not measured here: no GPU).
     "videomar": dict(height=256, width=256, tokenizer=None, text_encoder=None, batch_size=8,
                      lr=1e-4, min_lr=1e-4, warmup_iters=5000, grad_clip=3.0, ema_decay=0.9999,
                      stage_iters=[200000, 100000, 50000], log_interval=100, ckpt_interval=2000,
-                     num_workers=8, sample_num_iter=64),
+                     num_workers=8, sample_num_iter=64, compile=True),
 }
 # options of one invocation, never restored by --resume
 RUN_KEYS = ("out_dir", "resume", "init_from", "device")
@@ -383,12 +388,23 @@ def build(cli, model_cli, process):
         ema = build_model({**source, "config": model_config}, use_ema=resumed is not None)
     model.to(process.device)
     ema.to(process.device).eval().requires_grad_(False)
+    if config.compile:
+        compile_model(model)
     optimizer = make_optimizer(model, config, process.device_type)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
     position = Position(*(resumed[k] for k in Position._fields)) if resumed else None
     return Run(config, out_dir, tokenizer, text_encoder, stages, datasets, model, ema, optimizer,
                position)
+
+
+def compile_model(model, backend="inductor"):
+    """torch.compile, in place, the parts of the training model with many small operations: the
+    transformer blocks and the diffusion head's MLP. In place (Module.compile), so parameter
+    names and checkpoints stay those of the plain model; dynamic shapes, since the frames a step
+    sees and the masked tokens it scores change from step to step."""
+    for module in [*model.blocks, model.diffloss.net]:
+        module.compile(backend=backend, dynamic=True)
 
 
 def model_options(config, model_cli, source, tokenizer, origin):
