@@ -1937,6 +1937,9 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
                                 "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
     assert "quality on 16 held-out clips" in capsys.readouterr().out
+    # a total-mask model samples the whole video at once: no frame to teacher-force
+    assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2
+    assert "--teacher_forced needs a model trained frame by frame" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
