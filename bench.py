@@ -5,6 +5,7 @@ reported as ratios (this machine is shared and noisy: medians and ratios, not ab
     python bench.py                        # quick: about a minute on a 2-core CPU
     python bench.py --full                 # the long run: 1 + 6 latent frames, 64 masking steps
     python bench.py --threads 1 --repeats 5 --json out/bench.json
+    python bench.py --compile              # the same, torch.compile'd (model.compile_model)
     python bench.py --device cuda
 
 1. The diffusion head: one 100-step CFG sampling call (DiffLoss.sample) for 1, 4, 16 and 64
@@ -34,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cli import ArgumentParser, check_writable, device_option, int_at_least, positive_int
 from data import BadInput
-from model import PRESETS, KVCache, VideoMAR, VideoMARConfig
+from model import PRESETS, KVCache, VideoMAR, VideoMARConfig, compile_model
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,
                    diffloss_w=256, text_dim=384, text_len=16)
@@ -295,6 +296,9 @@ def parse_args(argv=None):
                         help=f"masking steps a frame {sizes('num_iter')}")
     parser.add_argument("--batch_size", type=positive_int,
                         help=f"of the training step {sizes('batch_size')}")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the blocks and the diffusion head first "
+                             "(model.compile_model); each timing's warm-up run compiles")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     for name, value in RUNS["full" if args.full else "quick"].items():
@@ -320,10 +324,12 @@ def main(argv=None):
     torch.manual_seed(0)
     config = VideoMARConfig(**BENCH_MODEL)
     model = VideoMAR(config).to(device).eval()
+    if args.compile:
+        compile_model(model)
     print(f"{'--full' if args.full else 'quick run (--full: the long one)'}: {config.n_layer} "
           f"layers of width {config.n_embd}, diffusion head {config.diffloss_d} x "
           f"{config.diffloss_w}, {args.grid} x {args.grid} tokens a frame; {device}, "
-          f"{args.threads} threads")
+          f"{args.threads} threads{', compiled' if args.compile else ''}")
 
     results = dict(device=str(device), threads=args.threads, model=BENCH_MODEL, args=vars(args))
     results["diffusion_head"] = head = bench_diffusion_head(model, args, device)

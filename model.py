@@ -523,6 +523,18 @@ class VideoMAR(nn.Module):
         return unpatchify(tokens.view(B, num_latent_frames, L, -1), p, h, w)
 
 
+def compile_model(model, backend="inductor"):
+    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
+    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
+    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
+    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
+    and the tokens it scores or samples change from step to step."""
+    for module in [*model.blocks, model.diffloss.net]:
+        module.compile(backend=backend, dynamic=True)
+    head = model.diffloss.net
+    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: written atomically by train.py, loaded with weights_only, the configs as plain data
 

@@ -33,8 +33,9 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
                   read_video_at_size, resize_center_crop, save_image_grid, write_video)
 from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, frame_temperature,
-                   load_checkpoint, patchify, sample_mask_ratios, save_checkpoint, unpatchify)
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, compile_model,
+                   frame_temperature, load_checkpoint, patchify, sample_mask_ratios,
+                   save_checkpoint, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
@@ -1407,22 +1408,32 @@ def test_copy_baseline(monkeypatch):
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
 
 
-def test_compiled_model_gives_the_same_loss_and_keeps_its_parameter_names():
-    """train.compile_model compiles in place: the same loss for the same draws, gradients flow,
-    and the state dict (so every checkpoint) keeps the plain model's names. Dynamo's eager
-    backend traces what inductor would compile, without the minute of code generation."""
+def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_names():
+    """model.compile_model compiles in place: the same loss and the same samples for the same
+    draws, gradients flow, and the state dict (so every checkpoint) keeps the plain model's names.
+    Dynamo's eager backend traces what inductor would compile, without the minute of code
+    generation."""
     model = tiny_model(24, 16)
+    with torch.no_grad():  # off the zero-initialised output, so the head's samples depend on it
+        for parameter in model.diffloss.parameters():
+            parameter += 0.1 * torch.randn_like(parameter)
     names = list(model.state_dict())
     latents, (text, mask) = torch.randn(2, 3, 24, 4, 4), FakeText()(["a", "b"])
-    torch.manual_seed(0)
-    plain = model(latents, text, mask, target_frame=2)
-    train.compile_model(model, backend="eager")
-    torch.manual_seed(0)
-    compiled = model(latents, text, mask, target_frame=2)
-    compiled.backward()
-    assert torch.allclose(plain, compiled, atol=1e-5) and list(model.state_dict()) == names
-    # (the head's output starts at zero, so at initialisation only the head itself gets a gradient)
-    assert model.diffloss.net.final_layer.linear.weight.grad.abs().sum() > 0
+    z = torch.randn(6, 32)
+
+    def loss_and_sample():
+        torch.manual_seed(0)
+        loss = model(latents, text, mask, target_frame=2)
+        return loss, model.diffloss.sample(z, temperature=0.9, cfg=3.0)
+
+    plain = loss_and_sample()
+    compile_model(model, backend="eager")
+    compiled = loss_and_sample()
+    compiled[0].backward()
+    assert torch.allclose(plain[0], compiled[0], atol=1e-5)
+    assert torch.allclose(plain[1], compiled[1], atol=1e-5)
+    assert list(model.state_dict()) == names
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():

@@ -50,8 +50,8 @@ from cli import (ArgumentParser, add_field_options, device_option, float_where, 
 from data import (BadInput, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
                   save_image_grid, write_video)
 from metrics import evaluate, summary
-from model import (PRESETS, VideoMARConfig, build_model, load_checkpoint, model_from_config,
-                   save_checkpoint)
+from model import (PRESETS, VideoMARConfig, build_model, compile_model, load_checkpoint,
+                   model_from_config, save_checkpoint)
 
 
 @dataclass
@@ -396,15 +396,6 @@ def build(cli, model_cli, process):
     position = Position(*(resumed[k] for k in Position._fields)) if resumed else None
     return Run(config, out_dir, tokenizer, text_encoder, stages, datasets, model, ema, optimizer,
                position)
-
-
-def compile_model(model, backend="inductor"):
-    """torch.compile, in place, the parts of the training model with many small operations: the
-    transformer blocks and the diffusion head's MLP. In place (Module.compile), so parameter
-    names and checkpoints stay those of the plain model; dynamic shapes, since the frames a step
-    sees and the masked tokens it scores change from step to step."""
-    for module in [*model.blocks, model.diffloss.net]:
-        module.compile(backend=backend, dynamic=True)
 
 
 def model_options(config, model_cli, source, tokenizer, origin):
