@@ -83,7 +83,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     # torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off for
-    # tiny: on a 2-core CPU its compile time (~70 s) exceeds what it saves (README, "Speed")
+    # tiny: on a 2-core CPU it compiles for ~30 s and its 5-frame steps are no faster (README,
+    # "Training speed")
     compile: bool = False
     # the run
     out_dir: str = "out"
@@ -105,7 +106,7 @@ TRAIN_PRESETS = {
     # tokens a frame, cheap steps) reduced to 16 principal components: at equal iterations these
     # drew the objects more often than the raw 192 values, 24 or 48 components (24 keep 97% of the
     # objects through the tokenizer, 16 keep 86%, but the model drew them in 27% of frames
-    # against 44%) or 2- and 1-frame patches; lr 2e-3 a little better than 1e-3 (README, "what it
+    # against 46%) or 2- and 1-frame patches; lr 2e-3 a little better than 1e-3 (README, "what it
     # took")
     "tiny": {},
     # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight
