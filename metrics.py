@@ -186,13 +186,13 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
     generators = {m: torch.Generator(device).manual_seed(seed)
                   for m in ("model", "null_text", "teacher_forced")}
 
-    def image_to_video(first_frame, text, text_mask):
+    def image_to_video(cond, text, text_mask):
         # with the null text both CFG halves would be the same, so cfg 1 is the same video at half
         # the cost; a model without frame-wise causal attention (Table 4) cannot use the KV cache,
         # and a "total mask" model (Eq. 3.1) is sampled as it was trained: the whole video at once
         options = dict(generator=generators["model" if text is not None else "null_text"],
                        clip_range=tokenizer.clip_range)
-        cond, guidance = tokenizer.encode(first_frame), cfg if text is not None else 1.0
+        guidance = cfg if text is not None else 1.0
         if model.config.next_frame_loss:
             latents = model.generate(cond, text, text_mask, num_latent_frames, num_iter, guidance,
                                      temperature, use_kv_cache=model.config.causal, **options)
@@ -201,9 +201,8 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
                                                 guidance, temperature, **options)
         return tokenizer.decode(latents).clamp(-1, 1)
 
-    def teacher_forcing(truth, text, text_mask):
+    def teacher_forcing(true_latents, text, text_mask):
         # frame t from the true frames before it, at the temperature frame t gets in the free run
-        true_latents = tokenizer.encode(truth)
         latents = true_latents.clone()
         for t in range(1, num_latent_frames):
             latents[:, t] = model.generate(
@@ -215,15 +214,17 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
     for start in range(0, n, batch_size):
         clips, captions = zip(*(dataset[i] for i in range(start, min(n, start + batch_size))))
         truth = torch.stack(clips).to(device)
-        first_frame = truth[:, :1]  # encoded alone: one latent frame
+        first_frame = truth[:, :1]
+        cond = tokenizer.encode(first_frame)  # encoded alone, as image-to-video has only it
+        true_latents = tokenizer.encode(truth)
         text = text_encoder(list(captions))
-        videos = {"model": image_to_video(first_frame, *text),
+        videos = {"model": image_to_video(cond, *text),
                   "copy": first_frame.expand_as(truth),
-                  "tokenizer": tokenizer.decode(tokenizer.encode(truth)).clamp(-1, 1)}
+                  "tokenizer": tokenizer.decode(true_latents).clamp(-1, 1)}
         if null_text:
-            videos["null_text"] = image_to_video(first_frame, None, None)
+            videos["null_text"] = image_to_video(cond, None, None)
         if teacher_forced:
-            videos["teacher_forced"] = teacher_forcing(truth, *text)
+            videos["teacher_forced"] = teacher_forcing(true_latents, *text)
         for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
             for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
                 scores_m.append(s.cpu())
