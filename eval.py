@@ -12,6 +12,7 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --temperature 1.0        # Table 4 / 5: a constant temperature
     python eval.py --ckpt out/ckpt.pt --cfg 1.0                # no classifier-free guidance
     python eval.py --ckpt out/ckpt.pt --teacher_forced         # §4.3: the accumulated error
+    python eval.py --ckpt out/ckpt.pt --ddim                   # the head sampled without noise
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
@@ -113,6 +114,10 @@ def parse_args(argv=None):
     parser.add_argument("--teacher_forced", action="store_true",
                         help="also generate each latent frame from the true earlier ones (a row "
                              "teacher_forced: the accumulated error of §4.3 is its gap to model)")
+    parser.add_argument("--ddim", action="store_true",
+                        help="sample the diffusion head by deterministic DDIM steps, not the "
+                             "paper's ancestral ones: do the objects come back without the "
+                             "sampling noise? (if not, the transformer's z lacks them)")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--out", default="out/eval",
                         help="directory for eval.json, psnr.png, presence.png, grid.png and "
@@ -133,7 +138,7 @@ def run(args):
 
     result = evaluate(model, tokenizer, text_encoder, args.n, num_frames, height, width, num_iter,
                       args.cfg, args.temperature, args.seed, args.batch_size,
-                      teacher_forced=args.teacher_forced)
+                      teacher_forced=args.teacher_forced, ddim=args.ddim)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [video.cpu() for video in result.pop("grid")]
@@ -153,8 +158,8 @@ def run(args):
                 f"objects present per frame, {args.n} held-out clips ({trained})", "present (%)",
                 cap=math.inf, y_range=(0, 100, 20))
     print(f"{args.ckpt}: {args.n} held-out clips, {num_frames} frames of {height}x{width} "
-          f"({trained}), num_iter {num_iter}, cfg {args.cfg}, temperature {args.temperature}, "
-          f"seed {args.seed}")
+          f"({trained}), num_iter {num_iter}, cfg {args.cfg}, "
+          f"{'DDIM' if args.ddim else f'temperature {args.temperature}'}, seed {args.seed}")
     print(table(result))
     print(f"wrote {out / 'eval.json'}, {out / 'psnr.png'}, {out / 'presence.png'}, "
           f"{out / 'grid.png'} and {out / 'truth_vs_generated.gif'}")

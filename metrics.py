@@ -166,14 +166,15 @@ def summarise_objects(per_clip, last_third):
 @torch.no_grad()
 def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_iter=16, cfg=3.0,
              temperature="progressive", seed=0, batch_size=16, null_text=True,
-             teacher_forced=False, keep=4):
+             teacher_forced=False, ddim=False, keep=4):
     """Image-to-video on the first n held-out clips (num_frames pixel frames of height x width),
     scored against the truth. Returns a dict: per method ("model", "teacher_forced" if asked,
     "null_text" unless null_text is False, "copy", "tokenizer") its PSNR and SSIM over all
     generated frames, over their last third and per generated frame index (1, 2, ...), and its
     object scores;
     "frames", the frame indices; "grid", the truth and the model's video of the first `keep`
-    clips (tensors, not for JSON)."""
+    clips (tensors, not for JSON). `ddim` samples the head by deterministic DDIM steps (a probe
+    of z without the sampling noise), not the paper's ancestral ones."""
     device = next(model.parameters()).device
     dataset = SyntheticVideos(num_frames, height, width, split="test")
     num_latent_frames = tokenizer.latent_frames(num_frames)
@@ -191,7 +192,7 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
         # the cost; a model without frame-wise causal attention (Table 4) cannot use the KV cache,
         # and a "total mask" model (Eq. 3.1) is sampled as it was trained: the whole video at once
         options = dict(generator=generators["model" if text is not None else "null_text"],
-                       clip_range=tokenizer.clip_range)
+                       clip_range=tokenizer.clip_range, ddim=ddim)
         guidance = cfg if text is not None else 1.0
         if model.config.next_frame_loss:
             latents = model.generate(cond, text, text_mask, num_latent_frames, num_iter, guidance,
@@ -208,7 +209,8 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
             latents[:, t] = model.generate(
                 true_latents[:, :t], text, text_mask, t + 1, num_iter, cfg,
                 frame_temperature(temperature, t - 1), use_kv_cache=model.config.causal,
-                generator=generators["teacher_forced"], clip_range=tokenizer.clip_range)[:, t]
+                generator=generators["teacher_forced"], clip_range=tokenizer.clip_range,
+                ddim=ddim)[:, t]
         return tokenizer.decode(latents).clamp(-1, 1)
 
     for start in range(0, n, batch_size):
@@ -234,7 +236,8 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
 
     last_third = slice(-math.ceil((num_frames - 1) / 3), None)
     result = dict(n=n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
-                  cfg=cfg, temperature=temperature, seed=seed, frames=list(range(1, num_frames)),
+                  cfg=cfg, temperature=temperature, seed=seed, ddim=ddim,
+                  frames=list(range(1, num_frames)),
                   grid=grid)
     for m in methods:
         e, s = (torch.cat(x).double() for x in scores[m])  # (n, T - 1)

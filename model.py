@@ -406,7 +406,7 @@ class VideoMAR(nn.Module):
     @torch.no_grad()
     def generate(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64, cfg=3.0,
                  temperature="progressive", use_kv_cache=True, generator=None, clip_range=None,
-                 clip_x0=True, progress=None):
+                 clip_x0=True, ddim=False, progress=None):
         """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to
         `num_latent_frames` latent frames. `text` (B, S, text_dim) and `text_mask` (B, S) are the
         captions, or None for the null text; with cfg != 1 the batch is doubled with the null
@@ -419,7 +419,9 @@ class VideoMAR(nn.Module):
           diffusion step of every token of every frame, is clamped to it first (DiffLoss.sample).
           That changes every posterior mean; the last one (t = 0) is the clamped x_0 itself, so
           the tokens come out inside the range and the authors' clip then changes nothing.
-        `progress`, if given, is told of every finished frame (`update(1)`, as a tqdm bar).
+        `ddim` samples each token by deterministic DDIM steps of the head, not the paper's
+        ancestral ones: a probe of what z holds (eval.py --ddim). `progress`, if given, is told
+        of every finished frame (`update(1)`, as a tqdm bar).
         Returns (B, num_latent_frames, C, h, w), the given frames bit-exact."""
         config, device = self.config, cond_latents.device
         p = config.patch_size
@@ -464,7 +466,8 @@ class VideoMAR(nn.Module):
                           else z[to_predict])
                 cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
                 sampled = self.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator,
-                                               clip_range=clip_range if clip_x0 else None)
+                                               clip_range=clip_range if clip_x0 else None,
+                                               ddim=ddim)
                 if clip_range is not None and f > k:  # the authors' clip, before later steps see it
                     sampled = sampled.clamp(*clip_range)
                 tokens[:, f][to_predict] = sampled.to(tokens.dtype)
@@ -481,7 +484,7 @@ class VideoMAR(nn.Module):
     @torch.no_grad()
     def generate_total_mask(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64,
                             cfg=3.0, temperature="progressive", generator=None, clip_range=None,
-                            progress=None):
+                            ddim=False, progress=None):
         """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
         over all the tokens of the video at once, not frame by frame. Every token after the `k`
         given frames starts masked, in one random order over the whole video; `num_iter` steps
@@ -515,7 +518,8 @@ class VideoMAR(nn.Module):
                 rows = to_predict & (frame_of == f)
                 z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if guided else z[rows]
                 sampled = self.diffloss.sample(z_rows, frame_temperature(temperature, f - k),
-                                               cfg_step, generator=generator, clip_range=clip_range)
+                                               cfg_step, generator=generator, clip_range=clip_range,
+                                               ddim=ddim)
                 tokens[rows] = sampled.to(tokens.dtype)
             mask = following
             if progress is not None:

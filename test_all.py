@@ -617,6 +617,41 @@ def test_diffloss_sample_matches_reference_loop():
     assert not torch.allclose(plain, fast, atol=1e-3)
 
 
+def test_ddim_probe_is_deterministic_and_lands_on_a_point_mass():
+    """eval.py --ddim: a DDIM step (eta 0) is sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps with x0
+    and eps from the model's epsilon; the whole pass ignores the generator and, given the exact
+    epsilon of a point mass, lands on it from any starting noise (on its clamp if outside)."""
+    d = create_diffusion("50")
+    abar = d.alphas_cumprod.float()
+    x, output = torch.randn(4, 5), torch.randn(4, 10)
+    i = 30
+    x0 = (x - (1 - abar[i]).sqrt() * output[:, :5]) / abar[i].sqrt()
+    expected = abar[i - 1].sqrt() * x0 + (1 - abar[i - 1]).sqrt() * output[:, :5]
+    assert torch.allclose(d.ddim_step(output, x, i), expected, atol=1e-5)
+
+    target = torch.rand(4, 5) * 1.6 - 0.8
+
+    def exact(x, i):  # the epsilon that explains x as noise around target
+        eps = (x - abar[i].sqrt() * target) / (1 - abar[i]).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
+
+    for seed in (0, 1):
+        noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed))
+        landed = d.p_sample_loop(exact, (4, 5), noise, ddim=True,
+                                 generator=torch.Generator().manual_seed(seed + 7))
+        assert torch.allclose(landed, target, atol=1e-4)
+        clamped = d.p_sample_loop(exact, (4, 5), noise, ddim=True, clip_range=(-0.5, 0.5))
+        assert torch.allclose(clamped, target.clamp(-0.5, 0.5), atol=1e-4)
+    # through the head, with guidance: the same tokens whatever the generator
+    torch.manual_seed(0)
+    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
+    z, noise = torch.randn(8, 24), torch.randn(4, 6)
+    a, b = (head.sample(z, cfg=2.5, noise=noise, ddim=True,
+                        generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    ancestral = head.sample(z, cfg=2.5, noise=noise, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.allclose(a, ancestral, atol=1e-3)
+
+
 # ----------------------------------------------------------------------------------------------
 # The method, model.py: generation frame by frame with the KV cache (§4.3, Table 2)
 
