@@ -517,6 +517,25 @@ def test_rope_split_follows_the_authors_time_half():
         assert parts[1] == parts[2] and parts[0] >= head_dim // 2
 
 
+def test_rope_theta_sets_the_base_and_a_small_one_tells_apart_columns_of_a_wider_grid():
+    """rope_theta reaches the model's RoPE. Tiny's 8 channels an axis at the base 10000 place
+    column 6 of an 8-wide grid closer to column 0 than column 1 is (the aliasing of "what it
+    took"); at a base of 100 distance grows with the offset."""
+    def model(theta):
+        return VideoMAR(VideoMARConfig(**{**PRESETS["tiny"], "latent_channels": 16,
+                                          "rope_theta": theta}))
+
+    for theta in (10000.0, 100.0):
+        assert torch.equal(model(theta).rope(2, 3, (8, 8), "cpu"),
+                           rope_frequencies(32, 3, 8, 8, frame_offset=2, theta=theta))
+    # row 0, columns 0, 1 and 6: their column channels (the last 8 of 32: 4 angles)
+    def apart(theta, column):
+        freqs = model(theta).rope(0, 1, (8, 8), "cpu")[:, -4:]  # (64, 4, [cos, sin])
+        return (freqs[0] - freqs[column]).norm().item()
+    assert apart(10000.0, 6) < apart(10000.0, 1)
+    assert apart(100.0, 6) > apart(100.0, 1) + 0.5
+
+
 def test_rope_is_a_rotation():
     """3D RoPE is a rotation (norms kept), and a frame's rotation does not depend on the frames
     after it."""

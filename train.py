@@ -140,6 +140,7 @@ CHECKS = dict(
     sample_cfg=non_negative_float,
     device=device_option, text_drop_prob=fraction, mask_ratio_min=fraction,
     mask_ratio_std=float_where(lambda x: 0 < x <= 1, "in (0, 1]"),
+    rope_theta=float_where(lambda x: x > 1, "above 1 (at 1 every frequency is the same)"),
 )
 # for a fresh model, these come from the frozen encoders rather than from the preset
 SIZED_BY = dict(latent_channels="the tokenizer's channels", text_dim="the text encoder's width")
