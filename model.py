@@ -45,10 +45,11 @@ class VideoMARConfig:
     # RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: not in
     # the paper, but in the authors' released model (Step-Video blocks); the videomar preset has it
     qk_norm: bool = False
-    # 3D RoPE's base (rope3d.py): 10000, as the authors' released model. An axis's frequencies
-    # are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, 0.1, 0.01, 0.001)
-    # only the first tells apart positions a few tokens apart, and it comes round after 6.3; a
-    # smaller base spreads them over a small grid (tried on an 8 x 8 grid: README, "what it took")
+    # 3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's
+    # frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, 0.1,
+    # 0.01, 0.001) only the first tells apart positions a few tokens apart, and it comes round
+    # after 6.3; a smaller base spreads them over a small grid (tried on 8 x 8: README, "what it
+    # took")
     rope_theta: float = 10000.0
     # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention); S_max tokens at most
     text_dim: int = 1536
