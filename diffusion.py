@@ -6,7 +6,8 @@ that token: MAR's diffusion loss. The formulation is exactly MAR's, which is DiT
 cosine noise schedule over 1000 steps, epsilon prediction, learned-range variance trained with
 the VLB term, sampling respaced to 100 steps, a temperature that scales the sampling noise, and
 classifier-free guidance on epsilon. Parameter names equal MAR's `DiffLoss`, so a MAR checkpoint
-of the head loads here weight for weight.
+of the head loads here weight for weight. Beside MAR's sampler, deterministic DDIM steps: not the
+paper's, a probe of what z holds once the sampling noise is gone (eval.py --ddim).
 
 Usage:
     head = DiffLoss(target_channels=16, z_channels=1536, depth=3, width=1280,
@@ -336,9 +337,9 @@ class DiffLoss(nn.Module):
         unconditional ones; both halves denoise the same x (the conditional half's), and the
         guided epsilon is uncond + cfg (cond - uncond). `noise` is the initial x_T (N, C).
         `clip_range` (lo, hi): the tokenizer's latent range, imposed on every predicted x_0.
-        `ddim`: deterministic DDIM steps instead of MAR's ancestral ones (a probe, not MAR's).
         MAR needs none after long training; a briefly trained head does: at t = 999 of the
-        cosine schedule sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0."""
+        cosine schedule sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0.
+        `ddim`: deterministic DDIM steps instead of MAR's ancestral ones (a probe, not MAR's)."""
         diffusion, guided = self.gen_diffusion, cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
         # Hot path (every token of every frame, 100 steps, in many small calls): the AdaLN
