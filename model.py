@@ -67,6 +67,10 @@ class VideoMARConfig:
     # mask", Eq. 3.1)
     causal: bool = True
     next_frame_loss: bool = True
+    # Eq. 4.1's expectation over the target frame t evaluated for every t in each pass (the same
+    # objective, T times the signal; all_frames_z), rather than one t drawn per batch. For causal
+    # next-frame training only: the ablations of Table 4 keep the one-t draw
+    all_frames: bool = True
 
     @property
     def token_dim(self):
@@ -123,6 +127,19 @@ def random_masks(batch, length, ratios, device):
 def frame_causal_mask(query_frames, key_frames):
     """bool (Nq, Nk), True = may attend: a token sees every token of its own and earlier frames."""
     return query_frames[:, None] >= key_frames[None, :]
+
+
+def all_frames_mask(T, L, device=None):
+    """bool ((2T-1)L, (2T-1)L), True = may attend, of VideoMAR.all_frames_z's sequence: the clean
+    frames 0..T-2, then a masked copy of every frame 0..T-1. A clean frame sees the clean frames
+    up to its own (frame-wise causal); the copy of frame t sees the clean frames before t and
+    itself (bidirectionally), never the clean frame t, a later one or another copy."""
+    frame = torch.arange(T, device=device).repeat_interleave(L)
+    frame = torch.cat([frame[:(T - 1) * L], frame])
+    copy = torch.arange(len(frame), device=device) >= (T - 1) * L
+    q_frame, k_frame, q_copy, k_copy = frame[:, None], frame[None], copy[:, None], copy[None]
+    sees_clean = ~k_copy & ((k_frame < q_frame) | (~q_copy & (k_frame == q_frame)))
+    return sees_clean | (q_copy & k_copy & (k_frame == q_frame))
 
 
 def next_mask(mask, order, step, num_steps, total):
@@ -367,45 +384,70 @@ class VideoMAR(nn.Module):
 
     # -- §4.1 the next-frame diffusion loss (Eq. 4.1) ---------------------------------------
 
-    def forward(self, latents, text, text_mask, target_frame=None):
-        """Training loss of a batch of latent clips (B, T, C, h, w) with their captions; the
-        target frame is drawn at random unless given."""
+    def target_frame_z(self, tokens, target, mask, grid, context):
+        """z (B, L, n_embd) of frame `target` of tokens (B, T, L, token_dim), masked where `mask`
+        (B, L) is True, with the frames before it fully visible: Eq. 4.1 for one t. Frames after
+        t would be fully masked and, under frame-wise causal attention, cannot reach frame t, so
+        they are left out; the ablation without causal attention sees them, fully masked."""
+        B, T, L, _ = tokens.shape
+        seen = target + 1 if self.config.causal else T
+        full_mask = torch.zeros(B, seen, L, dtype=torch.bool, device=tokens.device)
+        full_mask[:, target] = mask
+        full_mask[:, target + 1:] = True
+        z = self.forward_frames(tokens[:, :seen].flatten(1, 2), full_mask.flatten(1), 0, grid,
+                                context)
+        return z.view(B, seen, L, -1)[:, target]
+
+    def all_frames_z(self, tokens, masks, grid, context):
+        """z (B, T, L, n_embd) of every frame t of tokens (B, T, L, token_dim), each masked where
+        masks[:, t] is True and seeing the true frames before it: Eq. 4.1 for every t in one
+        pass. The sequence holds the clean frames 0..T-2, then a masked copy of every frame
+        0..T-1, each at its own frame's RoPE time; under all_frames_mask each copy computes
+        exactly what target_frame_z computes for its t (MAGI's "complete teacher forcing")."""
+        B, T, L, _ = tokens.shape
+        clean = self.embed(tokens[:, :T - 1].flatten(1, 2))
+        copies = self.embed(tokens.flatten(1, 2), masks.flatten(1))
+        device = tokens.device
+        rope = torch.cat([self.rope(0, T - 1, grid, device), self.rope(0, T, grid, device)])
+        z = self.transformer(torch.cat([clean, copies], dim=1), rope,
+                             all_frames_mask(T, L, device), context)
+        return z[:, (T - 1) * L:].view(B, T, L, -1)
+
+    def forward(self, latents, text, text_mask):
+        """The training loss of latent clips (B, T, C, h, w) with their captions: §4.1's
+        next-frame diffusion loss (Eq. 4.1), for every frame at once (`all_frames`) or for one
+        frame t drawn per batch; or the "total mask" loss of Eq. 3.1 (Table 4)."""
         config, device = self.config, latents.device
         p = config.patch_size
         B, T, C, h, w = latents.shape
+        grid = (h // p, w // p)
         tokens = patchify(latents, p)
         L = tokens.shape[2]
         drop = torch.rand(B, device=device) < config.text_drop_prob if self.training else None
         context = self.text_context(text, text_mask, drop)
+
+        if config.next_frame_loss and config.causal and config.all_frames:
+            ratios = sample_mask_ratios(B * T, config.mask_ratio_min, config.mask_ratio_std,
+                                        device)
+            masks = random_masks(B * T, L, ratios, device).view(B, T, L)
+            z = self.all_frames_z(tokens, masks, grid, context)
+            return self.diffusion_loss(tokens, z, masks)
         ratios = sample_mask_ratios(B, config.mask_ratio_min, config.mask_ratio_std, device)
+        if config.next_frame_loss:  # one target frame t, uniform over all (t = 0: text-to-image)
+            target = int(torch.randint(T, (1,)))
+            mask = random_masks(B, L, ratios, device)
+            z = self.target_frame_z(tokens, target, mask, grid, context)
+            return self.diffusion_loss(tokens[:, target], z, mask)
+        # Eq. 3.1, the "total mask" baseline of Table 4: tokens masked anywhere in the video
+        mask = random_masks(B, T * L, ratios, device)
+        z = self.forward_frames(tokens.flatten(1, 2), mask, 0, grid, context)
+        return self.diffusion_loss(tokens.flatten(1, 2), z, mask)
 
-        if config.next_frame_loss:
-            # Eq. 4.1: one target frame t, uniform over all frames (t = 0 is text-to-image).
-            # Frames before t stay fully visible; frames after t would be fully masked and carry
-            # no loss, and with frame-wise causal attention they cannot affect frames <= t, so
-            # dropping them gives the same loss for less compute.
-            target = int(torch.randint(T, (1,))) if target_frame is None else target_frame
-            seen = target + 1 if config.causal else T  # the latent frames the model runs on
-            mask = torch.zeros(B, seen, L, dtype=torch.bool, device=device)
-            mask[:, target] = random_masks(B, L, ratios, device)
-            mask[:, target + 1:] = True
-            loss_mask = torch.zeros_like(mask)
-            loss_mask[:, target] = mask[:, target]
-        else:
-            # Eq. 3.1, the "total mask" baseline of Table 4: mask tokens anywhere in the video
-            seen = T
-            mask = random_masks(B, T * L, ratios, device).view(B, T, L)
-            loss_mask = mask
-
-        tokens = tokens[:, :seen].flatten(1, 2)
-        z = self.forward_frames(tokens, mask.flatten(1), 0, (h // p, w // p), context)
-
-        # the diffusion loss on the masked tokens of frame t only, each repeated 4 times with
-        # independent noise and timesteps (MAR's diffusion_batch_mul)
-        selected = loss_mask.flatten(1)
-        target_tokens = tokens[selected].repeat(config.diffusion_batch_mul, 1)
-        z = z[selected].repeat(config.diffusion_batch_mul, 1)
-        return self.diffloss(target_tokens.float(), z)
+    def diffusion_loss(self, tokens, z, mask):
+        """The diffusion loss on the masked tokens only, each repeated 4 times with independent
+        noise and timesteps (MAR's diffusion_batch_mul); the mean over all of them."""
+        repeats = self.config.diffusion_batch_mul
+        return self.diffloss(tokens[mask].float().repeat(repeats, 1), z[mask].repeat(repeats, 1))
 
     # -- §4.3 inference: frame by frame with the KV cache, each frame by masked generation -------
 
@@ -456,16 +498,8 @@ class VideoMAR(nn.Module):
                 if use_kv_cache:
                     z = self.forward_frames(double(tokens[:, f]), double(mask), f, grid, context,
                                             cache)
-                else:
-                    # "w/o KV cache" (Table 2): re-run all previous frames under the causal mask;
-                    # a model without causal attention also sees the (fully masked) future frames
-                    seen = f + 1 if config.causal else num_latent_frames
-                    full_mask = torch.zeros(B, seen, L, dtype=torch.bool, device=device)
-                    full_mask[:, f] = mask
-                    full_mask[:, f + 1:] = True
-                    z = self.forward_frames(double(tokens[:, :seen].flatten(1, 2)),
-                                            double(full_mask.flatten(1)), 0, grid, context)
-                    z = z[:, f * L:(f + 1) * L]
+                else:  # "w/o KV cache" (Table 2): re-run all previous frames every step
+                    z = self.target_frame_z(double(tokens), f, double(mask), grid, context)
                 following, mask_len = next_mask(mask, order, step, num_iter, L)
                 to_predict = mask & ~following
                 z_rows = (torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided

@@ -33,9 +33,9 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
                   read_video_at_size, resize_center_crop, save_image_grid, write_video)
 from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, build_model, compile_model,
-                   frame_temperature, load_checkpoint, patchify, sample_mask_ratios,
-                   save_checkpoint, unpatchify)
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, build_model,
+                   compile_model, frame_temperature, load_checkpoint, patchify,
+                   sample_mask_ratios, save_checkpoint, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
@@ -426,8 +426,8 @@ def test_mask_ratio_is_marss_truncated_normal():
 
 def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     """Capture what reaches the diffusion head: only masked tokens of one frame, 4 copies each,
-    and the transformer never sees frames after the target frame."""
-    model = random_model().train()
+    and the transformer never sees frames after the target frame (the one-t draw)."""
+    model = random_model(all_frames=False).train()
     seen = {}
 
     def fake_diffloss(target, z):
@@ -453,6 +453,74 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     expected = patchify(latents, 1)[:, target][mask[:, target]]
     assert torch.equal(seen["target"], expected.repeat(4, 1))
     assert seen["z"].shape == (4 * int(n_masked.sum()), model.config.n_embd)
+
+
+def test_all_frames_pass_gives_every_frames_one_t_z_and_loss():
+    """Eq. 4.1 for every t in one pass: the masked copy of each frame t gets exactly the z, and so
+    the diffusion loss, that the one-t pass computes for that t with the same mask."""
+    model = random_model()
+    B, T, grid = 2, 4, (2, 3)
+    L = grid[0] * grid[1]
+    tokens = torch.randn(B, T, L, model.config.token_dim)
+    g = torch.Generator().manual_seed(5)
+    masks = torch.rand(B, T, L, generator=g) < 0.7
+    masks[:, :, 0] = True  # at least one masked token a frame
+    context = model.text_context(*random_text(B, model.config))
+    with torch.no_grad():
+        z = model.all_frames_z(tokens, masks, grid, context)
+        for t in range(T):
+            one_t = model.target_frame_z(tokens, t, masks[:, t], grid, context)
+            assert torch.allclose(z[:, t], one_t, atol=1e-5), f"frame {t}"
+            losses = []
+            for z_t in (z[:, t], one_t):
+                torch.manual_seed(t)
+                losses.append(model.diffusion_loss(tokens[:, t], z_t, masks[:, t]))
+            assert torch.allclose(*losses, atol=1e-5)
+    # the pass trains every frame: its loss sees the masked tokens of all T frames
+    seen = {}
+    model.diffloss.forward = lambda target, z: seen.setdefault("n", len(target)) * 0.0
+    torch.manual_seed(0)
+    model.train()(unpatchify(tokens, 1, *grid), *random_text(B, model.config))
+    n_masked = seen["n"] // model.config.diffusion_batch_mul
+    assert math.ceil(0.7 * L) * B * T <= n_masked <= L * B * T
+
+
+def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
+    """In the all-frames pass the masked copy of frame t sees the true frames before t only:
+    changing frame t at its masked tokens, or any later frame, leaves the copy's z alone, and
+    changing an earlier frame changes it (so the first check can fail). The attention mask, read
+    directly, agrees."""
+    model = random_model()
+    B, T, grid = 2, 4, (2, 2)
+    L = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(B, T, L, model.config.token_dim, generator=g)
+    masks = torch.zeros(B, T, L, dtype=torch.bool)
+    masks[:, :, :3] = True
+    context = model.text_context(*random_text(B, model.config))
+    z_of = lambda x: model.all_frames_z(x, masks, grid, context)
+    with torch.no_grad():
+        z = z_of(tokens)
+        for t in range(T):
+            changed = tokens.clone()
+            changed[:, t, :3] += 1.0  # frame t where its copy is masked
+            changed[:, t + 1:] += 1.0
+            assert torch.allclose(z_of(changed)[:, t], z[:, t], atol=1e-6), f"frame {t} leaks"
+            if t > 0:
+                changed = tokens.clone()
+                changed[:, t - 1] += 1.0
+                assert (z_of(changed)[:, t] - z[:, t]).abs().amax() > 1e-4
+    allowed = all_frames_mask(T, L)
+    frame_of = lambda i: i // L if i < (T - 1) * L else (i - (T - 1) * L) // L
+    copy_of = lambda i: i >= (T - 1) * L
+    for q in range(len(allowed)):
+        for k in range(len(allowed)):
+            if copy_of(q):
+                expected = (frame_of(k) < frame_of(q) if not copy_of(k)
+                            else frame_of(k) == frame_of(q))
+            else:
+                expected = not copy_of(k) and frame_of(k) <= frame_of(q)
+            assert bool(allowed[q, k]) == expected, (q, k)
 
 
 def test_videomar_preset_has_1_4b_parameters():
@@ -1477,7 +1545,7 @@ def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_
 
     def loss_and_sample():
         torch.manual_seed(0)
-        loss = model(latents, text, mask, target_frame=2)
+        loss = model(latents, text, mask)
         return loss, model.diffloss.sample(z, temperature=0.9, cfg=3.0)
 
     plain = loss_and_sample()
