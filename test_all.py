@@ -87,6 +87,18 @@ def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
     return model, cond, random_text(batch, model.config)
 
 
+def record_sampling(model):
+    """Record (rows, temperature, cfg) of every call generation makes to the model's diffusion
+    head, which still samples."""
+    calls, sample = [], model.diffloss.sample
+
+    def recording(z, temperature=1.0, cfg=1.0, **kwargs):
+        calls.append((len(z), temperature, cfg))
+        return sample(z, temperature, cfg, **kwargs)
+    model.diffloss.sample = recording
+    return calls
+
+
 def tiny_model(token_dim, text_dim):
     torch.manual_seed(0)
     config = VideoMARConfig(latent_channels=token_dim, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
@@ -303,8 +315,12 @@ def test_frame_causal_and_bidirectional_inside_frame():
     model = random_model()
     grid, T = (3, 3), 4
     L = grid[0] * grid[1]
-    tokens = torch.randn(2, T * L, model.config.token_dim)
-    mask = torch.rand(2, T * L) < 0.3
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, T * L, model.config.token_dim, generator=g)
+    mask = torch.rand(2, T * L, generator=g) < 0.3
+    # the tokens changed below are visible: a masked token's value reaches nothing
+    mask[:, [L + 4, 2 * L + 4, 3 * L + 4, L + 8, 3 * L]] = False
+    assert mask.any()
     z = frames_output(model, tokens, mask, grid)
     for t in range(T - 1):
         changed = tokens.clone()
@@ -424,6 +440,24 @@ def test_mask_ratio_is_marss_truncated_normal():
     assert abs(r.mean().item() - mean) < 2e-3
 
 
+def test_training_masks_ceil_of_ratio_times_tokens(monkeypatch):
+    """MAR's training mask: a frame drawn the ratio r masks ceil(r L) of its L tokens, not floor
+    or round. With L = 16 the ratios 0.7, 0.71, 0.76, 0.9, 0.99 and 1 give r L = 11.2, 11.36,
+    12.16, 14.4, 15.84 and 16, so 12, 12, 13, 15, 16 and 16 masked tokens (floor: 11, 11, 12, 14,
+    15, 16); checked on the masks the next-frame loss trains on, each frame its own ratio."""
+    model = random_model().train()
+    ratios = torch.tensor([0.7, 0.71, 0.76, 0.9, 0.99, 1.0])
+    monkeypatch.setattr("model.sample_mask_ratios", lambda n, *args: ratios[:n])
+    seen, all_frames_z = [], model.all_frames_z
+    model.all_frames_z = lambda tokens, masks, *a: seen.append(masks) or all_frames_z(
+        tokens, masks, *a)
+    torch.manual_seed(0)
+    model(torch.randn(2, 3, 8, 4, 4), *random_text(2, model.config))  # 2 clips x 3 frames
+    masks = seen[0]
+    assert masks.shape == (2, 3, 16)
+    assert masks.sum(-1).flatten().tolist() == [12, 12, 13, 15, 16, 16]
+
+
 def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     """Capture what reaches the diffusion head: only masked tokens of one frame, 4 copies each,
     and the transformer never sees frames after the target frame (the one-t draw)."""
@@ -453,6 +487,63 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     expected = patchify(latents, 1)[:, target][mask[:, target]]
     assert torch.equal(seen["target"], expected.repeat(4, 1))
     assert seen["z"].shape == (4 * int(n_masked.sum()), model.config.n_embd)
+
+
+def test_training_drops_the_caption_of_one_clip_in_ten():
+    """Classifier-free guidance (MAR; §5.1 samples with CFG 3.0) is trained by replacing a clip's
+    whole caption with the learned null text with probability text_drop_prob = 0.1, each clip on
+    its own draw, in training only. Of 4,000 clips the dropped count is Binomial(4000, 0.1): mean
+    400, standard deviation 19; it must lie within 4.5 of them, [315, 485]."""
+    model = random_model(n_layer=1)
+    assert model.config.text_drop_prob == 0.1
+    S = model.config.text_len
+    seen = []  # the text every clip's cross-attention keys are computed from
+    model.blocks[0].cross_attn.kv.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    B = 4000
+    text = random_text(B, model.config)
+    latents = torch.randn(B, 2, 8, 1, 1, generator=torch.Generator().manual_seed(0))
+    null = model.null_text[0, :S]
+
+    def dropped():
+        seen.clear()
+        with torch.no_grad():
+            model(latents, *text)
+        projected = seen[0]
+        is_null = (projected == null).all(-1)  # (B, S): which tokens are the null text's
+        assert (is_null.all(1) | ~is_null.any(1)).all()  # the whole caption or none of it
+        return int(is_null.all(1).sum())
+
+    torch.manual_seed(0)
+    model.train()
+    assert 315 <= dropped() <= 485
+    model.eval()
+    assert dropped() == 0
+
+
+def test_one_t_training_draws_the_target_frame_uniformly_over_all_frames():
+    """§4.1 next-frame loss: "the frame t is randomly chosen between [1, T], spanning all the
+    frames" (here 0-based, frame 0 the text-to-image case), one t per batch in the one-t pass
+    (all_frames=False). Over 800 batches of T = 4 frames each frame is the target
+    Binomial(800, 1/4) times: 200 +- 12.2, within 4.5 standard deviations, [145, 255]; the frame
+    with masked tokens is the target, the frames before it fully visible."""
+    model = random_model(n_layer=1, all_frames=False).train()
+    T, L = 4, 1
+    targets = []
+
+    def record(tokens, mask, first, grid, context, *args, **kwargs):
+        masked_frames = mask.view(len(mask), -1, L).any(-1)[0]
+        targets.append(int(masked_frames.nonzero()[0]))
+        return torch.zeros(*tokens.shape[:2], model.config.n_embd)
+    model.forward_frames = record  # the transformer and the head are skipped: only t matters
+    model.diffloss.forward = lambda target, z: z.sum()
+    latents = torch.randn(1, T, 8, 1, 1, generator=torch.Generator().manual_seed(0))
+    text = random_text(1, model.config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(800):
+            model(latents, *text)
+    counts = [targets.count(t) for t in range(T)]
+    assert sum(counts) == 800 and all(145 <= c <= 255 for c in counts), counts
 
 
 def test_all_frames_pass_gives_every_frames_one_t_z_and_loss():
@@ -604,15 +695,37 @@ def test_rope_theta_sets_the_base_and_a_small_one_tells_apart_columns_of_a_wider
     assert apart(100.0, 6) > apart(100.0, 1) + 0.5
 
 
-def test_rope_is_a_rotation():
-    """3D RoPE is a rotation (norms kept), and a frame's rotation does not depend on the frames
-    after it."""
-    x = torch.randn(2, 3, 40, 24)
-    y = apply_rope(x, rope_frequencies(24, 2, 4, 5, frame_offset=7))
-    assert torch.allclose(x.norm(dim=-1), y.norm(dim=-1), atol=1e-5)
-    two_frames = apply_rope(x, rope_frequencies(24, 2, 4, 5, frame_offset=0))
-    one_frame = apply_rope(x[:, :, :20], rope_frequencies(24, 1, 4, 5))
-    assert torch.allclose(two_frames[:, :, :20], x[:, :, :20] * 0 + one_frame, atol=1e-6)
+def test_rope_frequencies_are_theta_to_the_minus_2i_over_d():
+    """§4.3, App. A: each axis is RoFormer's 1D RoPE, channel pair i of an axis of d channels
+    turned by position x theta^(-2i/d), the pairs consecutive channels. Tiny's head of 32 splits
+    16, 8, 8 (time, rows, columns): at theta 10000 time turns by 10^(-i/2) a frame (1, 0.316,
+    0.1, ...), rows and columns by 10^-i a token (1, 0.1, 0.01, 0.001); at theta 100, 10^(-i/2).
+    The frame index counts from frame_offset."""
+    time = [10 ** (-i / 2) for i in range(8)]
+    space = [1.0, 0.1, 0.01, 0.001]
+    frames, height, width, offset = 2, 3, 4, 5
+    freqs = rope_frequencies(32, frames, height, width, frame_offset=offset)
+    assert freqs.shape == (frames * height * width, 16, 2)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, frames * height * width, 32, generator=g)
+    turned = apply_rope(x, freqs)[0, 0]
+    n = 0
+    for t in range(frames):
+        for r in range(height):
+            for c in range(width):  # tokens frame-major, then raster order
+                angles = torch.tensor([(offset + t) * f for f in time] + [r * f for f in space]
+                                      + [c * f for f in space], dtype=torch.float64)
+                assert torch.allclose(freqs[n, :, 0].double(), angles.cos(), atol=1e-6)
+                assert torch.allclose(freqs[n, :, 1].double(), angles.sin(), atol=1e-6)
+                # channels (2i, 2i + 1) turned by angle i: a 2 x 2 rotation each
+                a, b = x[0, 0, n, 0::2].double(), x[0, 0, n, 1::2].double()
+                expected = torch.stack([a * angles.cos() - b * angles.sin(),
+                                        a * angles.sin() + b * angles.cos()], dim=-1).flatten()
+                assert torch.allclose(turned[n].double(), expected, atol=1e-5)
+                n += 1
+    small_base = rope_frequencies(32, 1, 1, 2, theta=100.0)[1, 8:]  # column 1: rows then columns
+    columns = torch.tensor([10 ** (-i / 2) for i in range(4)], dtype=torch.float64)
+    assert torch.allclose(small_base[4:, 1].double(), columns.sin(), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -646,8 +759,9 @@ def test_training_losses_vlb_term():
     """MAR's diffusion loss: MSE on epsilon plus the VLB term, whose gradient reaches only the
     variance output."""
     d = create_diffusion("")
-    x0 = torch.rand(6, 5) * 1.6 - 0.8
-    noise = torch.randn(6, 5)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 5, generator=g) * 1.6 - 0.8
+    noise = torch.randn(6, 5, generator=g)
     t = torch.tensor([0, 1, 10, 200, 700, 999])
     # the model predicts the true noise and v = -1 (the true posterior variance): KL = 0 for t >= 1
     perfect = torch.cat([noise, -torch.ones(6, 5)], dim=1)
@@ -710,13 +824,14 @@ def test_ddim_probe_is_deterministic_and_lands_on_a_point_mass():
     epsilon of a point mass, lands on it from any starting noise (on its clamp if outside)."""
     d = create_diffusion("50")
     abar = d.alphas_cumprod.float()
-    x, output = torch.randn(4, 5), torch.randn(4, 10)
+    g = torch.Generator().manual_seed(0)
+    x, output = torch.randn(4, 5, generator=g), torch.randn(4, 10, generator=g)
     i = 30
     x0 = (x - (1 - abar[i]).sqrt() * output[:, :5]) / abar[i].sqrt()
     expected = abar[i - 1].sqrt() * x0 + (1 - abar[i - 1]).sqrt() * output[:, :5]
     assert torch.allclose(d.ddim_step(output, x, i), expected, atol=1e-5)
 
-    target = torch.rand(4, 5) * 1.6 - 0.8
+    target = torch.rand(4, 5, generator=g) * 1.6 - 0.8
 
     def exact(x, i):  # the epsilon that explains x as noise around target
         eps = (x - abar[i].sqrt() * target) / (1 - abar[i]).sqrt()
@@ -789,38 +904,67 @@ def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_generation_under_bf16_autocast(qk_norm):
-    """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
+    """The GPU path, bf16 autocast, exercised on the CPU: the transformer computes in bf16, the
+    given frame comes back bit-exact and the video in fp32, and it is the fp32 video up to bf16
+    rounding (tokens in [-1, 1], 8 bits of mantissa: within 4 x 2^-8 everywhere), where another
+    seed's video lies about 0.6 away on average."""
     model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=3.0,
-                                 generator=torch.Generator().manual_seed(0))
+    dtypes = set()
+    model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
+    run = lambda seed: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=3.0,
+                                      clip_range=(-1.0, 1.0),
+                                      generator=torch.Generator().manual_seed(seed))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = run()
-    assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert (low - run()).abs().max() < 0.1 * run().abs().max()  # bf16 rounding, not another video
+        low = run(0)
+    assert dtypes == {torch.bfloat16}
+    full, other = run(0), run(1)
+    assert low.dtype == torch.float32 and torch.equal(low[:, :1], cond)
+    assert not torch.equal(low, full)  # autocast changed the arithmetic
+    assert (low - full).abs().max() < 4 * 2 ** -8
+    assert (other - full)[:, 1:].abs().mean() > 0.3
 
 
 def test_video_to_video_keeps_given_frames_and_extrapolates():
-    """§5.3 video-to-video and App. D extrapolation: the given frames come back bit-exact, at a
-    length and grid unlike training."""
-    model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))  # grid and length unlike training
-    out = model.generate(cond, *text, num_latent_frames=9, num_iter=2, cfg=2.0,
-                         generator=torch.Generator().manual_seed(0))
+    """§5.3 video-to-video and App. D extrapolation, at a length and grid unlike training: the two
+    given frames come back bit-exact; the frames after them are those of the path without the
+    cache (so the prefill holds both given frames at their RoPE times, and every later frame
+    attends to all of them), and each given frame changes them."""
+    model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))
+    run = lambda given, cached=True: model.generate(
+        given, *text, num_latent_frames=9, num_iter=2, cfg=2.0, use_kv_cache=cached,
+        clip_range=(-1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    out = run(cond)
     assert out.shape == (1, 9, 8, 5, 7)
     assert torch.equal(out[:, :2], cond)
-    assert torch.isfinite(out).all()
+    assert torch.allclose(out, run(cond, cached=False), atol=1e-4)
+    for f in (0, 1):
+        changed = cond.clone()
+        changed[:, f] += 1.0
+        assert (run(changed)[:, 2:] - out[:, 2:]).abs().max() > 1e-2, f"given frame {f} unused"
 
 
 def test_text_to_video_and_clip_range():
-    """Text-to-video (no given frame), the null text without CFG, and every x_0 clamped to the
-    tokenizer's range."""
+    """Text-to-video (no given frame): the first frame comes from the caption alone (another
+    caption, another video) and the cached path equals the uncached one. Without a caption (the
+    null text) both CFG halves would be the same: the head is asked for single rows at cfg 1, the
+    video that of cfg 1. With a clip range every x_0 is clamped to it."""
     model, cond, text = sample_setup(k=0)
-    run = lambda clip: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=1.0,
-                                      clip_range=clip, generator=torch.Generator().manual_seed(0))
-    assert run(None).shape == (2, 3, 8, 3, 3)
-    assert run(None).abs().max() > 0.05
-    # null text: nothing to guide
-    assert torch.isfinite(model.generate(cond, None, None, 3, num_iter=2, cfg=3.0)).all()
-    assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
+    run = lambda caption, cfg=3.0, clip=None, cached=True: model.generate(
+        cond, *caption, num_latent_frames=3, num_iter=2, cfg=cfg, clip_range=clip,
+        use_kv_cache=cached, generator=torch.Generator().manual_seed(0))
+    video = run(text)
+    assert video.shape == (2, 3, 8, 3, 3)
+    assert torch.allclose(video, run(text, cached=False), rtol=1e-4)
+    other_caption = random_text(2, model.config, seed=2)
+    assert not torch.allclose(run(other_caption)[:, 0], video[:, 0], rtol=1e-2)
+    calls = record_sampling(model)
+    null = run((None, None))
+    # 2 clips, single rows; L = 9 in 2 steps: floor(9 cos(pi/4)) = 6 stay masked, so 3 then 6
+    assert [(rows, cfg) for rows, _, cfg in calls] == [(2 * 3, 1.0), (2 * 6, 1.0)] * 3
+    del model.diffloss.sample
+    assert torch.equal(null, run((None, None), cfg=1.0))
+    assert run(text).abs().max() > 0.05
+    assert run(text, clip=(-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 clamped
 
 
 def test_authors_clip_bounds_frames_after_the_first_generated_one():
@@ -891,6 +1035,58 @@ def test_progressive_temperature():
     progressive = [round(frame_temperature("progressive", i), 6) for i in range(4)]
     assert progressive == [1.0, 0.91, 0.901, 0.9001]
     assert frame_temperature(0.95, 3) == 0.95
+
+
+@pytest.mark.parametrize("grid, num_iter, revealed, kept", [
+    # L = 9 in 4 steps: 9 cos(pi/2 (s + 1)/4) = 8.31, 6.36, 3.44, 0: 8, 6, 3 stay masked
+    ((3, 3), 4, [1, 2, 3, 3], [8, 6, 3, 1]),
+    # L = 16 in 4 steps (train.py's sample_num_iter): 14.78, 11.31, 6.12, 0
+    ((4, 4), 4, [2, 3, 5, 6], [14, 11, 6, 1]),
+    # L = 9 in 9 steps: the floors 8, 8, 7, 6, 5, 4, 3, 1, 0, but each step reveals one token
+    ((3, 3), 9, [1] * 9, [8, 7, 6, 5, 4, 3, 2, 1, 1]),
+])
+def test_generation_reveals_tokens_on_mars_cosine_schedule_with_linear_cfg(grid, num_iter,
+                                                                           revealed, kept):
+    """§5.1: the masking ratio falls "from 1.0 to 0 following a cosine schedule" (MAR's): after
+    step s of n, floor(L cos(pi/2 (s + 1)/n)) of a frame's L tokens stay masked, at least one
+    until the last step, which reveals the rest. Counted in a real generation, every frame: the
+    tokens the diffusion head samples at each step, and the guidance scale it samples them with,
+    MAR's linear schedule 1 + (cfg - 1)(L - kept)/L (`kept` the tokens still masked after the
+    step; 1 at the last step, as MAR's mask_len)."""
+    model, cond, text = sample_setup(batch=2, k=1, grid=grid)
+    L = grid[0] * grid[1]
+    calls = record_sampling(model)
+    model.generate(cond, *text, num_latent_frames=3, num_iter=num_iter, cfg=3.0,
+                   clip_range=(-1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    rows = [r for r, _, _ in calls]
+    assert rows == [2 * 2 * n for n in revealed] * 2  # CFG: 2 clips, conditional and not
+    cfgs = [cfg for _, _, cfg in calls]
+    assert cfgs == pytest.approx([1 + 2 * (L - k) / L for k in kept] * 2, rel=1e-12)
+
+
+def test_generation_gives_each_generated_frame_its_progressive_temperature():
+    """§4.3, App. B: the progressive temperature 0.9 + 10^-(i+1) goes to the i-th generated
+    frame, counted from the first generated one whatever the given frames: after 2 given frames,
+    frames 2 and 3 are sampled at 1.0 and 0.91 at every step, with the cache or without;
+    text-to-video starts at 1.0 on frame 0; the "total mask" sampler gives each token its frame's;
+    a number is every frame's temperature."""
+    model, cond, text = sample_setup(k=2)
+    calls = record_sampling(model)
+    options = dict(num_iter=3, cfg=3.0, clip_range=(-1.0, 1.0),
+                   generator=torch.Generator().manual_seed(0))
+    for cached in (True, False):
+        calls.clear()
+        model.generate(cond, *text, 4, use_kv_cache=cached, **options)
+        assert [t for _, t, _ in calls] == pytest.approx([1.0] * 3 + [0.91] * 3, rel=1e-12)
+    calls.clear()
+    model.generate(cond[:, :0], *text, 2, **options)  # text-to-video
+    assert [t for _, t, _ in calls] == pytest.approx([1.0] * 3 + [0.91] * 3, rel=1e-12)
+    calls.clear()
+    model.generate(cond, *text, 4, temperature=0.95, **options)
+    assert [t for _, t, _ in calls] == [0.95] * 6
+    calls.clear()
+    model.generate_total_mask(cond, *text, 4, **options)
+    assert {round(t, 9) for _, t, _ in calls} == {1.0, 0.91}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1594,10 +1790,12 @@ def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(siz
     background alone has no object; speckle of every colour is not an object either."""
     data = SyntheticVideos(25, size, size, split="test")
     per_clip = {"truth": [], "copy": [], "background": [], "speckle": []}
+    g = torch.Generator().manual_seed(0)
     for i in range(24):
         clip, _ = data[i]
         background = torch.tensor(data.describe(i)["background"]).view(1, 3, 1, 1) * 2 - 1
-        speckle = torch.randint(0, 2, clip.shape).float() * 2 - 1  # pure colours, everywhere
+        # pure colours, everywhere
+        speckle = torch.randint(0, 2, clip.shape, generator=g).float() * 2 - 1
         for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
                             ("background", background.expand_as(clip)), ("speckle", speckle)):
             per_clip[name].append(metrics.object_scores(video, clip, data.describe(i)))
