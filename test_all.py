@@ -153,6 +153,23 @@ def record_saves(monkeypatch):
     return saves
 
 
+def record_ema_start(monkeypatch):
+    """Record the EMA's weights as the first update of a run finds them."""
+    starts, update = [], train.update_ema
+
+    def recording_update(ema, model, decay):
+        if not starts:
+            starts.append({k: v.clone() for k, v in ema.state_dict().items()})
+        update(ema, model, decay)
+    monkeypatch.setattr(train, "update_ema", recording_update)
+    return starts
+
+
+def same_weights(a, b):
+    """Whether two state dicts hold the same tensors, bit for bit."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def sample_cli(ckpt, tmp_path, *args):
     argv = ["--ckpt", str(ckpt), "--num_iter", "2", "--out", str(tmp_path / "s.mp4"),
             *map(str, args)]
@@ -524,8 +541,8 @@ def test_one_t_training_draws_the_target_frame_uniformly_over_all_frames():
     """§4.1 next-frame loss: "the frame t is randomly chosen between [1, T], spanning all the
     frames" (here 0-based, frame 0 the text-to-image case), one t per batch in the one-t pass
     (all_frames=False). Over 800 batches of T = 4 frames each frame is the target
-    Binomial(800, 1/4) times: 200 +- 12.2, within 4.5 standard deviations, [145, 255]; the frame
-    with masked tokens is the target, the frames before it fully visible."""
+    Binomial(800, 1/4) times: 200 +- 12.2, within 4.5 standard deviations, [145, 255] (the
+    target: the frame whose tokens are masked)."""
     model = random_model(n_layer=1, all_frames=False).train()
     T, L = 4, 1
     targets = []
@@ -1818,7 +1835,104 @@ def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(siz
 
 
 # ----------------------------------------------------------------------------------------------
-# train.py: curriculum, resume, progressive resolution, DDP, NaN, bad input; checkpoints
+# train.py: the optimiser, learning rate and EMA; curriculum, resume, progressive resolution,
+# DDP, NaN, bad input; checkpoints
+
+def test_weight_decay_falls_on_the_weight_matrices_only():
+    """§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02, as MAR on the weight matrices of the
+    linear layers only: not on biases, norms (LayerNorm, the QK RMSNorms), the mask token or the
+    null text. Every parameter is in exactly one group."""
+    model = VideoMAR(tiny_config(qk_norm=True))
+    optimizer = train.make_optimizer(model, train.TrainConfig(), "cpu")
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    groups = {g["weight_decay"]: [id(p) for p in g["params"]] for g in optimizer.param_groups}
+    assert sorted(groups) == [0.0, 0.02]
+    names = {id(p): name for name, p in model.named_parameters()}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert len(groups[0.02]) + len(groups[0.0]) == len(names)
+    assert set(groups[0.02]) == linear_weights
+    assert set(groups[0.0]) == set(names) - linear_weights
+    not_decayed = {names[i] for i in groups[0.0]}
+    assert {"mask_token", "null_text", "blocks.0.ln_1.weight", "blocks.0.attn.qkv.bias",
+            "blocks.0.attn.q_norm.weight", "blocks.1.cross_attn.k_norm.weight",
+            "diffloss.net.res_blocks.0.in_ln.weight"} <= not_decayed
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    """The learning rate (train.learning_rate, by hand here): lr (step + 1)/warmup for the first
+    warmup steps, then min_lr + (lr - min_lr)(1 + cos(pi p))/2 with p = (step - warmup) /
+    (total - warmup), held at min_lr after the end. lr 1e-3, min_lr 1e-4, 4 of 12 steps warm-up;
+    min_lr = lr (the videomar preset) holds lr after the warm-up."""
+    config = train.TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=4)
+    expected = {0: 2.5e-4, 1: 5e-4, 2: 7.5e-4, 3: 1e-3,  # warm-up
+                4: 1e-3, 8: 5.5e-4, 12: 1e-4, 30: 1e-4,  # p = 0, 1/2, 1, past the end
+                6: 1e-4 + 4.5e-4 * (1 + math.sqrt(0.5)), 10: 1e-4 + 4.5e-4 * (1 - math.sqrt(0.5))}
+    for step, lr in expected.items():
+        assert train.learning_rate(step, config, 12) == pytest.approx(lr, rel=1e-12), step
+    constant = train.TrainConfig(lr=1e-4, min_lr=1e-4, warmup_iters=5000)
+    assert train.learning_rate(0, constant, 350000) == pytest.approx(1e-4 / 5000, rel=1e-12)
+    assert all(train.learning_rate(step, constant, 350000) == pytest.approx(1e-4, rel=1e-12)
+               for step in (4999, 5000, 100000, 349999))
+
+
+def test_training_loop_steps_at_the_scheduled_learning_rate_with_the_gradient_clipped(tmp_path,
+                                                                                    monkeypatch):
+    """In the real loop, what the optimiser steps with: at steps 1..6 of a run of 6 with 3 steps
+    of warm-up, lr 1e-3 and min_lr 1e-4, every group's learning rate is 1/3, 2/3, 1 x 1e-3, then
+    the cosine's 1e-3, 7.75e-4, 3.25e-4 (p = 0, 1/3, 2/3); the gradient has been clipped to norm
+    --grad_clip 0.01 (the untrained model's is far above it)."""
+    seen, make = [], train.make_optimizer
+
+    def recording_optimizer(model, config, device_type):
+        optimizer = make(model, config, device_type)
+        step = optimizer.step
+
+        def recording_step(*args, **kwargs):
+            grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"]
+                     if p.grad is not None]
+            seen.append(([g["lr"] for g in optimizer.param_groups],
+                         torch.cat(grads).double().norm().item()))
+            return step(*args, **kwargs)
+        optimizer.step = recording_step
+        return optimizer
+    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(train, "finish", lambda run, step: None)  # no final sample or score
+    assert train.main(TINY + ["--frames", "5", "--stage_iters", "6", "--warmup_iters", "3",
+                              "--lr", "1e-3", "--min_lr", "1e-4", "--grad_clip", "0.01",
+                              "--out_dir", str(tmp_path)]) == 0
+    expected = [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 7.75e-4, 3.25e-4]
+    assert len(seen) == 6
+    for (lrs, norm), lr in zip(seen, expected):
+        assert lrs == pytest.approx([lr, lr], rel=1e-9)
+        assert norm == pytest.approx(0.01, rel=1e-4)
+
+
+def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_weights():
+    """The EMA that sampling and eval use (train.update_ema): one update sets every parameter to
+    decay x ema + (1 - decay) x weights, and leaves the weights alone. By hand: ema 2, weights
+    -1, decay 0.75 give 1.25, then 0.6875; and elementwise on random tensors at decay 0.9."""
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.fill_(2.0)
+        for p in model.parameters():
+            p.fill_(-1.0)
+    for value in (1.25, 0.6875):
+        train.update_ema(ema, model, 0.75)
+        assert all(torch.allclose(p, torch.full_like(p, value), atol=1e-7)
+                   for p in ema.parameters())
+    assert all(torch.equal(p, torch.full_like(p, -1.0)) for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (*ema.parameters(), *model.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    expected = [0.9 * e.double() + 0.1 * w.double() for e, w in zip(ema.parameters(),
+                                                                   model.parameters())]
+    train.update_ema(ema, model, 0.9)
+    assert all(torch.allclose(p.double(), e, atol=1e-6) for p, e in zip(ema.parameters(),
+                                                                         expected))
+
+
 
 def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypatch):
     """§4.2 temporal curriculum: short clips first, the next stage at its step; checkpoints carry
@@ -1863,6 +1977,7 @@ def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, 
 
     monkeypatch.setattr(VideoMAR, "forward", forward)
     shapes = record_forward(monkeypatch)
+    ema_starts = record_ema_start(monkeypatch)
     # only --resume: the curriculum and the other options come back from the checkpoint
     assert train.main(["--resume", "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -1872,6 +1987,8 @@ def test_resume_continues_an_interrupted_run_inside_its_stage(tmp_path, capsys, 
     assert (final["stage"], final["stage_step"], final["step"]) == (1, 3, 6)
     # the optimizer went on from its saved state: Adam's step counters count all 6 steps, not 2
     assert all(int(state["step"]) == 6 for state in final["optimizer"]["state"].values())
+    # the EMA went on from the saved EMA, not from the raw weights (which differ from it)
+    assert same_weights(ema_starts[0], ckpt["ema"]) and not same_weights(ckpt["ema"], ckpt["model"])
 
 
 def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeypatch):
@@ -1884,13 +2001,18 @@ def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeyp
     # a learning rate of 0 (held there, as --lr must be positive): the weights stay the ones loaded,
     # so they must equal the source's exactly
     monkeypatch.setattr(train, "learning_rate", lambda *args: 0.0)
+    ema_starts = record_ema_start(monkeypatch)
     assert train.main(TINY + ["--init_from", str(source / "ckpt.pt"), "--height", "24", "--width",
                               "32", "--frames", "5", "--stage_iters", "3",
                               "--out_dir", str(target)]) == 0
     assert shapes == [(2, 2, 16, 6, 8)] * 3
     old, new = load_checkpoint(source / "ckpt.pt"), load_checkpoint(target / "ckpt.pt")
     assert new["step"] == 3 and new["train"]["height"] == 24 and new["config"] == old["config"]
-    assert all(torch.equal(new["model"][k], old["model"][k]) for k in old["model"])
+    assert same_weights(new["model"], old["model"])
+    # the EMA restarts from the source's raw weights, not from its EMA (which differs from them),
+    # and, the weights held still, stays there
+    assert same_weights(ema_starts[0], old["model"]) and not same_weights(old["ema"], old["model"])
+    assert same_weights(new["ema"], old["model"])
     # a fresh optimizer
     assert all(int(state["step"]) == 3 for state in new["optimizer"]["state"].values())
     # a tokenizer with another latent token size cannot take these weights
