@@ -2024,20 +2024,76 @@ def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeyp
     assert len(err.splitlines()) == 1 and "token size must match" in err
 
 
+# run by torchrun in each process: train.py, recording what this rank trained on and ended with
+RECORDING_TRAINER = """
+import os, sys
+import torch
+sys.path.insert(0, {root!r})
+import model, train
+
+record = dict(latents=[], masks=[])
+forward, random_masks, loop = model.VideoMAR.forward, model.random_masks, train.loop
+
+
+def recording_forward(self, latents, *args):
+    record["latents"].append(latents.clone())
+    return forward(self, latents, *args)
+
+
+def recording_masks(*args):
+    masks = random_masks(*args)
+    record["masks"].append(masks.clone())
+    return masks
+
+
+def recording_loop(run, process):
+    record["initial"] = {{k: v.clone() for k, v in run.model.state_dict().items()}}
+    step = loop(run, process)
+    record["final"] = run.model.state_dict()
+    torch.save(record, os.path.join({records!r}, "rank" + os.environ["RANK"] + ".pt"))
+    return step
+
+
+model.VideoMAR.forward, model.random_masks, train.loop = (recording_forward, recording_masks,
+                                                          recording_loop)
+sys.exit(train.main())
+"""
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    """DDP through torchrun (Gloo on CPU): two processes, one writer of logs and checkpoints."""
+    """DDP through torchrun (Gloo on CPU): two processes, one writer of logs and checkpoints. Each
+    rank trains on its own clips with its own masks, and the gradients are averaged across ranks
+    (all-reduce): after 3 steps the two ranks hold the same weights, bit for bit, moved from where
+    they started, and the checkpoint holds them."""
+    out, records = tmp_path / "out", tmp_path / "records"
+    records.mkdir()
+    script = tmp_path / "recording_trainer.py"
+    script.write_text(RECORDING_TRAINER.format(root=str(Path(train.__file__).parent),
+                                               records=str(records)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "train.py", "--device", "cpu", *TINY, "--frames", "5", "--stage_iters", "3",
-               "--ckpt_interval", "2", "--out_dir", str(tmp_path)]
+               str(script), "--device", "cpu", *TINY, "--frames", "5", "--stage_iters", "3",
+               "--ckpt_interval", "2", "--out_dir", str(out)]
     result = subprocess.run(command, cwd=Path(train.__file__).parent, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "sample.mp4", "sample.png"]
     # one writer of logs: each step once
     assert log_steps(result.stdout) == [(1, 1, 5), (2, 1, 5), (3, 1, 5)]
     assert result.stdout.count("checkpoint written") == 1
     assert result.stdout.count("2 process(es)") == 1
-    assert load_checkpoint(tmp_path / "ckpt.pt")["step"] == 3
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 3
+    rank0, rank1 = (torch.load(records / f"rank{r}.pt") for r in (0, 1))
+    for r in (rank0, rank1):
+        assert len(r["latents"]) == len(r["masks"]) == 3
+    for step in range(3):  # each step, each rank its own data and masks
+        assert not torch.equal(rank0["latents"][step], rank1["latents"][step])
+        assert rank0["masks"][step].shape == rank1["masks"][step].shape
+        assert not torch.equal(rank0["masks"][step], rank1["masks"][step])
+    assert same_weights(rank0["initial"], rank1["initial"])
+    assert same_weights(rank0["final"], rank1["final"])
+    assert not same_weights(rank0["final"], rank0["initial"])
+    assert same_weights(ckpt["model"], rank0["final"])
 
 
 def test_ranks_draw_different_clips():
