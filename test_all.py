@@ -34,7 +34,7 @@ from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, Te
 from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, build_model,
-                   compile_model, frame_temperature, load_checkpoint, patchify,
+                   compile_model, frame_temperature, load_checkpoint, patchify, random_masks,
                    sample_mask_ratios, save_checkpoint, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
@@ -2435,16 +2435,36 @@ def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args
     refused(evaluation.main, args, words, tmp_path, capsys)
 
 
-def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, capsys):
-    """Table 4: the ablations (no causal attention; "total mask") train and are scored, sampled
-    without the KV cache."""
-    for switches in (["--causal", "false"], ["--causal", "false", "--next_frame_loss", "false"]):
+def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, capsys, monkeypatch):
+    """Table 4: the ablations train and are scored as they are defined. Without causal attention:
+    trained on one frame's masks (L = 16 tokens), sampled frame by frame without the KV cache.
+    "Total mask" (Eq. 3.1): trained on masks over the whole video (2 x 16 tokens), sampled the
+    whole video at once (generate_total_mask), never frame by frame; it has no frame to
+    teacher-force."""
+    samplers, mask_lengths = [], []
+    for name in ("generate", "generate_total_mask"):
+        def recording(self, cond, text, text_mask, num_latent_frames, *args, _name=name,
+                      _sampler=getattr(VideoMAR, name), **kwargs):
+            samplers.append((_name, kwargs.get("use_kv_cache"), num_latent_frames))
+            return _sampler(self, cond, text, text_mask, num_latent_frames, *args, **kwargs)
+        monkeypatch.setattr(VideoMAR, name, recording)
+    monkeypatch.setattr("model.random_masks", lambda batch, length, *args: mask_lengths.append(
+        length) or random_masks(batch, length, *args))
+    for switches, sampler, length in (
+            (["--causal", "false"], ("generate", False, 2), 16),
+            (["--causal", "false", "--next_frame_loss", "false"], ("generate_total_mask", None, 2),
+             32)):
+        samplers.clear()
+        mask_lengths.clear()
         out = tmp_path / "_".join(switches)
         assert train.main(TINY + switches + ["--frames", "5", "--stage_iters", "2",
                                              "--out_dir", str(out)]) == 0
+        assert mask_lengths == [length] * 2
         assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2",
                                 "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
+        # the sample train.py writes and its score; eval.py's model and null-text rows
+        assert len(samplers) == 4 and set(samplers) == {sampler}
     assert "quality on 16 held-out clips" in capsys.readouterr().out
     # a total-mask model samples the whole video at once: no frame to teacher-force
     assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2
