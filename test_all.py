@@ -1933,7 +1933,6 @@ def test_ema_update_is_decay_times_ema_plus_one_minus_decay_times_weights():
                                                                          expected))
 
 
-
 def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypatch):
     """§4.2 temporal curriculum: short clips first, the next stage at its step; checkpoints carry
     the position."""
