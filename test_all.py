@@ -1251,6 +1251,25 @@ def test_pca_tokenizer_keeps_the_principal_components_and_travels_as_state():
         load_tokenizer("pca:4x4x4:193")
 
 
+def test_whitened_pca_tokenizer_gives_each_channel_unit_variance_and_decodes_the_same():
+    """pca:...:white scales each principal component to unit variance (the plain one scales all
+    of them by one number): the same reconstruction, channels of equal spread, and a clip range
+    that holds every training latent."""
+    clips = torch.stack([SyntheticVideos(5, 8, 8, seed=3)[i][0] for i in range(64)])
+    plain, white = load_tokenizer("pca:4x4x4:8"), load_tokenizer("pca:4x4x4:8:white")
+    plain.fit(clips)
+    white.fit(clips)
+    latents = white.encode(clips).movedim(2, -1).reshape(-1, 8)
+    assert torch.allclose(latents.std(0), torch.ones(8), atol=1e-3)
+    spread = plain.encode(clips).movedim(2, -1).reshape(-1, 8).std(0)
+    assert spread.max() / spread.min() > 1.5  # so the check above can fail
+    assert torch.allclose(white.decode(white.encode(clips)), plain.decode(plain.encode(clips)),
+                          atol=1e-4)
+    assert latents.abs().max() <= white.clip_range[1]
+    rebuilt = load_tokenizer("pca:4x4x4:8:white", state=white.state())
+    assert torch.equal(rebuilt.encode(clips), white.encode(clips))
+
+
 def test_tokenizer_bad_sizes_and_specs_raise_bad_input():
     """A length or size the tokenizer cannot divide, or an unknown tokenizer, is BadInput."""
     tokenizer = PatchTokenizer(4, 8)
