@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cli import ArgumentParser, check_writable, device_option, int_at_least, positive_int
-from data import BadInput
+from errors import BadInput
 from model import PRESETS, KVCache, VideoMAR, VideoMARConfig, compile_model
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from data import BadInput, TextEncoder, first_line, load_tokenizer
-from model import build_model, config_from_dict, load_checkpoint
+from checkpoint import build_model, config_from_dict, load_checkpoint
+from data import TextEncoder, load_tokenizer
+from errors import BadInput, first_line
 
 # -----------------------------------------------------------------------------
 # Options: every value the scripts take is checked as it is parsed, before any work

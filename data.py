@@ -39,13 +39,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 from tqdm import tqdm
 
+from errors import BadInput, first_line
 
-class BadInput(Exception):
-    """A user-facing mistake; CLIs print str(e) as one line on stderr and exit 2."""
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 # -----------------------------------------------------------------------------
 # Video and image files

@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
-from data import BadInput, save_image_grid, write_video
+from data import save_image_grid, write_video
+from errors import BadInput
 from metrics import MAX_PSNR, METHODS, evaluate
 
 

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
-from data import BadInput, read_image, read_video, resize_center_crop, save_image_grid, write_video
+from data import read_image, read_video, resize_center_crop, save_image_grid, write_video
+from errors import BadInput
 
 
 def parse_args(argv=None):

@@ -28,14 +28,15 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
                   VideoFolder, count_frames, load_tokenizer, read_image, read_video,
                   read_video_at_size, resize_center_crop, save_image_grid, write_video)
 from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, build_model,
-                   compile_model, frame_temperature, load_checkpoint, patchify,
-                   sample_mask_ratios, save_checkpoint, unpatchify)
+from errors import BadInput
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
+                   frame_temperature, patchify, sample_mask_ratios, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 import bench
 import eval as evaluation
