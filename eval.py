@@ -33,9 +33,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
-from data import save_image_grid, write_video
 from errors import BadInput
 from metrics import MAX_PSNR, METHODS, evaluate
+from videoio import save_image_grid, write_video
 
 
 def table(result):

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
-from data import read_image, read_video, resize_center_crop, save_image_grid, write_video
 from errors import BadInput
+from videoio import read_image, read_video, resize_center_crop, save_image_grid, write_video
 
 
 def parse_args(argv=None):

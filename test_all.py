@@ -29,15 +29,16 @@ import torch
 from PIL import Image
 
 from checkpoint import build_model, load_checkpoint, save_checkpoint
-from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
-                  VideoFolder, count_frames, load_tokenizer, read_image, read_video,
-                  read_video_at_size, resize_center_crop, save_image_grid, write_video)
+from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
+                  load_tokenizer)
 from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
                    frame_temperature, patchify, sample_mask_ratios, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
+from videoio import (count_frames, read_image, read_video, read_video_at_size, resize_center_crop,
+                     save_image_grid, write_video)
 import bench
 import eval as evaluation
 import metrics
@@ -1244,7 +1245,7 @@ def test_video_folder_decodes_once_and_gives_the_clips_of_decoding_every_time(tm
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded a video again")
-    monkeypatch.setattr("data.decoded_frames", no_decoding)
+    monkeypatch.setattr("videoio.decoded_frames", no_decoding)
     longer = VideoFolder(tmp_path, **{**options, "num_frames": 5}, frames_cache=frames_cache)
     assert longer.frame_counts == [11, 13] and longer.clip(1, 4).shape == (5, 3, 16, 16)
     # drawing items reads no file, and the starts stay random: every one of them comes up
