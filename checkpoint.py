@@ -1,8 +1,8 @@
 """
-VideoMAR checkpoints on disk: written atomically, loaded with `weights_only=True`, the configs inside
-as plain data, and a model built from one. Whatever is not a VideoMAR checkpoint (a missing file,
-another kind of file, a torn or unsafe one, a config this code does not know, weights that do not
-fit it) is BadInput: one line, never torch's paragraph.
+VideoMAR checkpoints on disk: written atomically, loaded with `weights_only=True`, the configs
+inside as plain data, and a model built from one. Whatever is not a VideoMAR checkpoint (a
+missing file, another kind of file, a torn or unsafe one, a config this code does not know,
+weights that do not fit it) is BadInput: one line, never torch's paragraph.
 
 Usage:
     save_checkpoint("out/ckpt.pt", dict(config=asdict(model.config), model=..., ema=..., ...))

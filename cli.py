@@ -9,7 +9,7 @@ Usage:
     parser = ArgumentParser(description="...")
     add_generation_options(parser)
     args = parser.parse_args()                       # BadInput: one `error: ...` line, exit 2
-    model, tokenizer, text_encoder, run, size = trained_model(args.ckpt, args.device)
+    model, tokenizer, text_encoder, train_config, size = trained_model(args.ckpt, args.device)
 """
 import argparse
 import inspect
@@ -276,11 +276,11 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
-    run = ckpt["train"]
-    tokenizer = load_tokenizer(run["tokenizer"], device=device, state=ckpt.get("tokenizer"))
-    height, width = height or run["height"], width or run["width"]
+    train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
+    tokenizer = load_tokenizer(train_config["tokenizer"], device, ckpt.get("tokenizer"))
+    height, width = height or train_config["height"], width or train_config["width"]
     tokenizer.check_size(height, width)
-    num_frames = num_frames or run["frames"][-1]
+    num_frames = num_frames or train_config["frames"][-1]
     num_latent_frames = tokenizer.latent_frames(num_frames)  # fails for a length it cannot take
     if num_latent_frames <= given:
         raise BadInput(f"--frames {num_frames} is {num_latent_frames} latent frames: nothing to "
@@ -294,5 +294,6 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
           f"at a time: KV cache {gigabytes(cache)}")
     model = build_model(ckpt).to(device)
-    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
-    return model, tokenizer, text_encoder, run, (num_frames, height, width)
+    text_encoder = TextEncoder(train_config["text_encoder"], max_length=model.config.text_len,
+                               device=device)
+    return model, tokenizer, text_encoder, train_config, (num_frames, height, width)

@@ -2,9 +2,9 @@
 Score a trained VideoMAR at toy scale: image-to-video on held-out clips of the built-in synthetic
 set, where the first frame plus the caption determine the whole clip, against the truth, two
 baselines ("copy" the first frame, "null_text") and the ceiling of the tokenizer (the truth encoded
-and decoded), with PSNR, SSIM and the object metrics of
-metrics.py. Prints a table; writes eval.json, plots of PSNR and object presence per frame, a
-contact sheet and a GIF of truth above generated.
+and decoded), with PSNR, SSIM and the object metrics of metrics.py. Prints a table; writes
+eval.json, plots of PSNR and object presence per frame, a contact sheet and a GIF of truth above
+generated. Probes of the model are built here, on top of the method (mean_of_samples).
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/...
@@ -12,7 +12,7 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --temperature 1.0        # Table 4 / 5: a constant temperature
     python eval.py --ckpt out/ckpt.pt --cfg 1.0                # no classifier-free guidance
     python eval.py --ckpt out/ckpt.pt --teacher_forced         # §4.3: the accumulated error
-    python eval.py --ckpt out/ckpt.pt --ddim                   # the head sampled without noise
+    python eval.py --ckpt out/ckpt.pt --mean_of 16             # probe: the head's mean per token
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
@@ -25,6 +25,7 @@ Usage:
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
 from errors import BadInput
-from metrics import MAX_PSNR, METHODS, evaluate
+from metrics import MAX_PSNR, METHODS, EvalConfig, score_held_out_clips
 from videoio import save_image_grid, write_video
 
 
@@ -106,6 +107,22 @@ def write_side_by_side(path, rows, zoom=8):
 
 
 # ----------------------------------------------------------------------------------------------
+# A probe of what z holds
+
+def mean_of_samples(sampler, k):
+    """The head's sampler made a probe: each token the mean of k draws given the same z, an
+    estimate of the head's mean E[x | z]. Where z places an object, the mean has its colour; where
+    z leaves it open (object or background), the mean is a blend. So if the objects come back
+    under this probe, z holds them and the sampling scatters them; if not, z itself does not.
+    (Deterministic DDIM, eta 0, is no such probe: from random noise it draws from the same
+    per-token distribution as the ancestral sampler, neither its mode nor its mean.)"""
+    def probe(z, temperature, cfg, generator=None):
+        draws = [sampler(z, temperature, cfg, generator=generator) for _ in range(k)]
+        return torch.stack(draws).mean(0)
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 def parse_args(argv=None):
@@ -115,10 +132,9 @@ def parse_args(argv=None):
     parser.add_argument("--teacher_forced", action="store_true",
                         help="also generate each latent frame from the true earlier ones (a row "
                              "teacher_forced: the accumulated error of §4.3 is its gap to model)")
-    parser.add_argument("--ddim", action="store_true",
-                        help="sample the diffusion head by deterministic DDIM steps, not the "
-                             "paper's ancestral ones: do the objects come back without the "
-                             "sampling noise? (if not, the transformer's z lacks them)")
+    parser.add_argument("--mean_of", type=positive_int, default=1,
+                        help="a probe of what z holds: each token the mean of this many draws of "
+                             "the diffusion head (its mean given z), not one draw")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--out", default="out/eval",
                         help="directory for eval.json, psnr.png, presence.png, grid.png and "
@@ -126,29 +142,34 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run(args):
+def evaluate(args):
     check_writable(args.out, directory=True)
     # image-to-video: one given latent frame, clips in batches
-    model, tokenizer, text_encoder, options, (num_frames, height, width) = trained_model(
+    model, tokenizer, text_encoder, train_config, (num_frames, height, width) = trained_model(
         args.ckpt, args.device, args.frames, args.height, args.width,
         batch=min(args.n, args.batch_size), cfg=args.cfg, given=1)
-    num_iter = args.num_iter or options["sample_num_iter"]
+    num_iter = args.num_iter or train_config["sample_num_iter"]
     if args.teacher_forced and not model.config.next_frame_loss:
         raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")
+    sampler = None
+    if args.mean_of > 1:
+        sampler = mean_of_samples(partial(model.diffloss.sample, clip_range=tokenizer.clip_range),
+                                  args.mean_of)
 
-    result = evaluate(model, tokenizer, text_encoder, args.n, num_frames, height, width, num_iter,
-                      args.cfg, args.temperature, args.seed, args.batch_size,
-                      teacher_forced=args.teacher_forced, ddim=args.ddim)
+    result = score_held_out_clips(model, tokenizer, text_encoder, EvalConfig(
+        n=args.n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
+        cfg=args.cfg, temperature=args.temperature, sampler=sampler, seed=args.seed,
+        batch_size=args.batch_size, teacher_forced=args.teacher_forced))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [video.cpu() for video in result.pop("grid")]
     save_image_grid(out / "grid.png", grid)
     write_side_by_side(out / "truth_vs_generated.gif", grid)
-    result["ckpt"] = str(args.ckpt)
+    result["ckpt"], result["mean_of"] = str(args.ckpt), args.mean_of
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    trained = (f"trained at {options['height']}x{options['width']}, "
-               f"{options['frames'][-1]} frames")
+    trained = (f"trained at {train_config['height']}x{train_config['width']}, "
+               f"{train_config['frames'][-1]} frames")
     plot_curves(out / "psnr.png", result["frames"],
                 {m: result[m]["psnr_per_frame"] for m in METHODS if m in result},
                 f"PSNR per frame, {args.n} held-out clips, {num_frames} frames {height}x{width} "
@@ -160,7 +181,8 @@ def run(args):
                 cap=math.inf, y_range=(0, 100, 20))
     print(f"{args.ckpt}: {args.n} held-out clips, {num_frames} frames of {height}x{width} "
           f"({trained}), num_iter {num_iter}, cfg {args.cfg}, "
-          f"{'DDIM' if args.ddim else f'temperature {args.temperature}'}, seed {args.seed}")
+          f"temperature {args.temperature}, seed {args.seed}"
+          + (f", each token the mean of {args.mean_of} draws" if args.mean_of > 1 else ""))
     print(table(result))
     print(f"wrote {out / 'eval.json'}, {out / 'psnr.png'}, {out / 'presence.png'}, "
           f"{out / 'grid.png'} and {out / 'truth_vs_generated.gif'}")
@@ -169,7 +191,7 @@ def run(args):
 def main(argv=None):
     """Evaluate; returns the exit code: 0 done, 2 bad input (one line on stderr)."""
     try:
-        run(parse_args(argv))
+        evaluate(parse_args(argv))
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

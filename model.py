@@ -12,7 +12,7 @@ frame in parallel by masked generation.
 Usage:
     model = VideoMAR(VideoMARConfig(**PRESETS["tiny"]))
     loss = model(latents, text, text_mask)        # latents (B, T, C, h, w), text (B, S, text_dim)
-    video = model.generate(first_latent_frame, text, text_mask, num_latent_frames=7)
+    video = model.generate(first_latent_frame, (text, text_mask), num_latent_frames=7)
 """
 import math
 from dataclasses import dataclass
@@ -161,6 +161,12 @@ def frame_temperature(temperature, i):
     return float(temperature)
 
 
+def linear_cfg(cfg, num_masked, total):
+    """MAR's linear CFG schedule: the guidance scale grows from 1 to cfg with the share of the
+    `total` tokens that are no longer masked; 1 stays 1 (no guidance)."""
+    return 1 + (cfg - 1) * (total - num_masked) / total
+
+
 # ----------------------------------------------------------------------------------------------
 # The transformer
 
@@ -197,6 +203,24 @@ class TextContext(NamedTuple):
         kv = [(torch.cat([k, other_k]), torch.cat([v, other_v]))
               for (k, v), (other_k, other_v) in zip(self.kv, other.kv)]
         return TextContext(kv, torch.cat([self.mask, other.mask]))
+
+
+class Generation(NamedTuple):
+    """A video being generated: its tokens (B, T, L, token_dim), the given frames filled in and
+    the others written as they are sampled; its grid of tokens per frame; the captions' context,
+    the null text's rows after them with CFG; and the guidance scale (1: no guidance)."""
+    tokens: torch.Tensor
+    grid: tuple
+    context: TextContext
+    cfg: float
+
+    @property
+    def guided(self):
+        return self.cfg != 1.0
+
+    def double(self, x):
+        """x for the whole batch: with CFG the conditional rows, then the same for the null text."""
+        return torch.cat([x, x]) if self.guided else x
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -331,15 +355,6 @@ class VideoMAR(nn.Module):
         mask = torch.ones(batch, self.config.text_len, dtype=torch.bool, device=text.device)
         return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask)
 
-    def sampling_context(self, text, text_mask, batch, guided):
-        """The captions' context (the null text's where text is None); with CFG (`guided`) the
-        null text's rows follow, for the unconditional half of the batch."""
-        if text is None:
-            context = self.null_context(batch)
-        else:
-            context = self.text_context(text, text_mask)
-        return context.cat(self.null_context(batch)) if guided else context
-
     def rope(self, frame_offset, num_latent_frames, grid, device):
         return rope_frequencies(self.config.n_embd // self.config.n_head, num_latent_frames, *grid,
                                 frame_offset, self.config.rope_theta, device=device)
@@ -446,119 +461,124 @@ class VideoMAR(nn.Module):
     # -- §4.3 inference: frame by frame with the KV cache, each frame by masked generation -------
 
     @torch.no_grad()
-    def generate(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64, cfg=3.0,
-                 temperature="progressive", use_kv_cache=True, generator=None, clip_range=None,
-                 clip_x0=True, ddim=False, progress=None):
+    def generate(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
+                 temperature="progressive", use_kv_cache=True, generator=None, sampler=None):
         """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to
-        `num_latent_frames` latent frames. `text` (B, S, text_dim) and `text_mask` (B, S) are the
-        captions, or None for the null text; with cfg != 1 the batch is doubled with the null
-        text (MAR's linear CFG schedule). `clip_range` (lo, hi), the tokenizer's latent range, is
-        imposed two ways:
-        - the authors' clip: each sampled token of a frame after the first generated one is
-          clamped to it as it is sampled (their sampler, Cosmos latents x 0.5 to [-2, 2]); the
-          first generated frame is left as sampled;
-        - with `clip_x0` (this code's choice), every x_0 the diffusion head predicts, at every
-          diffusion step of every token of every frame, is clamped to it first (DiffLoss.sample).
-          That changes every posterior mean; the last one (t = 0) is the clamped x_0 itself, so
-          the tokens come out inside the range and the authors' clip then changes nothing.
-        `ddim` samples each token by deterministic DDIM steps of the head, not the paper's
-        ancestral ones: a probe of what z holds (eval.py --ddim). `progress`, if given, is told
-        of every finished frame (`update(1)`, as a tqdm bar).
-        Returns (B, num_latent_frames, C, h, w), the given frames bit-exact."""
-        config, device = self.config, cond_latents.device
-        p = config.patch_size
-        B, k, C, h, w = cond_latents.shape
-        grid = (h // p, w // p)
-        L = grid[0] * grid[1]
-        num_iter = min(num_iter, L)
-        guided = cfg != 1.0 and text is not None  # with the null text both halves would be equal
-        if not config.causal and use_kv_cache:
+        `num_latent_frames` latent frames, one frame at a time. `caption` is the text encoder's
+        (text (B, S, text_dim), text_mask (B, S)), or None for the null text; with cfg != 1 the
+        batch is doubled with the null text. `use_kv_cache=False` is Table 2's "w/o KV cache":
+        every step re-runs all the frames so far. `sampler(z, temperature, cfg, generator=...)`
+        draws one token from the diffusion head per row of z: DiffLoss.sample, MAR's ancestral
+        sampler, unless another is given. Returns (B, num_latent_frames, C, h, w), the given
+        frames bit-exact."""
+        if use_kv_cache and not self.config.causal:
             raise ValueError("a model without frame-wise causal attention cannot use the KV cache")
-        double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
-
-        tokens = torch.zeros(B, num_latent_frames, L, config.token_dim, device=device)
-        tokens[:, :k] = patchify(cond_latents, p)
-        context = self.sampling_context(text, text_mask, B, guided)
-        cache = KVCache(config, len(context.mask), num_latent_frames * L) if use_kv_cache else None
-        if use_kv_cache and k > 0:  # prefill: the given frames, fully visible, once
-            self.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context, cache,
-                                commit=True)
-
+        video = self.generation(cond_latents, caption, num_latent_frames, cfg)
+        tokens, grid, context, double = video.tokens, video.grid, video.context, video.double
+        k, sampler = cond_latents.shape[1], sampler or self.diffloss.sample
+        if use_kv_cache:  # prefill: the given frames, fully visible, once
+            cache = KVCache(self.config, len(context.mask), num_latent_frames * tokens.shape[2])
+            if k > 0:
+                self.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context,
+                                    cache, commit=True)
+            frame_z = lambda f, mask: self.forward_frames(double(tokens[:, f]), double(mask), f,
+                                                          grid, context, cache)
+        else:  # every step re-runs all the frames so far, masked from frame f on
+            frame_z = lambda f, mask: self.target_frame_z(double(tokens), f, double(mask), grid,
+                                                          context)
         for f in range(k, num_latent_frames):
-            frame_temp = frame_temperature(temperature, f - k)
-            order = torch.rand(B, L, generator=generator, device=device).argsort(dim=1)
-            mask = torch.ones(B, L, dtype=torch.bool, device=device)
-            for step in range(num_iter):
-                if use_kv_cache:
-                    z = self.forward_frames(double(tokens[:, f]), double(mask), f, grid, context,
-                                            cache)
-                else:  # "w/o KV cache" (Table 2): re-run all previous frames every step
-                    z = self.target_frame_z(double(tokens), f, double(mask), grid, context)
-                following, mask_len = next_mask(mask, order, step, num_iter, L)
-                to_predict = mask & ~following
-                z_rows = (torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided
-                          else z[to_predict])
-                cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
-                sampled = self.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator,
-                                               clip_range=clip_range if clip_x0 else None,
-                                               ddim=ddim)
-                if clip_range is not None and f > k:  # the authors' clip, before later steps see it
-                    sampled = sampled.clamp(*clip_range)
-                tokens[:, f][to_predict] = sampled.to(tokens.dtype)
-                mask = following
+            self.generate_frame(video, f, frame_z, num_iter, frame_temperature(temperature, f - k),
+                                generator, sampler)
             if use_kv_cache and f < num_latent_frames - 1:
                 # commit: the finished frame once more, fully visible, into the cache; the last
                 # frame's keys and values would be read by nothing (the authors skip it too)
                 self.forward_frames(double(tokens[:, f]), None, f, grid, context, cache,
                                     commit=True)
-            if progress is not None:
-                progress.update(1)
-        return unpatchify(tokens, p, h, w)
+        return unpatchify(tokens, self.config.patch_size, *cond_latents.shape[-2:])
+
+    def generate_frame(self, video, f, frame_z, num_iter, temperature, generator, sampler):
+        """Frame f of `video` by masked generation (MAR's): all L tokens start masked, in a random
+        order; at each of num_iter steps frame_z(f, mask) gives the frame's z, and the tokens
+        that leave the mask on the cosine schedule are sampled by the head, at the frame's
+        temperature, with MAR's linear CFG schedule. Writes them into video.tokens."""
+        tokens = video.tokens[:, f]  # a view: what is written here is written into the video
+        B, L = tokens.shape[:2]
+        num_iter = min(num_iter, L)
+        order = torch.rand(B, L, generator=generator, device=tokens.device).argsort(dim=1)
+        mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+        for step in range(num_iter):
+            z = frame_z(f, mask)
+            following, mask_len = next_mask(mask, order, step, num_iter, L)
+            to_predict, cfg = mask & ~following, linear_cfg(video.cfg, mask_len, L)
+            tokens[to_predict] = self.sample_tokens(video, z, to_predict, temperature, cfg,
+                                                    generator, sampler)
+            mask = following
 
     @torch.no_grad()
-    def generate_total_mask(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64,
-                            cfg=3.0, temperature="progressive", generator=None, clip_range=None,
-                            ddim=False, progress=None):
+    def generate_total_mask(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
+                            temperature="progressive", generator=None, sampler=None):
         """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
         over all the tokens of the video at once, not frame by frame. Every token after the `k`
         given frames starts masked, in one random order over the whole video; `num_iter` steps
         per generated frame in all (the same number of passes as `generate` without the cache)
         reveal them on MAR's cosine schedule, each pass seeing the whole video with full
         attention. A token is sampled with its frame's temperature (the progressive schedule) and
-        MAR's linear CFG schedule over the video. Same arguments and result as `generate`."""
-        config, device = self.config, cond_latents.device
-        p = config.patch_size
-        B, k, C, h, w = cond_latents.shape
-        grid = (h // p, w // p)
-        L = grid[0] * grid[1]
+        MAR's linear CFG schedule over the video. Arguments and result as `generate`'s."""
+        video = self.generation(cond_latents, caption, num_latent_frames, cfg)
+        (B, k), L = cond_latents.shape[:2], video.tokens.shape[2]
+        sampler = sampler or self.diffloss.sample
+        tokens = video.tokens.flatten(1, 2)  # a view: the whole video as one sequence
         N = (num_latent_frames - k) * L  # the tokens to generate
         steps = min(num_iter * (num_latent_frames - k), N)
-        guided = cfg != 1.0 and text is not None
-        double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
-
-        tokens = torch.zeros(B, num_latent_frames * L, config.token_dim, device=device)
-        tokens[:, :k * L] = patchify(cond_latents, p).flatten(1, 2)
-        context = self.sampling_context(text, text_mask, B, guided)
-        frame_of = torch.arange(num_latent_frames * L, device=device) // L
-        order = k * L + torch.rand(B, N, generator=generator, device=device).argsort(dim=1)
-        mask = torch.zeros(B, num_latent_frames * L, dtype=torch.bool, device=device)
+        frame_of = torch.arange(num_latent_frames * L, device=tokens.device) // L
+        order = k * L + torch.rand(B, N, generator=generator, device=tokens.device).argsort(dim=1)
+        mask = torch.zeros(B, num_latent_frames * L, dtype=torch.bool, device=tokens.device)
         mask[:, k * L:] = True
         for step in range(steps):
-            z = self.forward_frames(double(tokens), double(mask), 0, grid, context)
+            z = self.forward_frames(video.double(tokens), video.double(mask), 0, video.grid,
+                                    video.context)
             following, mask_len = next_mask(mask, order, step, steps, N)
-            to_predict = mask & ~following
-            cfg_step = 1 + (cfg - 1) * (N - mask_len) / N if guided else 1.0
+            to_predict, cfg_step = mask & ~following, linear_cfg(video.cfg, mask_len, N)
             for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
                 rows = to_predict & (frame_of == f)
-                z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if guided else z[rows]
-                sampled = self.diffloss.sample(z_rows, frame_temperature(temperature, f - k),
-                                               cfg_step, generator=generator, clip_range=clip_range,
-                                               ddim=ddim)
-                tokens[rows] = sampled.to(tokens.dtype)
+                frame_temp = frame_temperature(temperature, f - k)
+                tokens[rows] = self.sample_tokens(video, z, rows, frame_temp, cfg_step, generator,
+                                                  sampler)
             mask = following
-            if progress is not None:
-                progress.update(1 / num_iter)
-        return unpatchify(tokens.view(B, num_latent_frames, L, -1), p, h, w)
+        return unpatchify(video.tokens, self.config.patch_size, *cond_latents.shape[-2:])
+
+    @torch.no_grad()
+    def generate_as_trained(self, cond_latents, caption, num_latent_frames, **options):
+        """Sample as the model was trained (Table 4): frame by frame (`generate`, with the KV cache
+        where attention is frame-wise causal) after the next-frame loss, the whole video at once
+        (`generate_total_mask`) after the "total mask" loss. `options` as theirs."""
+        if self.config.next_frame_loss:
+            return self.generate(cond_latents, caption, num_latent_frames,
+                                 use_kv_cache=self.config.causal, **options)
+        return self.generate_total_mask(cond_latents, caption, num_latent_frames, **options)
+
+    def generation(self, cond_latents, caption, num_latent_frames, cfg):
+        """The Generation both samplers start from: the given frames' tokens, the captions'
+        context (the null text's for caption None) and the null text's after it with CFG, which
+        a null caption has nothing to guide by."""
+        B, k, _, h, w = cond_latents.shape
+        p = self.config.patch_size
+        grid = (h // p, w // p)
+        tokens = torch.zeros(B, num_latent_frames, grid[0] * grid[1], self.config.token_dim,
+                             device=cond_latents.device)
+        tokens[:, :k] = patchify(cond_latents, p)
+        context = self.null_context(B) if caption is None else self.text_context(*caption)
+        cfg = cfg if caption is not None else 1.0
+        if cfg != 1.0:
+            context = context.cat(self.null_context(B))
+        return Generation(tokens, grid, context, cfg)
+
+    def sample_tokens(self, video, z, rows, temperature, cfg, generator, sampler):
+        """The head's tokens for `rows` (B, N), True where a token leaves the mask, given z of the
+        whole batch (B, N, n_embd), with CFG the null text's rows after the captions'."""
+        B = rows.shape[0]
+        z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if video.guided else z[rows]
+        return sampler(z_rows, temperature, cfg, generator=generator).to(video.tokens.dtype)
 
 
 def compile_model(model, backend="inductor"):

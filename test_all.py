@@ -10,6 +10,7 @@ In the order of the README's reading guide: helpers and references first; then t
 lines (train.py, sample.py, eval.py, bench.py) and the README.
 """
 import argparse
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -19,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -35,7 +36,7 @@ from cli import check_memory, gigabytes
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
-                   frame_temperature, patchify, sample_mask_ratios, unpatchify)
+                   frame_temperature, next_mask, patchify, sample_mask_ratios, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 from videoio import (count_frames, read_image, read_video, read_video_at_size, resize_center_crop,
                      save_image_grid, write_video)
@@ -250,6 +251,49 @@ def reference_cfg_sampler(head, z, cfg, temperature, noise, generator):
         else:
             x = mean
     return x[:n]
+
+
+def first_written_generate(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
+                           use_kv_cache, generator, clip_range):
+    """VideoMAR.generate as first written, kept as the reference of its refactoring: one loop,
+    the cached and uncached paths side by side in it, the clip range handed down to the head
+    (every predicted x_0 clamped) and the authors' clip of the frames after the first generated
+    one applied after it; progressive temperature."""
+    B, k, C, h, w = cond_latents.shape
+    L = h * w  # patch size 1
+    num_iter = min(num_iter, L)
+    guided = cfg != 1.0 and caption is not None
+    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+    tokens = torch.zeros(B, num_latent_frames, L, model.config.token_dim)
+    tokens[:, :k] = patchify(cond_latents, 1)
+    context = model.null_context(B) if caption is None else model.text_context(*caption)
+    context = context.cat(model.null_context(B)) if guided else context
+    cache = KVCache(model.config, len(context.mask), num_latent_frames * L)
+    if use_kv_cache and k > 0:
+        model.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, (h, w), context, cache,
+                             commit=True)
+    for f in range(k, num_latent_frames):
+        order = torch.rand(B, L, generator=generator).argsort(dim=1)
+        mask = torch.ones(B, L, dtype=torch.bool)
+        for step in range(num_iter):
+            if use_kv_cache:
+                z = model.forward_frames(double(tokens[:, f]), double(mask), f, (h, w), context,
+                                         cache)
+            else:
+                z = model.target_frame_z(double(tokens), f, double(mask), (h, w), context)
+            following, mask_len = next_mask(mask, order, step, num_iter, L)
+            to_predict = mask & ~following
+            z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
+            cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
+            sampled = model.diffloss.sample(z_rows, frame_temperature("progressive", f - k),
+                                            cfg_step, generator=generator, clip_range=clip_range)
+            if clip_range is not None and f > k:
+                sampled = sampled.clamp(*clip_range)
+            tokens[:, f][to_predict] = sampled
+            mask = following
+        if use_kv_cache and f < num_latent_frames - 1:
+            model.forward_frames(double(tokens[:, f]), None, f, (h, w), context, cache, commit=True)
+    return unpatchify(tokens, 1, h, w)
 
 
 def ssim_at_one_position(x, y):
@@ -706,41 +750,6 @@ def test_diffloss_sample_matches_reference_loop():
     assert not torch.allclose(plain, fast, atol=1e-3)
 
 
-def test_ddim_probe_is_deterministic_and_lands_on_a_point_mass():
-    """eval.py --ddim: a DDIM step (eta 0) is sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps with x0
-    and eps from the model's epsilon; the whole pass ignores the generator and, given the exact
-    epsilon of a point mass, lands on it from any starting noise (on its clamp if outside)."""
-    d = create_diffusion("50")
-    abar = d.alphas_cumprod.float()
-    x, output = torch.randn(4, 5), torch.randn(4, 10)
-    i = 30
-    x0 = (x - (1 - abar[i]).sqrt() * output[:, :5]) / abar[i].sqrt()
-    expected = abar[i - 1].sqrt() * x0 + (1 - abar[i - 1]).sqrt() * output[:, :5]
-    assert torch.allclose(d.ddim_step(output, x, i), expected, atol=1e-5)
-
-    target = torch.rand(4, 5) * 1.6 - 0.8
-
-    def exact(x, i):  # the epsilon that explains x as noise around target
-        eps = (x - abar[i].sqrt() * target) / (1 - abar[i]).sqrt()
-        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
-
-    for seed in (0, 1):
-        noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed))
-        landed = d.p_sample_loop(exact, (4, 5), noise, ddim=True,
-                                 generator=torch.Generator().manual_seed(seed + 7))
-        assert torch.allclose(landed, target, atol=1e-4)
-        clamped = d.p_sample_loop(exact, (4, 5), noise, ddim=True, clip_range=(-0.5, 0.5))
-        assert torch.allclose(clamped, target.clamp(-0.5, 0.5), atol=1e-4)
-    # through the head, with guidance: the same tokens whatever the generator
-    torch.manual_seed(0)
-    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
-    z, noise = torch.randn(8, 24), torch.randn(4, 6)
-    a, b = (head.sample(z, cfg=2.5, noise=noise, ddim=True,
-                        generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
-    ancestral = head.sample(z, cfg=2.5, noise=noise, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and not torch.allclose(a, ancestral, atol=1e-3)
-
-
 # ----------------------------------------------------------------------------------------------
 # The method, model.py: generation frame by frame with the KV cache (§4.3, Table 2)
 
@@ -749,7 +758,7 @@ def test_kv_cache_matches_uncached_generation(qk_norm):
     """§4.3, Table 2: generation with the KV cache equals the "w/o KV cache" path given the same
     draws; a seed fixes the video."""
     model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda cached: model.generate(cond, *text, num_latent_frames=5, num_iter=3, cfg=3.0,
+    run = lambda cached: model.generate(cond, text, num_latent_frames=5, num_iter=3, cfg=3.0,
                                         use_kv_cache=cached,
                                         generator=torch.Generator().manual_seed(7))
     cached, uncached = run(True), run(False)
@@ -759,7 +768,7 @@ def test_kv_cache_matches_uncached_generation(qk_norm):
     assert (cached[:, 1:] - cached[:, 1:].mean()).abs().mean() > 1e-3
     # same seed, same video; another seed, another video
     assert torch.equal(cached, run(True))
-    other = model.generate(cond, *text, 5, num_iter=3, cfg=3.0,
+    other = model.generate(cond, text, 5, num_iter=3, cfg=3.0,
                            generator=torch.Generator().manual_seed(8))
     assert not torch.allclose(other, cached)
 
@@ -793,7 +802,7 @@ def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
 def test_generation_under_bf16_autocast(qk_norm):
     """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
     model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=3.0,
+    run = lambda: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
                                  generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run()
@@ -805,7 +814,7 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
     """§5.3 video-to-video and App. D extrapolation: the given frames come back bit-exact, at a
     length and grid unlike training."""
     model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))  # grid and length unlike training
-    out = model.generate(cond, *text, num_latent_frames=9, num_iter=2, cfg=2.0,
+    out = model.generate(cond, text, num_latent_frames=9, num_iter=2, cfg=2.0,
                          generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 9, 8, 5, 7)
     assert torch.equal(out[:, :2], cond)
@@ -816,36 +825,40 @@ def test_text_to_video_and_clip_range():
     """Text-to-video (no given frame), the null text without CFG, and every x_0 clamped to the
     tokenizer's range."""
     model, cond, text = sample_setup(k=0)
-    run = lambda clip: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=1.0,
-                                      clip_range=clip, generator=torch.Generator().manual_seed(0))
+    run = lambda clip: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=1.0,
+                                      sampler=functools.partial(model.diffloss.sample,
+                                                                clip_range=clip),
+                                      generator=torch.Generator().manual_seed(0))
     assert run(None).shape == (2, 3, 8, 3, 3)
     assert run(None).abs().max() > 0.05
     # null text: nothing to guide
-    assert torch.isfinite(model.generate(cond, None, None, 3, num_iter=2, cfg=3.0)).all()
+    assert torch.isfinite(model.generate(cond, None, 3, num_iter=2, cfg=3.0)).all()
     assert run((-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 is clamped to the range
 
 
-def test_authors_clip_bounds_frames_after_the_first_generated_one():
-    """The authors' sampler clamps each sampled token of the frames after the first generated
-    one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
-    model, cond, text = sample_setup(k=1)
-    run = lambda clip, cached=True: model.generate(cond, *text, num_latent_frames=4, num_iter=3,
-                                                   cfg=3.0, use_kv_cache=cached, clip_range=clip,
-                                                   clip_x0=False,
-                                                   generator=torch.Generator().manual_seed(3))
-    free = run(None)
-    c = 0.5 * free[:, 1].abs().max().item()
-    seen = []  # the visible tokens of every masked step of the frames after the first generated
-    forward = model.forward_frames
-    model.forward_frames = lambda tokens, mask, first, *a, **kw: (
-        seen.append(tokens[~mask]) if mask is not None and first >= 2 else None,
-        forward(tokens, mask, first, *a, **kw))[1]
-    clipped = run((-c, c))
-    del model.forward_frames
-    assert torch.equal(clipped[:, :2], free[:, :2])  # the given and the first generated frame
-    assert free[:, 2:].abs().max() > c >= clipped[:, 2:].abs().max()
-    assert len(seen) == 2 * 3 and max(v.abs().max() for v in seen if v.numel()) <= c
-    assert torch.allclose(run((-c, c), cached=False), clipped, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("k, cfg, captioned, cached", [
+    (0, 3.0, True, True), (1, 3.0, True, True), (2, 3.0, True, False), (1, 1.0, True, True),
+    (1, 3.0, False, True), (1, 3.0, False, False)])
+def test_generate_gives_the_videos_of_the_first_written_loop_bit_for_bit(k, cfg, captioned,
+                                                                         cached):
+    """The same outputs for the same seed: generate, its per-frame step and the sampler handed in
+    give, to the bit, what the generation loop as first written gave, with the tokenizer's clip
+    range passed down to the head and the authors' clip after it (which the clamp of every x_0
+    makes a no-op), or without a clip."""
+    model, cond, text = sample_setup(k=k)
+    caption = text if captioned else None
+    seeded = lambda: torch.Generator().manual_seed(7)
+    free = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
+                          generator=seeded())
+    c = 0.5 * free[:, k:].abs().max().item()  # a range that binds
+    for clip in (None, (-c, c)):
+        sampler = functools.partial(model.diffloss.sample, clip_range=clip)
+        video = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
+                               generator=seeded(), sampler=sampler)
+        reference = first_written_generate(model, cond, caption, 4, 3, cfg, cached, seeded(),
+                                           clip)
+        assert torch.equal(video, reference)
+    assert free[:, k:].abs().max() > c >= video[:, k:].abs().max()  # the clip did bind
 
 
 @pytest.mark.parametrize("k", [0, 1])
@@ -857,7 +870,7 @@ def test_forward_passes_of_generation_skip_the_last_commit(k):
     model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
     for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
         calls.clear()
-        model.generate(cond, *text, num_latent_frames=k + n, num_iter=s, cfg=3.0,
+        model.generate(cond, text, num_latent_frames=k + n, num_iter=s, cfg=3.0,
                        use_kv_cache=cached)
         commits = ((k > 0) + n - 1) if cached else 0
         assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
@@ -872,16 +885,16 @@ def test_total_mask_sampler_is_mars_order_over_the_whole_video():
     config = model.config
     cond = torch.randn(2, 1, config.latent_channels, 2, 3)
     text = random_text(2, config)
-    one = model.generate_total_mask(cond, *text, 2, num_iter=3, cfg=2.0,
+    one = model.generate_total_mask(cond, text, 2, num_iter=3, cfg=2.0,
                                      generator=torch.Generator().manual_seed(5))
-    reference = model.generate(cond, *text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
+    reference = model.generate(cond, text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
                          generator=torch.Generator().manual_seed(5))
     assert torch.allclose(one, reference, atol=1e-5)
     passes = []
     forward = model.forward_frames
     model.forward_frames = lambda tokens, mask, *a, **kw: passes.append(
         int(mask[0].sum())) or forward(tokens, mask, *a, **kw)
-    video = model.generate_total_mask(cond, *text, 4, num_iter=3, cfg=1.0,
+    video = model.generate_total_mask(cond, text, 4, num_iter=3, cfg=1.0,
                                        generator=torch.Generator().manual_seed(5))
     assert torch.equal(video[:, :1], cond) and (video[:, 1:] != 0).all()
     assert len(passes) == 9 and passes[0] == 3 * 6 and passes == sorted(passes, reverse=True)
@@ -1492,14 +1505,16 @@ def test_ssim_properties():
 
 
 def test_copy_baseline(monkeypatch):
-    """evaluate(): the copy baseline's PSNR per frame is that of frame 0 against the truth, exact
-    where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
+    """score_held_out_clips: the copy baseline's PSNR per frame is that of frame 0 against the
+    truth, exact where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
     tokenizer = load_tokenizer("patch:4x4x4")
     model = tiny_model(tokenizer.channels, 16)
-    args = (model, tokenizer, FakeText(), 3, 9, 16, 16)
-    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    config = metrics.EvalConfig(n=3, num_frames=9, num_iter=1, batch_size=2)
+    score = lambda model, tokenizer, **changes: metrics.score_held_out_clips(
+        model, tokenizer, FakeText(), replace(config, **changes))
+    result = score(model, tokenizer)
     # each sampled row draws from its own generator: a teacher-forced row leaves the others alone
-    with_tf = metrics.evaluate(*args, num_iter=1, batch_size=2, teacher_forced=True)
+    with_tf = score(model, tokenizer, teacher_forced=True)
     for row in ("model", "null_text"):
         assert with_tf[row]["psnr_per_frame"] == result[row]["psnr_per_frame"]
     clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
@@ -1519,7 +1534,7 @@ def test_copy_baseline(monkeypatch):
     # a lossy one's is not: 4 principal components drop most of a 4x4x4 patch
     lossy = load_tokenizer("pca:4x4x4:4")
     lossy.fit(clips)
-    result = metrics.evaluate(tiny_model(4, 16), lossy, FakeText(), 3, 9, 16, 16, num_iter=1)
+    result = score(tiny_model(4, 16), lossy, batch_size=16)
     assert result["tokenizer"]["psnr"] < 30
 
     class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
@@ -1527,7 +1542,7 @@ def test_copy_baseline(monkeypatch):
             clip, caption = super().__getitem__(i)
             return clip[:1].expand_as(clip), caption
     monkeypatch.setattr(metrics, "SyntheticVideos", Static)
-    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    result = score(model, tokenizer)
     assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
 
@@ -1561,22 +1576,23 @@ def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_
 
 
 def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():
-    """evaluate(teacher_forced=True) with a model that repeats the last frame it is given: free
-    running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel frames) late."""
+    """score_held_out_clips with teacher_forced and a model that repeats the last frame it is
+    given: free running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel
+    frames) late."""
     class RepeatLast(torch.nn.Module):
         config = VideoMARConfig(next_frame_loss=True, causal=True)
 
         def __init__(self):
             super().__init__()
-            self.unused = torch.nn.Parameter(torch.zeros(1))
+            self.diffloss = DiffLoss(4, 4, 1, 4)  # a head, never sampled
 
-        def generate(self, cond, text, text_mask, num_latent_frames, *args, **kwargs):
+        def generate_as_trained(self, cond, caption, num_latent_frames, **options):
             repeats = num_latent_frames - cond.shape[1]
             return torch.cat([cond, cond[:, -1:].expand(-1, repeats, -1, -1, -1)], dim=1)
 
     tokenizer = load_tokenizer("patch:4x4x4")  # exact: latents are the pixels
-    result = metrics.evaluate(RepeatLast(), tokenizer, FakeText(), 3, 13, 16, 16, batch_size=2,
-                              teacher_forced=True)
+    result = metrics.score_held_out_clips(RepeatLast(), tokenizer, FakeText(), metrics.EvalConfig(
+        n=3, num_frames=13, batch_size=2, teacher_forced=True))
     assert result["model"]["psnr_per_frame"] == result["copy"]["psnr_per_frame"]
     truth = (torch.stack([SyntheticVideos(13, 16, 16, split="test")[i][0]
                           for i in range(3)]) + 1) / 2
@@ -2032,13 +2048,31 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert Image.open(out / "psnr.png").size == (560, 360)
     # 3 clips x (truth, generated)
     assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)
-    # extrapolation: more frames and a larger grid than trained
+    # extrapolation: more frames and a larger grid than trained; the probe of z
     assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24",
-                                        "--width", "24", "--n", "1"]) == 0
+                                        "--width", "24", "--n", "1", "--mean_of", "2"]) == 0
     result = json.loads((out / "x" / "eval.json").read_text())
     assert (result["height"], len(result["model"]["psnr_per_frame"])) == (24, 12)
+    assert result["mean_of"] == 2 and "each token the mean of 2 draws" in capsys.readouterr().out
     assert evaluation.main(args + ["--frames", "6"]) == 2  # not 1 + 4k frames
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
+    """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
+    draws given the same z (the head's mean, estimated), drawn in turn from the generator."""
+    torch.manual_seed(0)
+    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="10").eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.1)
+    z = torch.randn(8, 24)  # CFG: 4 conditional rows, then 4 unconditional
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator) for _ in range(4)])
+    probe = evaluation.mean_of_samples(head.sample, 4)
+    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    assert mean.shape == (4, 6) and torch.equal(mean, draws.mean(0))
+    assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
 
 
 @pytest.mark.parametrize("args, words", [
@@ -2050,7 +2084,7 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
     (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
     (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
-] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0"],
+] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0", "--mean_of 0"],
                   "must be at least 0": ["--cfg -3"]}))
 def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing

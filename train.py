@@ -36,6 +36,7 @@ import time
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,7 +51,7 @@ from cli import (ArgumentParser, add_field_options, device_option, float_where, 
 from checkpoint import build_model, load_checkpoint, model_from_config, save_checkpoint
 from data import PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer
 from errors import BadInput
-from metrics import evaluate, summary
+from metrics import EvalConfig, score_held_out_clips, summary
 from model import PRESETS, VideoMARConfig, compile_model
 from videoio import save_image_grid, write_video
 
@@ -276,15 +277,10 @@ def write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir):
     cond = tokenizer.encode(clip[None, :1].to(device))  # the first frame alone: one latent frame
     generator = torch.Generator(device).manual_seed(config.seed)
     num_latent_frames = tokenizer.latent_frames(len(clip))
-    text, text_mask = text_encoder([caption])
-    with tqdm(total=num_latent_frames - 1, desc="sample", leave=False) as bar:
-        options = dict(num_iter=config.sample_num_iter, cfg=config.sample_cfg, generator=generator,
-                       clip_range=tokenizer.clip_range, progress=bar)
-        if ema.config.next_frame_loss:
-            latents = ema.generate(cond, text, text_mask, num_latent_frames,
-                                   use_kv_cache=ema.config.causal, **options)
-        else:  # the "total mask" baseline of Table 4 samples the whole video at once
-            latents = ema.generate_total_mask(cond, text, text_mask, num_latent_frames, **options)
+    sampler = partial(ema.diffloss.sample, clip_range=tokenizer.clip_range)
+    latents = ema.generate_as_trained(cond, text_encoder([caption]), num_latent_frames,
+                                      num_iter=config.sample_num_iter, cfg=config.sample_cfg,
+                                      generator=generator, sampler=sampler)
     video = tokenizer.decode(latents)[0].clamp(-1, 1).cpu()
     write_video(out_dir / "sample.mp4", video)
     save_image_grid(out_dir / "sample.png", [clip, video])
@@ -517,9 +513,10 @@ def finish(run, step):
         clip, caption = run.datasets[last_stage][0]
     write_sample(run.ema, run.tokenizer, run.text_encoder, clip, caption, config, run.out_dir)
     if config.data == "synthetic":
-        result = evaluate(run.ema, run.tokenizer, run.text_encoder, 16, num_frames, config.height,
-                          config.width, config.sample_num_iter, config.sample_cfg,
-                          seed=config.seed, null_text=False, keep=0)
+        result = score_held_out_clips(run.ema, run.tokenizer, run.text_encoder, EvalConfig(
+            n=16, num_frames=num_frames, height=config.height, width=config.width,
+            num_iter=config.sample_num_iter, cfg=config.sample_cfg, seed=config.seed,
+            null_text=False, keep=0))
         print(summary(result))
 
 
