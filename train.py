@@ -428,12 +428,7 @@ def loop(run, process):
     beginning or where a resumed run stopped. Returns the iterations done in all, or None when a
     NaN loss stopped the run."""
     config, optimizer = run.config, run.optimizer
-    model = run.model
-    if process.ddp:
-        device_ids = [process.local_rank] if process.device_type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
-    cuda = process.device_type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    model, autocast = as_trained_here(run.model, process)
     torch.manual_seed(config.seed + process.rank)  # each rank its own masks, frames and noise
     total_iters = sum(iters for _, iters in run.stages)
     start = run.resumed or Position()
@@ -453,18 +448,7 @@ def loop(run, process):
             lr = learning_rate(step, config, total_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            videos, captions = next(stream)
-            with torch.no_grad():  # the frozen encoders
-                latents = run.tokenizer.encode(videos.to(process.device))
-                text, text_mask = run.text_encoder(captions)
-            with autocast:
-                loss = model(latents, text, text_mask)  # §4.1 next-frame diffusion loss
-            # every rank needs the same verdict on a NaN: the loss is averaged first (one small
-            # all-reduce)
-            mean_loss = loss.detach().float().clone()
-            if process.ddp:
-                dist.all_reduce(mean_loss)
-                mean_loss /= process.world_size
+            mean_loss, latents = train_step(run, model, next(stream), autocast, process)
             if not torch.isfinite(mean_loss):
                 bar.close()
                 kept = (f"last good checkpoint {run.ckpt_path} kept" if run.ckpt_path.exists()
@@ -473,12 +457,6 @@ def loop(run, process):
                     print(f"loss is {mean_loss.item()} at step {step + 1}; stopping, {kept}",
                           file=sys.stderr)
                 return None
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(run.ema, run.model, config.ema_decay)
             step += 1
             bar.update()
             losses.append(mean_loss.item())
@@ -496,6 +474,44 @@ def loop(run, process):
                 save(run, Position(stage, stage_step + 1, step))
         bar.close()
     return step
+
+
+def as_trained_here(model, process):
+    """The model as this process trains it (in DDP's wrapper under torchrun), and the autocast
+    it trains under (bf16 on GPUs, fp32 on CPUs)."""
+    if process.ddp:
+        device_ids = [process.local_rank] if process.device_type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    cuda = process.device_type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    return model, autocast
+
+
+def train_step(run, model, batch, autocast, process):
+    """One iteration on a batch (videos, captions): the frozen encoders, the loss, backward,
+    clipping, the optimiser and the EMA. Returns the loss averaged over the processes and the
+    latents; a NaN or inf loss changes nothing."""
+    config, optimizer = run.config, run.optimizer
+    videos, captions = batch
+    with torch.no_grad():  # the frozen encoders
+        latents = run.tokenizer.encode(videos.to(process.device))
+        text, text_mask = run.text_encoder(captions)
+    with autocast:
+        loss = model(latents, text, text_mask)  # §4.1 next-frame diffusion loss
+    # every rank needs the same verdict on a NaN: the loss is averaged first (one small
+    # all-reduce)
+    mean_loss = loss.detach().float().clone()
+    if process.ddp:
+        dist.all_reduce(mean_loss)
+        mean_loss /= process.world_size
+    if torch.isfinite(mean_loss):
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(run.ema, run.model, config.ema_decay)
+    return mean_loss, latents
 
 
 def finish(run, step):
