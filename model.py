@@ -37,13 +37,12 @@ class VideoMARConfig:
     n_head: int = 24
     mlp_ratio: float = 4.0
     # RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: not in
-    # the paper, but in the authors' released model (Step-Video blocks); the videomar preset has it
+    # the paper; as in Step-Video's attention blocks, upstream code; on in the videomar preset
     qk_norm: bool = False
     # 3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's
     # frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, 0.1,
     # 0.01, 0.001) only the first tells apart positions a few tokens apart, and it comes round
-    # after 6.3; a smaller base spreads them over a small grid (tried on 8 x 8: README, "what it
-    # took")
+    # after 6.3; a smaller base spreads them over a small grid
     rope_theta: float = 10000.0
     # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention); S_max tokens at most
     text_dim: int = 1536
@@ -73,8 +72,8 @@ class VideoMARConfig:
 
 PRESETS = {
     # §5.1: the paper's 1.4B model; Cosmos CV4x8x8 latents (16 channels), Qwen2-1.5B text (1536).
-    # Where the paper is silent, the authors' released model: captions of up to 300 tokens (its
-    # null text `fake_latent` is (1, 300, dim)) and QK-norm (its Step-Video blocks).
+    # Where the paper is silent: captions of up to 300 tokens, as the authors' released null text
+    # `fake_latent` (1, 300, dim) takes; QK-norm, as Step-Video's attention blocks (upstream).
     "videomar": dict(latent_channels=16, n_layer=36, n_embd=1536, n_head=24, diffloss_d=3,
                      diffloss_w=1280, text_dim=1536, text_len=300, qk_norm=True),
     # what trains on a 2-core CPU in minutes: PatchTokenizer(4, 4) latents, MiniLM text (384);
@@ -232,8 +231,9 @@ class HeadRMSNorm(nn.RMSNorm):
 
 
 def qk_norms(config):
-    """QK-norm as the Step-Video blocks of the authors' released model: RMSNorm with a learned
-    weight (eps 1e-6) over each head's channels, for queries and for keys; else identities."""
+    """QK-norm as in Step-Video's attention blocks (upstream code; not in the paper): RMSNorm
+    with a learned weight (eps 1e-6) over each head's channels, for queries and for keys; else
+    identities."""
     if not config.qk_norm:
         return nn.Identity(), nn.Identity()
     head_dim = config.n_embd // config.n_head

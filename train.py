@@ -71,8 +71,8 @@ class TrainConfig:
     # "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
     tokenizer: str = "pca:4x4x4:16"
     text_encoder: str = None  # None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path
-    # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order; tiny's
-    # takes about 11 minutes on a quiet 2-core CPU (README)
+    # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order (tiny's:
+    # minutes on a 2-core CPU, RESULTS.md)
     frames: list[int] = field(default_factory=lambda: [5, 13, 25])  # pixel frames of each stage
     stage_iters: list[int] = field(default_factory=lambda: [2400, 1200, 750])  # iterations a stage
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
@@ -85,8 +85,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     # torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off for
-    # tiny: on a 2-core CPU it compiles for ~30 s and its 5-frame steps are no faster (README,
-    # "Training speed")
+    # tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, training speed)
     compile: bool = False
     # the run
     out_dir: str = "out"
@@ -105,11 +104,9 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     # the TrainConfig defaults: trains on a 2-core CPU in minutes. 16x16 in 4x4x4 patches (16
-    # tokens a frame, cheap steps) reduced to 16 principal components: at equal iterations these
-    # drew the objects more often than the raw 192 values, 24 or 48 components (24 keep 97% of the
-    # objects through the tokenizer, 16 keep 86%, but the model drew them in 27% of frames
-    # against 46%) or 2- and 1-frame patches; lr 2e-3 a little better than 1e-3 (README, "what it
-    # took")
+    # tokens a frame, cheap steps) reduced to 16 principal components, and lr 2e-3: of the
+    # screens in RESULTS.md, these drew the objects most often (against the raw 192 values, 24
+    # or 48 components, 2- and 1-frame patches, lr 1e-3)
     "tiny": {},
     # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight
     # decay 0.02, lr 1e-4 throughout. Not given by the paper, so MAR's: warm-up, clipping 3.0, EMA
