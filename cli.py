@@ -2,8 +2,9 @@
 What the scripts (train, sample, eval, bench) share at the command line: an argparse parser whose
 mistakes are one line, the option types that check every value as it is parsed, the output check,
 the generation options of sample.py and eval.py, train.py's options made from the fields of its
-config dataclasses, and loading a trained model for sampling with its tokenizer and text encoder
-(sized, and its KV cache checked against memory, before it is built).
+config dataclasses, loading a trained model for sampling with its tokenizer and text encoder
+(sized, and its KV cache checked against memory, before it is built), and torch.compile in place
+for --compile.
 
 Usage:
     parser = ArgumentParser(description="...")
@@ -297,3 +298,18 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     text_encoder = TextEncoder(train_config["text_encoder"], max_length=model.config.text_len,
                                device=device)
     return model, tokenizer, text_encoder, train_config, (num_frames, height, width)
+
+
+# -----------------------------------------------------------------------------
+# --compile (train.py, bench.py)
+
+def compile_model(model, backend="inductor"):
+    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
+    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
+    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
+    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
+    and the tokens it scores or samples change from step to step."""
+    for module in [*model.blocks, model.diffloss.net]:
+        module.compile(backend=backend, dynamic=True)
+    head = model.diffloss.net
+    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)

@@ -151,10 +151,7 @@ def next_mask(mask, order, step, num_steps, total):
 def frame_temperature(temperature, i):
     """§4.3 and Appendix B: "progressive" gives the i-th generated frame 0.9 + 10^-(i+1)
     (1.0, 0.91, 0.901, ...): lower temperature for later frames suppresses accumulated error.
-    A number gives every frame that constant. This follows the paper, not the authors' released
-    sampler: that one uses one constant temperature for all frames (a linear schedule,
-    0.95 - 0.05 i / n for the i-th of n generated frames, sits there in a comment). Appendix B
-    finds a constant 0.9 about as good (slightly lower Dynamic Degree) and recommends both."""
+    A number gives every frame that constant (Appendix B finds 0.9 about as good)."""
     if temperature == "progressive":
         return 0.9 + 10.0 ** -(i + 1)
     return float(temperature)
@@ -213,13 +210,9 @@ class Generation(NamedTuple):
     context: TextContext
     cfg: float
 
-    @property
-    def guided(self):
-        return self.cfg != 1.0
-
     def double(self, x):
         """x for the whole batch: with CFG the conditional rows, then the same for the null text."""
-        return torch.cat([x, x]) if self.guided else x
+        return torch.cat([x, x]) if self.cfg != 1.0 else x
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -518,12 +511,10 @@ class VideoMAR(nn.Module):
     def generate_total_mask(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
                             temperature="progressive", generator=None, sampler=None):
         """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
-        over all the tokens of the video at once, not frame by frame. Every token after the `k`
-        given frames starts masked, in one random order over the whole video; `num_iter` steps
-        per generated frame in all (the same number of passes as `generate` without the cache)
-        reveal them on MAR's cosine schedule, each pass seeing the whole video with full
-        attention. A token is sampled with its frame's temperature (the progressive schedule) and
-        MAR's linear CFG schedule over the video. Arguments and result as `generate`'s."""
+        over the whole video at once. Every token after the given frames starts masked, in one
+        random order; `num_iter` steps per generated frame in all (the passes of `generate`
+        without the cache) reveal them on the cosine schedule, each pass seeing the whole video.
+        A token is sampled at its frame's temperature. Arguments and result as `generate`'s."""
         video = self.generation(cond_latents, caption, num_latent_frames, cfg)
         (B, k), L = cond_latents.shape[:2], video.tokens.shape[2]
         sampler = sampler or self.diffloss.sample
@@ -577,17 +568,5 @@ class VideoMAR(nn.Module):
         """The head's tokens for `rows` (B, N), True where a token leaves the mask, given z of the
         whole batch (B, N, n_embd), with CFG the null text's rows after the captions'."""
         B = rows.shape[0]
-        z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if video.guided else z[rows]
+        z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if video.cfg != 1.0 else z[rows]
         return sampler(z_rows, temperature, cfg, generator=generator).to(video.tokens.dtype)
-
-
-def compile_model(model, backend="inductor"):
-    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
-    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
-    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
-    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
-    and the tokens it scores or samples change from step to step."""
-    for module in [*model.blocks, model.diffloss.net]:
-        module.compile(backend=backend, dynamic=True)
-    head = model.diffloss.net
-    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)

@@ -32,11 +32,11 @@ from PIL import Image
 from checkpoint import build_model, load_checkpoint, save_checkpoint
 from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
                   load_tokenizer)
-from cli import check_memory, gigabytes
+from cli import check_memory, compile_model, gigabytes
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
-                   frame_temperature, next_mask, patchify, sample_mask_ratios, unpatchify)
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, frame_temperature,
+                   next_mask, patchify, sample_mask_ratios, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 from videoio import (count_frames, read_image, read_video, read_video_at_size, resize_center_crop,
                      save_image_grid, write_video)
@@ -1548,7 +1548,7 @@ def test_copy_baseline(monkeypatch):
 
 
 def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_names():
-    """model.compile_model compiles in place: the same loss and the same samples for the same
+    """cli.compile_model compiles in place: the same loss and the same samples for the same
     draws, gradients flow, and the state dict (so every checkpoint) keeps the plain model's names.
     Dynamo's eager backend traces what inductor would compile, without the minute of code
     generation."""
