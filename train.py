@@ -117,8 +117,8 @@ TRAIN_PRESETS = {
                      stage_iters=[200000, 100000, 50000], log_interval=100, ckpt_interval=2000,
                      num_workers=8, sample_num_iter=64, compile=True),
 }
-# options of one invocation, never restored by --resume
-RUN_KEYS = ("out_dir", "resume", "init_from", "device")
+# options of one invocation of train.py, never restored by --resume
+NOT_RESUMED = ("out_dir", "resume", "init_from", "device")
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def parse_args(argv):
 def make_config(cli, saved=None):
     """Preset values, then the checkpoint's options when resuming, then the command line."""
     saved = {k: v for k, v in (saved or {}).items()
-             if k not in RUN_KEYS and k in TrainConfig.__dataclass_fields__}
+             if k not in NOT_RESUMED and k in TrainConfig.__dataclass_fields__}
     preset = cli.get("preset", saved.get("preset", "tiny"))
     if preset not in TRAIN_PRESETS:
         raise BadInput(f"unknown preset {preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
