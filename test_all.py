@@ -6,8 +6,8 @@ independently from closed forms, a straightforward reference loop, or an invaria
 Each test's docstring names the section of the paper or the claim it checks.
 
 In the order of the README's reading guide: helpers and references first; then the method's claims
-(model.py, rope3d.py, diffusion.py, generation); then data.py and metrics.py; then the command
-lines (train.py, sample.py, eval.py, bench.py) and the README.
+(model.py, rope3d.py, diffusion.py, generation); then data.py, videoio.py and metrics.py; then the
+command lines (train.py with checkpoint.py, sample.py, eval.py, bench.py) and the README.
 """
 import argparse
 import functools
@@ -48,31 +48,41 @@ import train
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers: tiny models and their inputs
+# Helpers: a tiny model and its inputs
 
-def tiny_config(**overrides):
-    base = dict(latent_channels=8, n_layer=2, n_embd=48, n_head=2, diffloss_d=2, diffloss_w=32,
-                text_dim=16, text_len=6, num_sampling_steps="10")
-    return VideoMARConfig(**{**base, **overrides})
-
-
-def random_model(seed=0, **overrides):
-    """A tiny model with every weight random (also the zero-initialised ones), in eval mode."""
+def tiny_model(seed=0, randomised=True, **overrides):
+    """A tiny VideoMAR in eval mode: 2 layers of width 48 in 2 heads, a 2 x 32 diffusion head that
+    samples in 10 steps, latents of 8 channels, captions of 6 tokens of width 16; `overrides`
+    change its config. Randomised, every weight is random (also the zero-initialised ones, so
+    every output depends on every weight) and the head's output small (so samples stay in a sane
+    range); else it is as initialised."""
     torch.manual_seed(seed)
-    model = VideoMAR(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.02)
+    config = dict(latent_channels=8, n_layer=2, n_embd=48, n_head=2, diffloss_d=2, diffloss_w=32,
+                  text_dim=16, text_len=6, num_sampling_steps="10")
+    model = VideoMAR(VideoMARConfig(**{**config, **overrides})).eval()
+    if randomised:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(std=0.02)
+            model.diffloss.net.final_layer.linear.weight.mul_(0.1)
     return model
 
 
 def random_text(batch, config, seed=1):
+    """A caption pair (text (batch, text_len, text_dim), mask), the first caption padded."""
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(batch, config.text_len, config.text_dim, generator=g)
     mask = torch.ones(batch, config.text_len, dtype=torch.bool)
     mask[0, config.text_len // 2:] = False  # padding in the first caption
     return emb, mask
+
+
+def given_frames(model, batch=2, k=1, grid=(3, 3), seed=0):
+    """k random latent frames to generate from, and captions for them."""
+    cond = torch.randn(batch, k, model.config.latent_channels, *grid,
+                       generator=torch.Generator().manual_seed(seed))
+    return cond, random_text(batch, model.config)
 
 
 def frames_output(model, tokens, mask, grid):
@@ -81,25 +91,11 @@ def frames_output(model, tokens, mask, grid):
         return model.forward_frames(tokens, mask, 0, grid, context)
 
 
-def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
-    model = random_model(seed, **overrides)
-    with torch.no_grad():  # keep sampled values in a sane range: a small, contracting head output
-        model.diffloss.net.final_layer.linear.weight.mul_(0.1)
-    cond = torch.randn(batch, k, model.config.latent_channels, *grid,
-                       generator=torch.Generator().manual_seed(seed))
-    return model, cond, random_text(batch, model.config)
-
-
-def tiny_model(token_dim, text_dim):
-    torch.manual_seed(0)
-    config = VideoMARConfig(latent_channels=token_dim, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
-                            diffloss_w=32, num_sampling_steps="3", text_dim=text_dim, text_len=8)
-    return VideoMAR(config).eval()
-
-
 class FakeText:
+    """A text encoder of the tiny model's width: random embeddings of 6 tokens."""
+
     def __call__(self, captions):
-        return torch.randn(len(captions), 8, 16), torch.ones(len(captions), 8, dtype=torch.bool)
+        return torch.randn(len(captions), 6, 16), torch.ones(len(captions), 6, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,10 +201,10 @@ def flat_video(levels, height=40, width=48):
     return torch.tensor(levels, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, height, width)
 
 
-def readme_commands():
-    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the README's
-    code blocks."""
-    text = (Path(__file__).parent / "README.md").read_text()
+def markdown_commands(name):
+    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the code
+    blocks of the markdown file `name`."""
+    text = (Path(__file__).parent / name).read_text()
     commands = []
     for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -346,7 +342,7 @@ def test_patchify_round_trip_and_raster_order():
 def test_frame_causal_and_bidirectional_inside_frame():
     """§4.1 frame-wise causal attention: a token sees its own and earlier frames, bidirectionally
     inside its frame; the ablation without it sees the future."""
-    model = random_model()
+    model = tiny_model()
     grid, T = (3, 3), 4
     L = grid[0] * grid[1]
     tokens = torch.randn(2, T * L, model.config.token_dim)
@@ -375,7 +371,7 @@ def test_frame_causal_and_bidirectional_inside_frame():
 
 def test_masked_token_input_is_ignored():
     """A masked token's value must not reach the model: only the learned mask token does."""
-    model = random_model()
+    model = tiny_model()
     tokens = torch.randn(1, 2 * 4, model.config.token_dim)
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[0, 5] = True
@@ -388,7 +384,7 @@ def test_masked_token_input_is_ignored():
 def test_text_padding_is_masked_and_text_matters():
     """§5.1 cross-attention to the text: padding tokens are masked out, and the caption changes
     z."""
-    model = random_model()
+    model = tiny_model()
     tokens = torch.randn(2, 4, model.config.token_dim)
     emb, mask = random_text(2, model.config)
     context = model.text_context(emb, mask)
@@ -403,9 +399,9 @@ def test_text_padding_is_masked_and_text_matters():
 
 
 def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
-    """QK-norm as the authors' Step-Video blocks: RMSNorm with a learned weight over each head's
+    """QK-norm as Step-Video's attention blocks: RMSNorm with a learned weight over each head's
     channels, on the raw projections, in self- and cross-attention; the plain block has none."""
-    model = random_model(qk_norm=True)
+    model = tiny_model(qk_norm=True)
     config = model.config
     head_dim = config.n_embd // config.n_head
     inputs, outputs, projected = [], [], []
@@ -427,8 +423,8 @@ def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
     B, N, D = projected[0].shape
     q_raw = projected[0].view(B, N, 3, config.n_head, head_dim)[:, :, 0].transpose(1, 2)
     assert torch.equal(inputs[config.n_layer], q_raw)  # normalised before RoPE rotates it
-    plain = VideoMAR(tiny_config()).state_dict().keys()
-    normed = VideoMAR(tiny_config(qk_norm=True)).state_dict().keys()
+    plain = tiny_model(randomised=False).state_dict().keys()
+    normed = tiny_model(randomised=False, qk_norm=True).state_dict().keys()
     added = {f"blocks.{i}.{a}.{n}.weight" for i in range(config.n_layer)
              for a in ("attn", "cross_attn") for n in ("q_norm", "k_norm")}
     assert set(normed) - set(plain) == added
@@ -437,9 +433,9 @@ def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
-    """QK-norm (the authors' Step-Video blocks): scaling the query and key projections changes
+    """QK-norm (Step-Video's attention blocks): scaling the query and key projections changes
     nothing with it, and much without."""
-    model = random_model(qk_norm=qk_norm)
+    model = tiny_model(qk_norm=qk_norm)
     D = model.config.n_embd
     tokens = torch.randn(2, 2 * 4, model.config.token_dim)
     mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.3
@@ -473,7 +469,7 @@ def test_mask_ratio_is_marss_truncated_normal():
 def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     """Capture what reaches the diffusion head: only masked tokens of one frame, 4 copies each,
     and the transformer never sees frames after the target frame (the one-t draw)."""
-    model = random_model(all_frames=False).train()
+    model = tiny_model(all_frames=False).train()
     seen = {}
 
     def fake_diffloss(target, z):
@@ -504,7 +500,7 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
 def test_all_frames_pass_gives_every_frames_one_t_z_and_loss():
     """Eq. 4.1 for every t in one pass: the masked copy of each frame t gets exactly the z, and so
     the diffusion loss, that the one-t pass computes for that t with the same mask."""
-    model = random_model()
+    model = tiny_model()
     B, T, grid = 2, 4, (2, 3)
     L = grid[0] * grid[1]
     tokens = torch.randn(B, T, L, model.config.token_dim)
@@ -536,7 +532,7 @@ def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
     changing frame t at its masked tokens, or any later frame, leaves the copy's z alone, and
     changing an earlier frame changes it (so the first check can fail). The attention mask, read
     directly, agrees."""
-    model = random_model()
+    model = tiny_model()
     B, T, grid = 2, 4, (2, 2)
     L = grid[0] * grid[1]
     g = torch.Generator().manual_seed(2)
@@ -571,7 +567,7 @@ def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
 
 def test_videomar_preset_has_1_4b_parameters():
     """§5.1: the videomar preset is the paper's 1.4B model (36 layers of width 1536, a 3 x 1280
-    head), with the authors' text length and QK-norm."""
+    head), with captions of 300 tokens (the authors' null text) and QK-norm."""
     with torch.device("meta"):
         model = VideoMAR(VideoMARConfig(**PRESETS["videomar"]))
     n = sum(p.numel() for p in model.parameters())
@@ -579,7 +575,7 @@ def test_videomar_preset_has_1_4b_parameters():
     config = model.config
     sizes = (config.n_layer, config.n_embd, config.diffloss_d, config.diffloss_w)
     assert sizes == (36, 1536, 3, 1280)
-    # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm everywhere
+    # a null text of 300 tokens (the authors' fake_latent), QK-norm everywhere
     assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
     assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
@@ -617,10 +613,10 @@ def test_rope_scores_depend_only_on_offsets():
         assert abs(score((0, 0, 0), other, (0, 0, 0)) - base) > 1e-3
 
 
-def test_rope_split_follows_the_authors_time_half():
-    # Step-Video's blocks in the authors' model: rope_ch_split (64, 32, 32) of 128 channels
-    """App. A: the head dimension goes half to time, a quarter each to rows and columns, as in the
-    authors' model; every part even."""
+def test_rope_split_gives_time_half_of_each_head():
+    """App. A gives no split: time gets half of each head, rows and columns a quarter each, as
+    Step-Video's blocks split 128 channels (rope_ch_split 64, 32, 32) and, this code's
+    extrapolation, in the same proportions at other head sizes; every part even."""
     assert split_head_dim(128) == (64, 32, 32)
     for preset, head_dim in (("tiny", 32), ("videomar", 64)):
         assert PRESETS[preset]["n_embd"] // PRESETS[preset]["n_head"] == head_dim
@@ -633,8 +629,8 @@ def test_rope_split_follows_the_authors_time_half():
 
 def test_rope_theta_sets_the_base_and_a_small_one_tells_apart_columns_of_a_wider_grid():
     """rope_theta reaches the model's RoPE. Tiny's 8 channels an axis at the base 10000 place
-    column 6 of an 8-wide grid closer to column 0 than column 1 is (the aliasing of "what it
-    took"); at a base of 100 distance grows with the offset."""
+    column 6 of an 8-wide grid closer to column 0 than column 1 is (aliasing); at a base of 100
+    distance grows with the offset."""
     def model(theta):
         return VideoMAR(VideoMARConfig(**{**PRESETS["tiny"], "latent_channels": 16,
                                           "rope_theta": theta}))
@@ -757,7 +753,8 @@ def test_diffloss_sample_matches_reference_loop():
 def test_kv_cache_matches_uncached_generation(qk_norm):
     """§4.3, Table 2: generation with the KV cache equals the "w/o KV cache" path given the same
     draws; a seed fixes the video."""
-    model, cond, text = sample_setup(qk_norm=qk_norm)
+    model = tiny_model(qk_norm=qk_norm)
+    cond, text = given_frames(model)
     run = lambda cached: model.generate(cond, text, num_latent_frames=5, num_iter=3, cfg=3.0,
                                         use_kv_cache=cached,
                                         generator=torch.Generator().manual_seed(7))
@@ -777,7 +774,8 @@ def test_kv_cache_matches_uncached_generation(qk_norm):
 def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
     """§4.3 KV cache: a prefill and a commit per frame hold the keys and values of one full forward
     pass; masked steps commit nothing."""
-    model, cond, text = sample_setup(k=2, qk_norm=qk_norm)
+    model = tiny_model(qk_norm=qk_norm)
+    cond, text = given_frames(model, k=2)
     grid, L, T = (3, 3), 9, 4
     tokens = torch.randn(2, T * L, model.config.token_dim)
     context = model.text_context(*text)
@@ -801,7 +799,8 @@ def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_generation_under_bf16_autocast(qk_norm):
     """The GPU path (bf16 autocast, the cache in the autocast dtype), exercised on the CPU."""
-    model, cond, text = sample_setup(qk_norm=qk_norm)
+    model = tiny_model(qk_norm=qk_norm)
+    cond, text = given_frames(model)
     run = lambda: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
                                  generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -813,7 +812,8 @@ def test_generation_under_bf16_autocast(qk_norm):
 def test_video_to_video_keeps_given_frames_and_extrapolates():
     """§5.3 video-to-video and App. D extrapolation: the given frames come back bit-exact, at a
     length and grid unlike training."""
-    model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))  # grid and length unlike training
+    model = tiny_model()
+    cond, text = given_frames(model, batch=1, k=2, grid=(5, 7))  # grid and length unlike training
     out = model.generate(cond, text, num_latent_frames=9, num_iter=2, cfg=2.0,
                          generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 9, 8, 5, 7)
@@ -824,7 +824,8 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
 def test_text_to_video_and_clip_range():
     """Text-to-video (no given frame), the null text without CFG, and every x_0 clamped to the
     tokenizer's range."""
-    model, cond, text = sample_setup(k=0)
+    model = tiny_model()
+    cond, text = given_frames(model, k=0)
     run = lambda clip: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=1.0,
                                       sampler=functools.partial(model.diffloss.sample,
                                                                 clip_range=clip),
@@ -837,15 +838,15 @@ def test_text_to_video_and_clip_range():
 
 
 @pytest.mark.parametrize("k, cfg, captioned, cached", [
-    (0, 3.0, True, True), (1, 3.0, True, True), (2, 3.0, True, False), (1, 1.0, True, True),
-    (1, 3.0, False, True), (1, 3.0, False, False)])
+    (0, 3.0, True, True), (2, 3.0, True, False), (1, 1.0, True, True), (1, 3.0, False, True)])
 def test_generate_gives_the_videos_of_the_first_written_loop_bit_for_bit(k, cfg, captioned,
                                                                          cached):
     """The same outputs for the same seed: generate, its per-frame step and the sampler handed in
     give, to the bit, what the generation loop as first written gave, with the tokenizer's clip
     range passed down to the head and the authors' clip after it (which the clamp of every x_0
     makes a no-op), or without a clip."""
-    model, cond, text = sample_setup(k=k)
+    model = tiny_model()
+    cond, text = given_frames(model, k=k)
     caption = text if captioned else None
     seeded = lambda: torch.Generator().manual_seed(7)
     free = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
@@ -865,7 +866,8 @@ def test_generate_gives_the_videos_of_the_first_written_loop_bit_for_bit(k, cfg,
 def test_forward_passes_of_generation_skip_the_last_commit(k):
     """With the cache: a prefill (if frames are given), num_iter steps per generated frame, and a
     commit of each finished frame but the last, whose keys and values nothing would read."""
-    model, cond, text = sample_setup(k=k)
+    model = tiny_model()
+    cond, text = given_frames(model, k=k)
     calls, forward = [], model.forward_frames
     model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
     for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
@@ -881,7 +883,7 @@ def test_total_mask_sampler_is_mars_order_over_the_whole_video():
     """Table 4 (c): with one frame to generate it is exactly frame-by-frame generation without the
     cache (the same draws); with more, every token of every generated frame is sampled in
     num_iter passes per frame, each over the whole video, and the given frames stay bit-exact."""
-    model = random_model(causal=False, next_frame_loss=False)
+    model = tiny_model(causal=False, next_frame_loss=False)
     config = model.config
     cond = torch.randn(2, 1, config.latent_channels, 2, 3)
     text = random_text(2, config)
@@ -914,11 +916,10 @@ def test_progressive_temperature():
 def test_tiny_model_overfits_one_clip():
     """The whole model learns: the loss on one clip falls fourfold, because z tells each token its
     value."""
-    torch.manual_seed(0)
-    config = tiny_config(latent_channels=4, n_embd=64, diffloss_w=64, text_drop_prob=0.0)
-    model = VideoMAR(config)
+    model = tiny_model(randomised=False, latent_channels=4, n_embd=64, diffloss_w=64,
+                       text_drop_prob=0.0).train()
     latents = torch.rand(1, 2, 4, 3, 3) * 1.6 - 0.8
-    text = random_text(1, config)
+    text = random_text(1, model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(400):
@@ -1224,7 +1225,7 @@ def test_video_folder_skips_broken_and_short_videos(tmp_path, capsys):
 
 def test_video_folder_decodes_once_and_gives_the_clips_of_decoding_every_time(tmp_path, capsys,
                                                                             monkeypatch):
-    """Issue 15: a data folder decodes each video once, at the training size, into memory; its
+    """A data folder decodes each video once, at the training size, into memory; its
     clips and captions are those of decoding every clip from the file, random starts still cover
     every start, and no video is read again. A folder over the memory budget says so in one line
     and decodes each clip as it is drawn."""
@@ -1508,7 +1509,8 @@ def test_copy_baseline(monkeypatch):
     """score_held_out_clips: the copy baseline's PSNR per frame is that of frame 0 against the
     truth, exact where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
     tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(tokenizer.channels, 16)
+    model = tiny_model(randomised=False, latent_channels=tokenizer.channels,
+                       num_sampling_steps="3")
     config = metrics.EvalConfig(n=3, num_frames=9, num_iter=1, batch_size=2)
     score = lambda model, tokenizer, **changes: metrics.score_held_out_clips(
         model, tokenizer, FakeText(), replace(config, **changes))
@@ -1534,7 +1536,7 @@ def test_copy_baseline(monkeypatch):
     # a lossy one's is not: 4 principal components drop most of a 4x4x4 patch
     lossy = load_tokenizer("pca:4x4x4:4")
     lossy.fit(clips)
-    result = score(tiny_model(4, 16), lossy, batch_size=16)
+    result = score(tiny_model(latent_channels=4, num_sampling_steps="3"), lossy, batch_size=16)
     assert result["tokenizer"]["psnr"] < 30
 
     class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
@@ -1552,13 +1554,10 @@ def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_
     draws, gradients flow, and the state dict (so every checkpoint) keeps the plain model's names.
     Dynamo's eager backend traces what inductor would compile, without the minute of code
     generation."""
-    model = tiny_model(24, 16)
-    with torch.no_grad():  # off the zero-initialised output, so the head's samples depend on it
-        for parameter in model.diffloss.parameters():
-            parameter += 0.1 * torch.randn_like(parameter)
+    model = tiny_model(latent_channels=24, num_sampling_steps="3")
     names = list(model.state_dict())
     latents, (text, mask) = torch.randn(2, 3, 24, 4, 4), FakeText()(["a", "b"])
-    z = torch.randn(6, 32)
+    z = torch.randn(6, 48)
 
     def loss_and_sample():
         torch.manual_seed(0)
@@ -1784,7 +1783,7 @@ def out_of_range(table):
             for rule, cases in table.items() for option, value in map(str.split, cases)]
 
 
-# issue 14: train.py's numeric options out of range, refused as they are parsed; {rule: cases}
+# train.py's numeric options out of range, refused as they are parsed; {rule: cases}
 TRAIN_OUT_OF_RANGE = {
     "must be positive": ["--lr 0", "--lr -1e-3", "--lr nan", "--lr inf"],
     "must be at least 0": ["--min_lr -1e-4", "--warmup_iters -1", "--weight_decay -0.02",
@@ -1877,10 +1876,8 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
     """Checkpoints are written atomically (a kill leaves the old file), and build_model refuses a
     config the weights do not fit."""
-    config = VideoMARConfig(latent_channels=8, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
-                            diffloss_w=16, text_dim=8, text_len=4)
-    model = VideoMAR(config)
-    ckpt = dict(config=asdict(config), model=model.state_dict(), ema=model.state_dict())
+    model = tiny_model(randomised=False)
+    ckpt = dict(config=asdict(model.config), model=model.state_dict(), ema=model.state_dict())
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, ckpt)
     before = path.read_bytes()
@@ -1901,7 +1898,7 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
     with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
         build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
     with pytest.raises(BadInput, match="another shape, the first diffloss"):
-        build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
+        build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 64}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1954,7 +1951,7 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     (["--ckpt", "{tmp}/old.pt"], "missing keys ['causal']"),  # found before the KV cache estimate
     (["--height", "18"], "not divisible"),
     (["--frames", "8"], "1 + 4k"),
-    # issue 14: every value checked before any model is loaded or frame generated
+    # every value checked before any model is loaded or frame generated
     (["--cond_frames", "0", "--video", "clip.mp4"], "argument --cond_frames: must be at least 1"),
     (["--width", "x"], "argument --width: a whole number, not 'x'"),
     # a temperature scales noise: positive, or the progressive schedule
@@ -2115,7 +2112,7 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
 # bench.py: its references, what it reports, its options
 
 def test_bench_mar_loop_gives_the_samples_of_diffloss_sample():
-    """Issue 15: the plain loop that bench.py times against DiffLoss.sample (MAR's, modulations
+    """The plain loop that bench.py times against DiffLoss.sample (MAR's, modulations
     recomputed every step) draws the same samples from the same noise: the two do the same work."""
     torch.manual_seed(0)
     head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
@@ -2132,10 +2129,11 @@ def test_bench_mar_loop_gives_the_samples_of_diffloss_sample():
 
 
 def test_bench_paper_head_share_is_the_flops_of_the_1_4b_model():
-    """Issue 15: the diffusion head's share of a cached step of the paper's model, counted on the
-    meta device, equals the count by hand: 36 layers of width 1536 over 2 x 1,024 tokens (CFG)
-    attending to the frames so far and 300 text tokens, against the head (3 blocks of 1280,
-    100 steps) on the 2 x 16 tokens a step decides, its modulations computed for every step."""
+    """Table 2 at the paper's proportions: the diffusion head's share of a cached step of the
+    paper's model, counted on the meta device, equals the count by hand: 36 layers of width 1536
+    over 2 x 1,024 tokens (CFG) attending to the frames so far and 300 text tokens, against the
+    head (3 blocks of 1280, 100 steps) on the 2 x 16 tokens a step decides, its modulations
+    computed for every step."""
     d, layers, L, S, C, w = 1536, 36, 1024, 300, 16, 1280
     transformer = [2 * (2 * L * C * d + layers * (2 * L * 14 * d * d  # token_proj, linear layers
                                                   + 4 * L * (f + 1) * L * d  # self-attention
@@ -2150,7 +2148,7 @@ def test_bench_paper_head_share_is_the_flops_of_the_1_4b_model():
 
 
 def test_bench_prints_each_ratio_beside_its_bound(tmp_path, capsys, monkeypatch):
-    """Issue 15: bench.py runs end to end (a tiny model here); the KV-cache speed-up stands beside
+    """Table 2: bench.py runs end to end (a tiny model here); the KV-cache speed-up stands beside
     its bound, sum_{f=1..n} (f + 1) / n, and as a share of it, also for the transformer alone and
     at the paper's head share; the head is set beside MAR's plain loop."""
     monkeypatch.setattr(bench, "BENCH_MODEL", dict(
@@ -2179,7 +2177,7 @@ def test_bench_prints_each_ratio_beside_its_bound(tmp_path, capsys, monkeypatch)
 
 
 def test_bench_is_quick_by_default_and_long_with_full():
-    """Issue 15: the default run is the quick one; --full the long one; options given win."""
+    """bench.py: the default run is the quick one; --full the long one; options given win."""
     assert {k: getattr(bench.parse_args([]), k) for k in bench.RUNS["quick"]} == bench.RUNS["quick"]
     full = bench.parse_args(["--full", "--num_iter", "32"])
     assert {k: getattr(full, k) for k in bench.RUNS["full"]} == {**bench.RUNS["full"],
@@ -2207,14 +2205,15 @@ def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
 # ----------------------------------------------------------------------------------------------
 # README.md and CI: its commands are the CLIs' commands
 
-def test_readme_commands_parse():
-    """Every command in the README parses with its script's options."""
+def test_readme_and_results_commands_parse():
+    """Every command in the README and in RESULTS.md parses with its script's options; the README
+    shows every script."""
     parsers = {"train.py": lambda argv: train.make_config(train.parse_args(argv)[0]),
                "sample.py": sample.parse_args, "eval.py": evaluation.parse_args,
                "bench.py": bench.parse_args}
-    commands = readme_commands()
+    commands = markdown_commands("README.md")
     assert {script for script, _ in commands} == set(parsers)
-    for script, argv in commands:
+    for script, argv in commands + markdown_commands("RESULTS.md"):
         # an unknown flag or a bad value raises BadInput or exits (SystemExit)
         parsers[script](argv)
 
