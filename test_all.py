@@ -1459,7 +1459,7 @@ def test_text_encoder_loads_any_local_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# metrics.py: PSNR, SSIM, the object metrics, evaluate
+# metrics.py: PSNR, SSIM, the object metrics, score_held_out_clips
 
 def test_psnr_of_a_known_noise_level():
     """PSNR of noise of a known level; capped, not infinite, for an exact copy."""
