@@ -5,7 +5,7 @@ reported as ratios (this machine is shared and noisy: medians and ratios, not ab
     python bench.py                        # quick: about a minute on a 2-core CPU
     python bench.py --full                 # the long run: 1 + 6 latent frames, 64 masking steps
     python bench.py --threads 1 --repeats 5 --json out/bench.json
-    python bench.py --compile              # the same, torch.compile'd (model.compile_model)
+    python bench.py --compile              # the same, torch.compile'd (cli.compile_model)
     python bench.py --device cuda
 
 1. The diffusion head: one 100-step CFG sampling call (DiffLoss.sample) for 1, 4, 16 and 64
@@ -33,9 +33,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import ArgumentParser, check_writable, device_option, int_at_least, positive_int
-from data import BadInput
-from model import PRESETS, KVCache, VideoMAR, VideoMARConfig, compile_model
+from cli import (ArgumentParser, check_writable, compile_model, device_option, int_at_least,
+                 positive_int)
+from errors import BadInput
+from model import PRESETS, KVCache, VideoMAR, VideoMARConfig
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,
                    diffloss_w=256, text_dim=384, text_len=16)
@@ -65,33 +66,21 @@ def median_time(fn, device, repeats):
     return statistics.median(times)
 
 
-class FrameClock:
-    """Passed to VideoMAR.generate as its progress bar: records the time each frame finishes."""
-
-    def __init__(self, device):
-        self.device, self.times = device, [time.perf_counter()]
-
-    def update(self, n):
-        synchronize(self.device)
-        self.times.append(time.perf_counter())
-
-    def frame_times(self):
-        return [b - a for a, b in zip(self.times, self.times[1:])]
-
-
 class Stopwatch:
-    """Stands in for `fn` and adds up the wall time of its calls: the diffusion head's part of a
-    generation, to tell it from the transformer's."""
+    """Stands in for `fn` and times its calls: their wall time in all (`seconds`) and when each
+    ended (`ends`). As generate's sampler it times the diffusion head's part of a generation, to
+    tell it from the transformer's; as a model's generate_frame, when each frame is done."""
 
     def __init__(self, fn, device):
-        self.fn, self.device, self.seconds = fn, device, 0.0
+        self.fn, self.device, self.seconds, self.ends = fn, device, 0.0, []
 
     def __call__(self, *args, **kwargs):
         synchronize(self.device)
         start = time.perf_counter()
         result = self.fn(*args, **kwargs)
         synchronize(self.device)
-        self.seconds += time.perf_counter() - start
+        self.ends.append(time.perf_counter())
+        self.seconds += self.ends[-1] - start
         return result
 
 
@@ -236,21 +225,25 @@ def paper_head_share(generated_frames, num_iter=64):
 def bench_kv_cache(model, args, device):
     grid = (args.grid, args.grid)
     cond = torch.randn(1, 1, model.config.latent_channels, *grid, device=device)
-    text = torch.randn(1, model.config.text_len, model.config.text_dim, device=device)
-    text_mask = torch.ones(1, model.config.text_len, dtype=torch.bool, device=device)
+    caption = (torch.randn(1, model.config.text_len, model.config.text_dim, device=device),
+               torch.ones(1, model.config.text_len, dtype=torch.bool, device=device))
     frame_s, head_s = {}, {}
     for path in ("cached", "uncached"):
         # a warm-up, one step of one frame, so that first-call costs do not land on frame 1
-        model.generate(cond, text, text_mask, 2, 1, cfg=3.0, use_kv_cache=path == "cached")
-        clock, head = FrameClock(device), Stopwatch(model.diffloss.sample, device)
-        model.diffloss.sample = head  # an instance attribute: generate's calls go through it
+        model.generate(cond, caption, 2, 1, cfg=3.0, use_kv_cache=path == "cached")
+        head = Stopwatch(model.diffloss.sample, device)
+        frames = Stopwatch(model.generate_frame, device)
+        model.generate_frame = frames  # an instance attribute: generate's calls go through it
+        start = time.perf_counter()
         try:
-            model.generate(cond, text, text_mask, args.latent_frames, args.num_iter, cfg=3.0,
+            model.generate(cond, caption, args.latent_frames, args.num_iter, cfg=3.0,
                            use_kv_cache=path == "cached",
-                           generator=torch.Generator(device).manual_seed(0), progress=clock)
+                           generator=torch.Generator(device).manual_seed(0), sampler=head)
         finally:
-            del model.diffloss.sample
-        frame_s[path], head_s[path] = clock.frame_times(), head.seconds
+            del model.generate_frame
+        ends = [start] + frames.ends  # a frame's time holds the commit of the one before it
+        frame_s[path] = [b - a for a, b in zip(ends, ends[1:])]
+        head_s[path] = head.seconds
     cached, uncached = sum(frame_s["cached"]), sum(frame_s["uncached"])
     n = args.latent_frames - 1
     # At each step of frame f the uncached path re-runs the f + 1 frames so far, the cached path
@@ -298,7 +291,7 @@ def parse_args(argv=None):
                         help=f"of the training step {sizes('batch_size')}")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the blocks and the diffusion head first "
-                             "(model.compile_model); each timing's warm-up run compiles")
+                             "(cli.compile_model); each timing's warm-up run compiles")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     for name, value in RUNS["full" if args.full else "quick"].items():

@@ -2,14 +2,15 @@
 What the scripts (train, sample, eval, bench) share at the command line: an argparse parser whose
 mistakes are one line, the option types that check every value as it is parsed, the output check,
 the generation options of sample.py and eval.py, train.py's options made from the fields of its
-config dataclasses, and loading a trained model for sampling with its tokenizer and text encoder
-(sized, and its KV cache checked against memory, before it is built).
+config dataclasses, loading a trained model for sampling with its tokenizer and text encoder
+(sized, and its KV cache checked against memory, before it is built), and torch.compile in place
+for --compile.
 
 Usage:
     parser = ArgumentParser(description="...")
     add_generation_options(parser)
     args = parser.parse_args()                       # BadInput: one `error: ...` line, exit 2
-    model, tokenizer, text_encoder, run, size = trained_model(args.ckpt, args.device)
+    model, tokenizer, text_encoder, train_config, size = trained_model(args.ckpt, args.device)
 """
 import argparse
 import inspect
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from data import BadInput, TextEncoder, first_line, load_tokenizer
-from model import build_model, config_from_dict, load_checkpoint
+from checkpoint import build_model, config_from_dict, load_checkpoint
+from data import TextEncoder, load_tokenizer
+from errors import BadInput, first_line
 
 # -----------------------------------------------------------------------------
 # Options: every value the scripts take is checked as it is parsed, before any work
@@ -275,11 +277,11 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
-    run = ckpt["train"]
-    tokenizer = load_tokenizer(run["tokenizer"], device=device, state=ckpt.get("tokenizer"))
-    height, width = height or run["height"], width or run["width"]
+    train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
+    tokenizer = load_tokenizer(train_config["tokenizer"], device, ckpt.get("tokenizer"))
+    height, width = height or train_config["height"], width or train_config["width"]
     tokenizer.check_size(height, width)
-    num_frames = num_frames or run["frames"][-1]
+    num_frames = num_frames or train_config["frames"][-1]
     num_latent_frames = tokenizer.latent_frames(num_frames)  # fails for a length it cannot take
     if num_latent_frames <= given:
         raise BadInput(f"--frames {num_frames} is {num_latent_frames} latent frames: nothing to "
@@ -293,5 +295,21 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
           f"at a time: KV cache {gigabytes(cache)}")
     model = build_model(ckpt).to(device)
-    text_encoder = TextEncoder(run["text_encoder"], max_length=model.config.text_len, device=device)
-    return model, tokenizer, text_encoder, run, (num_frames, height, width)
+    text_encoder = TextEncoder(train_config["text_encoder"], max_length=model.config.text_len,
+                               device=device)
+    return model, tokenizer, text_encoder, train_config, (num_frames, height, width)
+
+
+# -----------------------------------------------------------------------------
+# --compile (train.py, bench.py)
+
+def compile_model(model, backend="inductor"):
+    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
+    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
+    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
+    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
+    and the tokens it scores or samples change from step to step."""
+    for module in [*model.blocks, model.diffloss.net]:
+        module.compile(backend=backend, dynamic=True)
+    head = model.diffloss.net
+    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)

@@ -6,8 +6,8 @@ that token: MAR's diffusion loss. The formulation is exactly MAR's, which is DiT
 cosine noise schedule over 1000 steps, epsilon prediction, learned-range variance trained with
 the VLB term, sampling respaced to 100 steps, a temperature that scales the sampling noise, and
 classifier-free guidance on epsilon. Parameter names equal MAR's `DiffLoss`, so a MAR checkpoint
-of the head loads here weight for weight. Beside MAR's sampler, deterministic DDIM steps: not the
-paper's, a probe of what z holds once the sampling noise is gone (eval.py --ddim).
+of the head loads here weight for weight. `DiffLoss.sample` is the sampler `VideoMAR.generate`
+hands each token's z to.
 
 Usage:
     head = DiffLoss(target_channels=16, z_channels=1536, depth=3, width=1280,
@@ -268,37 +268,16 @@ class GaussianDiffusion(nn.Module):
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return mean + torch.exp(0.5 * log_variance) * temperature * noise
 
-    def ddim_step(self, model_output, x, i, clip_range=None):
-        """One deterministic DDIM step (eta 0) x_i -> x_{i-1}: the predicted x_0 (clamped to
-        `clip_range`) carried to the previous noise level along the predicted epsilon. Not the
-        paper's sampler: a probe (eval.py --ddim) of what the head's z holds without the
-        sampling noise; ancestral sampling at a temperature near 0 is no such probe (it drifts to
-        the mean of the data)."""
-        eps = model_output.float().chunk(2, dim=-1)[0]
-        recip, recipm1 = self.sqrt_recip_alphas_cumprod[i], self.sqrt_recipm1_alphas_cumprod[i]
-        pred_xstart = recip * x - recipm1 * eps
-        if clip_range is not None:
-            pred_xstart = pred_xstart.clamp(*clip_range)
-        if i == 0:
-            return pred_xstart
-        eps = (recip * x - pred_xstart) / recipm1  # the epsilon of the clamped x_0
-        previous = self.alphas_cumprod_prev[i].float()
-        return previous.sqrt() * pred_xstart + (1 - previous).sqrt() * eps
-
     @torch.no_grad()
     def p_sample_loop(self, model, shape, noise=None, temperature=1.0, generator=None,
-                      clip_range=None, ddim=False):
-        """Ancestral sampling (DDIM steps if `ddim`, where the temperature plays no part) from
-        x_T = noise (drawn if None) down to x_0. `model(x, i)` -> (N, 2C) is the denoiser at step
-        i of the kept ones, whose timestep is self.timesteps[i]."""
+                      clip_range=None):
+        """Ancestral sampling from x_T = noise (drawn if None) down to x_0. `model(x, i)` ->
+        (N, 2C) is the denoiser at step i of the kept ones, whose timestep is self.timesteps[i]."""
         if noise is None:
             noise = torch.randn(shape, generator=generator, device=self.timesteps.device)
         x = noise
         for i in reversed(range(self.num_timesteps)):
-            if ddim:
-                x = self.ddim_step(model(x, i), x, i, clip_range)
-            else:
-                x = self.p_sample(model(x, i), x, i, temperature, generator, clip_range)
+            x = self.p_sample(model(x, i), x, i, temperature, generator, clip_range)
         return x
 
 
@@ -331,15 +310,14 @@ class DiffLoss(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, noise=None, generator=None, clip_range=None,
-               ddim=False):
+    def sample(self, z, temperature=1.0, cfg=1.0, noise=None, generator=None, clip_range=None):
         """Sample one token per condition. With cfg != 1, z holds the conditional rows then the
         unconditional ones; both halves denoise the same x (the conditional half's), and the
         guided epsilon is uncond + cfg (cond - uncond). `noise` is the initial x_T (N, C).
-        `clip_range` (lo, hi): the tokenizer's latent range, imposed on every predicted x_0.
-        MAR needs none after long training; a briefly trained head does: at t = 999 of the
-        cosine schedule sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0.
-        `ddim`: deterministic DDIM steps instead of MAR's ancestral ones (a probe, not MAR's)."""
+        `clip_range` (lo, hi): the tokenizer's latent range, imposed on every predicted x_0, so
+        the last step (whose mean is that x_0) lands inside it. MAR needs none after long
+        training; a briefly trained head does: at t = 999 of the cosine schedule
+        sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0."""
         diffusion, guided = self.gen_diffusion, cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
         # Hot path (every token of every frame, 100 steps, in many small calls): the AdaLN
@@ -356,4 +334,4 @@ class DiffLoss(nn.Module):
             return torch.cat([eps_uncond + cfg * (eps_cond - eps_uncond), v[:n]], dim=-1)
 
         return diffusion.p_sample_loop(guided_denoiser, (n, self.in_channels), noise, temperature,
-                                       generator, clip_range, ddim)
+                                       generator, clip_range)

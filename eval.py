@@ -2,9 +2,9 @@
 Score a trained VideoMAR at toy scale: image-to-video on held-out clips of the built-in synthetic
 set, where the first frame plus the caption determine the whole clip, against the truth, two
 baselines ("copy" the first frame, "null_text") and the ceiling of the tokenizer (the truth encoded
-and decoded), with PSNR, SSIM and the object metrics of
-metrics.py. Prints a table; writes eval.json, plots of PSNR and object presence per frame, a
-contact sheet and a GIF of truth above generated.
+and decoded), with PSNR, SSIM and the object metrics of metrics.py. Prints a table; writes
+eval.json, plots of PSNR and object presence per frame, a contact sheet and a GIF of truth above
+generated. Probes of the model are built here, on top of the method (mean_of_samples).
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/...
@@ -12,10 +12,12 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --temperature 1.0        # Table 4 / 5: a constant temperature
     python eval.py --ckpt out/ckpt.pt --cfg 1.0                # no classifier-free guidance
     python eval.py --ckpt out/ckpt.pt --teacher_forced         # §4.3: the accumulated error
-    python eval.py --ckpt out/ckpt.pt --ddim                   # the head sampled without noise
+    python eval.py --ckpt out/ckpt.pt --mean_of 16             # probe: the head's mean per token
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
+    # the learning curve: runs of one recipe at several budgets, each scored, then plotted
+    python eval.py --learning_curve out/q/eval/eval.json out/eval/eval.json --out assets
     # Table 4: train without frame-wise causal attention, or with the "total mask" loss
     # (Eq. 3.1), then score
     python train.py --causal false --out_dir out/no_causal
@@ -25,6 +27,7 @@ Usage:
 import json
 import math
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,8 +36,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
-from data import BadInput, save_image_grid, write_video
-from metrics import MAX_PSNR, METHODS, evaluate
+from errors import BadInput, first_line
+from metrics import MAX_PSNR, METHODS, EvalConfig, score_held_out_clips
+from videoio import save_image_grid, write_video
 
 
 def table(result):
@@ -60,9 +64,10 @@ COLOURS = {"model": (214, 39, 40), "teacher_forced": (255, 127, 14), "null_text"
 
 
 def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), cap=MAX_PSNR,
-                y_range=None):
-    """A line plot of curves {name: [y per x]} against xs, with axes, ticks and a legend, as a PNG;
-    values at `cap` or above run off the top. `y_range` (lo, hi, tick step) fixes the y axis."""
+                y_range=None, x_label="frame"):
+    """A line plot of curves {name: [y per x]} against xs, with axes, ticks and a legend, as a PNG
+    at `path` (if given) and returned; values at `cap` or above run off the top. `y_range` (lo, hi,
+    tick step) fixes the y axis."""
     W, H = size
     left, right, top, bottom = 56, 16, 28, 44
     image = Image.new("RGB", size, "white")
@@ -82,7 +87,7 @@ def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), c
     for x in xs[::x_step]:
         draw.line([(px(x), H - bottom), (px(x), H - bottom + 4)], fill="black")
         draw.text((px(x), H - bottom + 6), str(x), fill="black", font=font, anchor="mt")
-    draw.text(((left + W - right) / 2, H - 14), "frame", fill="black", font=font, anchor="mm")
+    draw.text(((left + W - right) / 2, H - 14), x_label, fill="black", font=font, anchor="mm")
     draw.text((8, top - 16), y_label, fill="black", font=font)
     draw.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
     for i, (name, ys) in enumerate(curves.items()):
@@ -91,6 +96,29 @@ def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), c
         legend_y = top + 6 + 14 * i
         draw.line([(W - right - 110, legend_y), (W - right - 90, legend_y)], fill=colour, width=2)
         draw.text((W - right - 84, legend_y), name, fill="black", font=font, anchor="lm")
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    return image
+
+
+def plot_learning_curve(path, results):
+    """What training buys: presence, position error and direction of the free run, of teacher
+    forcing and of the tokenizer's ceiling, against the training iterations of runs of one
+    recipe, from their eval.json; three panels side by side."""
+    results = sorted(results, key=lambda r: r["iterations"])
+    xs = [r["iterations"] for r in results]
+    methods = [m for m in ("model", "teacher_forced", "tokenizer") if m in results[0]]
+    panels = [plot_curves(None, xs, {m: [scale * r[m][key] for r in results] for m in methods},
+                          title, y_label, size=(420, 320), cap=math.inf, y_range=y_range,
+                          x_label="training iterations")
+              for key, title, y_label, scale, y_range in (
+                  ("presence", "objects present", "present (%)", 100, (0, 100, 20)),
+                  ("position_error", "position error", "pixels", 1, (0, 6, 1)),
+                  ("direction", "moves the caption's way", "right (%)", 100, (0, 100, 20)))]
+    image = Image.new("RGB", (sum(p.width for p in panels), panels[0].height), "white")
+    for i, panel in enumerate(panels):
+        image.paste(panel, (i * panel.width, 0))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -105,6 +133,22 @@ def write_side_by_side(path, rows, zoom=8):
 
 
 # ----------------------------------------------------------------------------------------------
+# A probe of what z holds
+
+def mean_of_samples(sampler, k):
+    """The head's sampler made a probe: each token the mean of k draws given the same z, an
+    estimate of the head's mean E[x | z]. Where z places an object, the mean has its colour; where
+    z leaves it open (object or background), the mean is a blend. So if the objects come back
+    under this probe, z holds them and the sampling scatters them; if not, z itself does not.
+    (Deterministic DDIM, eta 0, is no such probe: from random noise it draws from the same
+    per-token distribution as the ancestral sampler, neither its mode nor its mean.)"""
+    def probe(z, temperature, cfg, generator=None):
+        draws = [sampler(z, temperature, cfg, generator=generator) for _ in range(k)]
+        return torch.stack(draws).mean(0)
+    return probe
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 def parse_args(argv=None):
@@ -114,10 +158,12 @@ def parse_args(argv=None):
     parser.add_argument("--teacher_forced", action="store_true",
                         help="also generate each latent frame from the true earlier ones (a row "
                              "teacher_forced: the accumulated error of §4.3 is its gap to model)")
-    parser.add_argument("--ddim", action="store_true",
-                        help="sample the diffusion head by deterministic DDIM steps, not the "
-                             "paper's ancestral ones: do the objects come back without the "
-                             "sampling noise? (if not, the transformer's z lacks them)")
+    parser.add_argument("--mean_of", type=positive_int, default=1,
+                        help="a probe of what z holds: each token the mean of this many draws of "
+                             "the diffusion head (its mean given z), not one draw")
+    parser.add_argument("--learning_curve", nargs="+", metavar="EVAL_JSON",
+                        help="no evaluation: plot the eval.json of runs of one recipe at several "
+                             "budgets against their training iterations (--out/learning_curve.png)")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--out", default="out/eval",
                         help="directory for eval.json, psnr.png, presence.png, grid.png and "
@@ -125,29 +171,35 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def run(args):
+def evaluate(args):
     check_writable(args.out, directory=True)
     # image-to-video: one given latent frame, clips in batches
-    model, tokenizer, text_encoder, options, (num_frames, height, width) = trained_model(
+    model, tokenizer, text_encoder, train_config, (num_frames, height, width) = trained_model(
         args.ckpt, args.device, args.frames, args.height, args.width,
         batch=min(args.n, args.batch_size), cfg=args.cfg, given=1)
-    num_iter = args.num_iter or options["sample_num_iter"]
+    num_iter = args.num_iter or train_config["sample_num_iter"]
     if args.teacher_forced and not model.config.next_frame_loss:
         raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")
+    sampler = None
+    if args.mean_of > 1:
+        sampler = mean_of_samples(partial(model.diffloss.sample, clip_range=tokenizer.clip_range),
+                                  args.mean_of)
 
-    result = evaluate(model, tokenizer, text_encoder, args.n, num_frames, height, width, num_iter,
-                      args.cfg, args.temperature, args.seed, args.batch_size,
-                      teacher_forced=args.teacher_forced, ddim=args.ddim)
+    result = score_held_out_clips(model, tokenizer, text_encoder, EvalConfig(
+        n=args.n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
+        cfg=args.cfg, temperature=args.temperature, sampler=sampler, seed=args.seed,
+        batch_size=args.batch_size, teacher_forced=args.teacher_forced))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [video.cpu() for video in result.pop("grid")]
     save_image_grid(out / "grid.png", grid)
     write_side_by_side(out / "truth_vs_generated.gif", grid)
-    result["ckpt"] = str(args.ckpt)
+    result["ckpt"], result["mean_of"] = str(args.ckpt), args.mean_of
+    result["iterations"] = sum(train_config["stage_iters"])
     (out / "eval.json").write_text(json.dumps(result, indent=1))
-    trained = (f"trained at {options['height']}x{options['width']}, "
-               f"{options['frames'][-1]} frames")
+    trained = (f"trained at {train_config['height']}x{train_config['width']}, "
+               f"{train_config['frames'][-1]} frames")
     plot_curves(out / "psnr.png", result["frames"],
                 {m: result[m]["psnr_per_frame"] for m in METHODS if m in result},
                 f"PSNR per frame, {args.n} held-out clips, {num_frames} frames {height}x{width} "
@@ -159,16 +211,44 @@ def run(args):
                 cap=math.inf, y_range=(0, 100, 20))
     print(f"{args.ckpt}: {args.n} held-out clips, {num_frames} frames of {height}x{width} "
           f"({trained}), num_iter {num_iter}, cfg {args.cfg}, "
-          f"{'DDIM' if args.ddim else f'temperature {args.temperature}'}, seed {args.seed}")
+          f"temperature {args.temperature}, seed {args.seed}"
+          + (f", each token the mean of {args.mean_of} draws" if args.mean_of > 1 else ""))
     print(table(result))
     print(f"wrote {out / 'eval.json'}, {out / 'psnr.png'}, {out / 'presence.png'}, "
           f"{out / 'grid.png'} and {out / 'truth_vs_generated.gif'}")
 
 
+def learning_curve(args):
+    """The learning curve of several runs' eval.json: a plot, and a table on stdout."""
+    results = []
+    for path in args.learning_curve:
+        try:
+            results.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"cannot read {path}: {first_line(e)}") from None
+        if "iterations" not in results[-1]:
+            raise BadInput(f"{path} is not an eval.json of eval.py (no training iterations)")
+    out = Path(args.out)
+    check_writable(out, directory=True)
+    plot_learning_curve(out / "learning_curve.png", results)
+    print("| iterations | presence: free run / teacher-forced | position error (px) "
+          "| direction |\n| --- | --- | --- | --- |")
+    for r in sorted(results, key=lambda r: r["iterations"]):
+        m, t = r["model"], r.get("teacher_forced", r["model"])
+        print(f"| {r['iterations']} | {m['presence']:.1%} / {t['presence']:.1%} | "
+              f"{m['position_error']:.2f} / {t['position_error']:.2f} | "
+              f"{m['direction']:.1%} / {t['direction']:.1%} |")
+    print(f"wrote {out / 'learning_curve.png'}")
+
+
 def main(argv=None):
     """Evaluate; returns the exit code: 0 done, 2 bad input (one line on stderr)."""
     try:
-        run(parse_args(argv))
+        args = parse_args(argv)
+        if args.learning_curve:
+            learning_curve(args)
+        else:
+            evaluate(args)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

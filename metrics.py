@@ -1,8 +1,9 @@
 """
 Quality at toy scale: PSNR, SSIM and the object metrics (a toy VBench-I2V) of generated clips
-against the synthetic truth, and `evaluate`, which scores image-to-video on held-out clips of the
-built-in synthetic set, where the first frame plus the caption determine the whole clip
-(data.SyntheticVideos). eval.py is its command line; train.py calls it at the end of a run.
+against the synthetic truth, and `score_held_out_clips`, the evaluation procedure: it scores
+image-to-video on held-out clips of the built-in synthetic set, where the first frame plus the
+caption determine the whole clip (data.SyntheticVideos). eval.py is its command line; train.py
+calls it at the end of a run.
 
 For each held-out clip: image-to-video from its first frame and caption with the EMA weights, then
 the squared error and SSIM of every generated pixel frame against the truth. Two baselines on the
@@ -18,11 +19,14 @@ bounce, so some frames equal the first one exactly and the copy baseline's PSNR 
 a mean of per-frame PSNRs would be ruled by those frames. SSIM is the mean over frames and clips.
 
 Usage:
-    result = evaluate(model, tokenizer, text_encoder, n=16, num_frames=25, height=16, width=16)
+    result = score_held_out_clips(model, tokenizer, text_encoder, EvalConfig(n=16, num_frames=25))
     result["model"]["psnr"], result["copy"]["psnr"]    # dB, of the mean error over clips and frames
     print(summary(result))                             # one line
 """
 import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,82 +167,56 @@ def summarise_objects(per_clip, last_third):
 # ----------------------------------------------------------------------------------------------
 # The evaluation
 
+@dataclass
+class EvalConfig:
+    # the held-out clips
+    n: int = 64
+    num_frames: int = 25  # pixel frames a clip
+    height: int = 16
+    width: int = 16
+    # how they are generated (VideoMAR.generate's options)
+    num_iter: int = 4
+    cfg: float = 3.0
+    temperature: str | float = "progressive"
+    sampler: Callable = None  # the head's; None: DiffLoss.sample with x_0 in the latents' range
+    seed: int = 0
+    batch_size: int = 16  # clips at a time
+    # what is scored and kept
+    null_text: bool = True  # the row "null_text"
+    teacher_forced: bool = False  # the row "teacher_forced"
+    keep: int = 4  # clips whose truth and generated video come back in "grid"
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_iter=16, cfg=3.0,
-             temperature="progressive", seed=0, batch_size=16, null_text=True,
-             teacher_forced=False, ddim=False, keep=4):
-    """Image-to-video on the first n held-out clips (num_frames pixel frames of height x width),
-    scored against the truth. Returns a dict: per method ("model", "teacher_forced" if asked,
-    "null_text" unless null_text is False, "copy", "tokenizer") its PSNR and SSIM over all
-    generated frames, over their last third and per generated frame index (1, 2, ...), and its
-    object scores;
-    "frames", the frame indices; "grid", the truth and the model's video of the first `keep`
-    clips (tensors, not for JSON). `ddim` samples the head by deterministic DDIM steps (a probe
-    of z without the sampling noise), not the paper's ancestral ones."""
-    device = next(model.parameters()).device
-    dataset = SyntheticVideos(num_frames, height, width, split="test")
-    num_latent_frames = tokenizer.latent_frames(num_frames)
-    methods = [m for m in METHODS if (null_text or m != "null_text")
-               and (teacher_forced or m != "teacher_forced")]
+def score_held_out_clips(model, tokenizer, text_encoder, config):
+    """Image-to-video on the first config.n held-out clips, scored against the truth. Returns a
+    dict: per method ("model", "teacher_forced" if asked, "null_text" unless config.null_text is
+    False, "copy", "tokenizer") its PSNR and SSIM over all generated frames, over their last third
+    and per generated frame index (1, 2, ...), and its object scores; "frames", the frame indices;
+    "grid", the truth and the model's video of the first `keep` clips (tensors, not for JSON)."""
+    dataset = SyntheticVideos(config.num_frames, config.height, config.width, split="test")
+    methods = [m for m in METHODS if (config.null_text or m != "null_text")
+               and (config.teacher_forced or m != "teacher_forced")]
     scores = {m: ([], []) for m in methods}  # per method and batch: squared errors, SSIMs (B, T-1)
     objects = {m: [] for m in methods}  # per method and clip: object_scores
-    grid = []
-    # one generator per sampled row, so that asking for a row leaves the others' draws alone
-    generators = {m: torch.Generator(device).manual_seed(seed)
-                  for m in ("model", "null_text", "teacher_forced")}
-
-    def image_to_video(cond, text, text_mask):
-        # with the null text both CFG halves would be the same, so cfg 1 is the same video at half
-        # the cost; a model without frame-wise causal attention (Table 4) cannot use the KV cache,
-        # and a "total mask" model (Eq. 3.1) is sampled as it was trained: the whole video at once
-        options = dict(generator=generators["model" if text is not None else "null_text"],
-                       clip_range=tokenizer.clip_range, ddim=ddim)
-        guidance = cfg if text is not None else 1.0
-        if model.config.next_frame_loss:
-            latents = model.generate(cond, text, text_mask, num_latent_frames, num_iter, guidance,
-                                     temperature, use_kv_cache=model.config.causal, **options)
-        else:
-            latents = model.generate_total_mask(cond, text, text_mask, num_latent_frames, num_iter,
-                                                guidance, temperature, **options)
-        return tokenizer.decode(latents).clamp(-1, 1)
-
-    def teacher_forcing(true_latents, text, text_mask):
-        # frame t from the true frames before it, at the temperature frame t gets in the free run
-        latents = true_latents.clone()
-        for t in range(1, num_latent_frames):
-            latents[:, t] = model.generate(
-                true_latents[:, :t], text, text_mask, t + 1, num_iter, cfg,
-                frame_temperature(temperature, t - 1), use_kv_cache=model.config.causal,
-                generator=generators["teacher_forced"], clip_range=tokenizer.clip_range,
-                ddim=ddim)[:, t]
-        return tokenizer.decode(latents).clamp(-1, 1)
-
-    for start in range(0, n, batch_size):
-        clips, captions = zip(*(dataset[i] for i in range(start, min(n, start + batch_size))))
-        truth = torch.stack(clips).to(device)
-        first_frame = truth[:, :1]
-        cond = tokenizer.encode(first_frame)  # encoded alone, as image-to-video has only it
-        true_latents = tokenizer.encode(truth)
-        text = text_encoder(list(captions))
-        videos = {"model": image_to_video(cond, *text),
-                  "copy": first_frame.expand_as(truth),
-                  "tokenizer": tokenizer.decode(true_latents).clamp(-1, 1)}
-        if null_text:
-            videos["null_text"] = image_to_video(cond, None, None)
-        if teacher_forced:
-            videos["teacher_forced"] = teacher_forcing(true_latents, *text)
+    eval_videos, grid = EvalVideos(model, tokenizer, config), []
+    for start in range(0, config.n, config.batch_size):
+        batch = range(start, min(config.n, start + config.batch_size))
+        clips, captions = zip(*(dataset[i] for i in batch))
+        truth = torch.stack(clips).to(eval_videos.device)
+        videos = eval_videos(truth, text_encoder(list(captions)), methods)
         for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
             for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
                 scores_m.append(s.cpu())
             for i, (video, true) in enumerate(zip(videos[m], truth)):
                 objects[m].append(object_scores(video, true, dataset.describe(start + i)))
-        grid += [row for pair in zip(truth, videos["model"]) for row in pair][:2 * keep - len(grid)]
-
-    last_third = slice(-math.ceil((num_frames - 1) / 3), None)
-    result = dict(n=n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
-                  cfg=cfg, temperature=temperature, seed=seed, ddim=ddim,
-                  frames=list(range(1, num_frames)),
-                  grid=grid)
+        pairs = [row for pair in zip(truth, videos["model"]) for row in pair]
+        grid += pairs[:2 * config.keep - len(grid)]
+    result = dict(n=config.n, num_frames=config.num_frames, height=config.height,
+                  width=config.width, num_iter=config.num_iter, cfg=config.cfg,
+                  temperature=config.temperature, seed=config.seed,
+                  frames=list(range(1, config.num_frames)), grid=grid)
+    last_third = slice(-math.ceil((config.num_frames - 1) / 3), None)
     for m in methods:
         e, s = (torch.cat(x).double() for x in scores[m])  # (n, T - 1)
         result[m] = dict(psnr=psnr(e.mean()).item(), ssim=s.mean().item(),
@@ -247,6 +225,55 @@ def evaluate(model, tokenizer, text_encoder, n, num_frames, height, width, num_i
                          psnr_per_frame=psnr(e.mean(0)).tolist(), ssim_per_frame=s.mean(0).tolist(),
                          **summarise_objects(objects[m], last_third))
     return result
+
+
+class EvalVideos:
+    """The videos of every row of the evaluation for a batch of held-out clips. Each sampled row
+    draws from its own generator, so that asking for one row leaves the others' draws alone."""
+
+    def __init__(self, model, tokenizer, config):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
+        self.sampler = config.sampler or partial(model.diffloss.sample,
+                                                 clip_range=tokenizer.clip_range)
+        self.generators = {m: torch.Generator(self.device).manual_seed(config.seed)
+                           for m in ("model", "null_text", "teacher_forced")}
+
+    def __call__(self, truth, caption, methods):
+        """{method: video (B, T, 3, H, W)} of the clips `truth` with their captions."""
+        first_frame = truth[:, :1]
+        cond = self.tokenizer.encode(first_frame)  # encoded alone, as image-to-video has only it
+        true_latents = self.tokenizer.encode(truth)
+        latents = dict(model=self.image_to_video(cond, caption, "model"),
+                       tokenizer=true_latents)
+        if "null_text" in methods:
+            latents["null_text"] = self.image_to_video(cond, None, "null_text")
+        if "teacher_forced" in methods:
+            latents["teacher_forced"] = self.teacher_forcing(true_latents, caption)
+        videos = {m: self.tokenizer.decode(x).clamp(-1, 1) for m, x in latents.items()}
+        return dict(videos, copy=first_frame.expand_as(truth))
+
+    def image_to_video(self, cond, caption, row, num_latent_frames=None, temperature=None):
+        """The latents generated from `cond` by `row`'s generator, sampled as the model was
+        trained (a model of the "total mask" loss of Table 4 generates the whole video at once);
+        the whole clip and the configured temperature unless given."""
+        config = self.config
+        if num_latent_frames is None:
+            num_latent_frames = self.tokenizer.latent_frames(config.num_frames)
+        return self.model.generate_as_trained(
+            cond, caption, num_latent_frames, num_iter=config.num_iter, cfg=config.cfg,
+            temperature=config.temperature if temperature is None else temperature,
+            generator=self.generators[row], sampler=self.sampler)
+
+    def teacher_forcing(self, true_latents, caption):
+        """Each latent frame t generated from the true frames before it, at the temperature frame
+        t gets in the free run (§4.3's accumulated error is the gap to the free run)."""
+        latents = true_latents.clone()
+        for t in range(1, latents.shape[1]):
+            temperature = frame_temperature(self.config.temperature, t - 1)
+            latents[:, t] = self.image_to_video(true_latents[:, :t], caption, "teacher_forced",
+                                                t + 1, temperature)[:, t]
+        return latents
 
 
 def summary(result):

@@ -7,27 +7,21 @@ and earlier frames), the only position encoding is 3D RoPE, and text enters thro
 cross-attention. Each token's output z conditions a small diffusion head (diffusion.py) that
 models the token's continuous value. Training uses the next-frame diffusion loss (Eq. 4.1);
 sampling (`VideoMAR.generate`, §4.3) runs frame by frame with a KV cache, the tokens of each
-frame in parallel by masked generation. Checkpoints are written and read here too.
+frame in parallel by masked generation.
 
 Usage:
     model = VideoMAR(VideoMARConfig(**PRESETS["tiny"]))
     loss = model(latents, text, text_mask)        # latents (B, T, C, h, w), text (B, S, text_dim)
-    video = model.generate(first_latent_frame, text, text_mask, num_latent_frames=7)
+    video = model.generate(first_latent_frame, (text, text_mask), num_latent_frames=7)
 """
 import math
-import os
-import pickle
-import re
-import warnings
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import BadInput, first_line
 from diffusion import DiffLoss, create_diffusion
 from rope3d import apply_rope, rope_frequencies
 
@@ -43,13 +37,12 @@ class VideoMARConfig:
     n_head: int = 24
     mlp_ratio: float = 4.0
     # RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: not in
-    # the paper, but in the authors' released model (Step-Video blocks); the videomar preset has it
+    # the paper; as in Step-Video's attention blocks, upstream code; on in the videomar preset
     qk_norm: bool = False
     # 3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's
     # frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, 0.1,
     # 0.01, 0.001) only the first tells apart positions a few tokens apart, and it comes round
-    # after 6.3; a smaller base spreads them over a small grid (tried on 8 x 8: README, "what it
-    # took")
+    # after 6.3; a smaller base spreads them over a small grid
     rope_theta: float = 10000.0
     # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention); S_max tokens at most
     text_dim: int = 1536
@@ -83,10 +76,13 @@ class VideoMARConfig:
 
 PRESETS = {
     # §5.1: the paper's 1.4B model; Cosmos CV4x8x8 latents (16 channels), Qwen2-1.5B text (1536).
-    # Where the paper is silent, the authors' released model: captions of up to 300 tokens (its
-    # null text `fake_latent` is (1, 300, dim)) and QK-norm (its Step-Video blocks).
+    # Where the paper is silent: captions of up to 300 tokens, as the authors' released null text
+    # `fake_latent` (1, 300, dim) takes; QK-norm, as Step-Video's attention blocks (upstream).
+    # The paper's one-t draw of Eq. 4.1: §2 sets VideoMAR against MAGI's doubled sequence, which
+    # the all-frames pass is (--all_frames true turns it on).
     "videomar": dict(latent_channels=16, n_layer=36, n_embd=1536, n_head=24, diffloss_d=3,
-                     diffloss_w=1280, text_dim=1536, text_len=300, qk_norm=True),
+                     diffloss_w=1280, text_dim=1536, text_len=300, qk_norm=True,
+                     all_frames=False),
     # what trains on a 2-core CPU in minutes: PatchTokenizer(4, 4) latents, MiniLM text (384);
     # the synthetic captions (21 MiniLM tokens at most) fit whole. The plain block (no QK-norm): at
     # toy scale in fp32 there is no instability for it to cure, and the tiny model keeps its
@@ -162,13 +158,16 @@ def next_mask(mask, order, step, num_steps, total):
 def frame_temperature(temperature, i):
     """§4.3 and Appendix B: "progressive" gives the i-th generated frame 0.9 + 10^-(i+1)
     (1.0, 0.91, 0.901, ...): lower temperature for later frames suppresses accumulated error.
-    A number gives every frame that constant. This follows the paper, not the authors' released
-    sampler: that one uses one constant temperature for all frames (a linear schedule,
-    0.95 - 0.05 i / n for the i-th of n generated frames, sits there in a comment). Appendix B
-    finds a constant 0.9 about as good (slightly lower Dynamic Degree) and recommends both."""
+    A number gives every frame that constant (Appendix B finds 0.9 about as good)."""
     if temperature == "progressive":
         return 0.9 + 10.0 ** -(i + 1)
     return float(temperature)
+
+
+def linear_cfg(cfg, num_masked, total):
+    """MAR's linear CFG schedule: the guidance scale grows from 1 to cfg with the share of the
+    `total` tokens that are no longer masked; 1 stays 1 (no guidance)."""
+    return 1 + (cfg - 1) * (total - num_masked) / total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,6 +208,20 @@ class TextContext(NamedTuple):
         return TextContext(kv, torch.cat([self.mask, other.mask]))
 
 
+class Generation(NamedTuple):
+    """A video being generated: its tokens (B, T, L, token_dim), the given frames filled in and
+    the others written as they are sampled; its grid of tokens per frame; the captions' context,
+    the null text's rows after them with CFG; and the guidance scale (1: no guidance)."""
+    tokens: torch.Tensor
+    grid: tuple
+    context: TextContext
+    cfg: float
+
+    def double(self, x):
+        """x for the whole batch: with CFG the conditional rows, then the same for the null text."""
+        return torch.cat([x, x]) if self.cfg != 1.0 else x
+
+
 class HeadRMSNorm(nn.RMSNorm):
     """RMSNorm over the last (head) dimension, computed in fp32 as Step-Video's, also under bf16
     autocast, and returned in the input's dtype."""
@@ -218,8 +231,9 @@ class HeadRMSNorm(nn.RMSNorm):
 
 
 def qk_norms(config):
-    """QK-norm as the Step-Video blocks of the authors' released model: RMSNorm with a learned
-    weight (eps 1e-6) over each head's channels, for queries and for keys; else identities."""
+    """QK-norm as in Step-Video's attention blocks (upstream code; not in the paper): RMSNorm
+    with a learned weight (eps 1e-6) over each head's channels, for queries and for keys; else
+    identities."""
     if not config.qk_norm:
         return nn.Identity(), nn.Identity()
     head_dim = config.n_embd // config.n_head
@@ -341,15 +355,6 @@ class VideoMAR(nn.Module):
         text = self.null_text.expand(batch, -1, -1)
         mask = torch.ones(batch, self.config.text_len, dtype=torch.bool, device=text.device)
         return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask)
-
-    def sampling_context(self, text, text_mask, batch, guided):
-        """The captions' context (the null text's where text is None); with CFG (`guided`) the
-        null text's rows follow, for the unconditional half of the batch."""
-        if text is None:
-            context = self.null_context(batch)
-        else:
-            context = self.text_context(text, text_mask)
-        return context.cat(self.null_context(batch)) if guided else context
 
     def rope(self, frame_offset, num_latent_frames, grid, device):
         return rope_frequencies(self.config.n_embd // self.config.n_head, num_latent_frames, *grid,
@@ -476,214 +481,119 @@ class VideoMAR(nn.Module):
     # -- §4.3 inference: frame by frame with the KV cache, each frame by masked generation -------
 
     @torch.no_grad()
-    def generate(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64, cfg=3.0,
-                 temperature="progressive", use_kv_cache=True, generator=None, clip_range=None,
-                 clip_x0=True, ddim=False, progress=None):
+    def generate(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
+                 temperature="progressive", use_kv_cache=True, generator=None, sampler=None):
         """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to
-        `num_latent_frames` latent frames. `text` (B, S, text_dim) and `text_mask` (B, S) are the
-        captions, or None for the null text; with cfg != 1 the batch is doubled with the null
-        text (MAR's linear CFG schedule). `clip_range` (lo, hi), the tokenizer's latent range, is
-        imposed two ways:
-        - the authors' clip: each sampled token of a frame after the first generated one is
-          clamped to it as it is sampled (their sampler, Cosmos latents x 0.5 to [-2, 2]); the
-          first generated frame is left as sampled;
-        - with `clip_x0` (this code's choice), every x_0 the diffusion head predicts, at every
-          diffusion step of every token of every frame, is clamped to it first (DiffLoss.sample).
-          That changes every posterior mean; the last one (t = 0) is the clamped x_0 itself, so
-          the tokens come out inside the range and the authors' clip then changes nothing.
-        `ddim` samples each token by deterministic DDIM steps of the head, not the paper's
-        ancestral ones: a probe of what z holds (eval.py --ddim). `progress`, if given, is told
-        of every finished frame (`update(1)`, as a tqdm bar).
-        Returns (B, num_latent_frames, C, h, w), the given frames bit-exact."""
-        config, device = self.config, cond_latents.device
-        p = config.patch_size
-        B, k, C, h, w = cond_latents.shape
-        grid = (h // p, w // p)
-        L = grid[0] * grid[1]
-        num_iter = min(num_iter, L)
-        guided = cfg != 1.0 and text is not None  # with the null text both halves would be equal
-        if not config.causal and use_kv_cache:
+        `num_latent_frames` latent frames, one frame at a time. `caption` is the text encoder's
+        (text (B, S, text_dim), text_mask (B, S)), or None for the null text; with cfg != 1 the
+        batch is doubled with the null text. `use_kv_cache=False` is Table 2's "w/o KV cache":
+        every step re-runs all the frames so far. `sampler(z, temperature, cfg, generator=...)`
+        draws one token from the diffusion head per row of z: DiffLoss.sample, MAR's ancestral
+        sampler, unless another is given. Returns (B, num_latent_frames, C, h, w), the given
+        frames bit-exact."""
+        if use_kv_cache and not self.config.causal:
             raise ValueError("a model without frame-wise causal attention cannot use the KV cache")
-        double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
-
-        tokens = torch.zeros(B, num_latent_frames, L, config.token_dim, device=device)
-        tokens[:, :k] = patchify(cond_latents, p)
-        context = self.sampling_context(text, text_mask, B, guided)
-        cache = KVCache(config, len(context.mask), num_latent_frames * L) if use_kv_cache else None
-        if use_kv_cache and k > 0:  # prefill: the given frames, fully visible, once
-            self.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context, cache,
-                                commit=True)
-
+        video = self.generation(cond_latents, caption, num_latent_frames, cfg)
+        tokens, grid, context, double = video.tokens, video.grid, video.context, video.double
+        k, sampler = cond_latents.shape[1], sampler or self.diffloss.sample
+        if use_kv_cache:  # prefill: the given frames, fully visible, once
+            cache = KVCache(self.config, len(context.mask), num_latent_frames * tokens.shape[2])
+            if k > 0:
+                self.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context,
+                                    cache, commit=True)
+            frame_z = lambda f, mask: self.forward_frames(double(tokens[:, f]), double(mask), f,
+                                                          grid, context, cache)
+        else:  # every step re-runs all the frames so far, masked from frame f on
+            frame_z = lambda f, mask: self.target_frame_z(double(tokens), f, double(mask), grid,
+                                                          context)
         for f in range(k, num_latent_frames):
-            frame_temp = frame_temperature(temperature, f - k)
-            order = torch.rand(B, L, generator=generator, device=device).argsort(dim=1)
-            mask = torch.ones(B, L, dtype=torch.bool, device=device)
-            for step in range(num_iter):
-                if use_kv_cache:
-                    z = self.forward_frames(double(tokens[:, f]), double(mask), f, grid, context,
-                                            cache)
-                else:  # "w/o KV cache" (Table 2): re-run all previous frames every step
-                    z = self.target_frame_z(double(tokens), f, double(mask), grid, context)
-                following, mask_len = next_mask(mask, order, step, num_iter, L)
-                to_predict = mask & ~following
-                z_rows = (torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided
-                          else z[to_predict])
-                cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
-                sampled = self.diffloss.sample(z_rows, frame_temp, cfg_step, generator=generator,
-                                               clip_range=clip_range if clip_x0 else None,
-                                               ddim=ddim)
-                if clip_range is not None and f > k:  # the authors' clip, before later steps see it
-                    sampled = sampled.clamp(*clip_range)
-                tokens[:, f][to_predict] = sampled.to(tokens.dtype)
-                mask = following
+            self.generate_frame(video, f, frame_z, num_iter, frame_temperature(temperature, f - k),
+                                generator, sampler)
             if use_kv_cache and f < num_latent_frames - 1:
                 # commit: the finished frame once more, fully visible, into the cache; the last
                 # frame's keys and values would be read by nothing (the authors skip it too)
                 self.forward_frames(double(tokens[:, f]), None, f, grid, context, cache,
                                     commit=True)
-            if progress is not None:
-                progress.update(1)
-        return unpatchify(tokens, p, h, w)
+        return unpatchify(tokens, self.config.patch_size, *cond_latents.shape[-2:])
+
+    def generate_frame(self, video, f, frame_z, num_iter, temperature, generator, sampler):
+        """Frame f of `video` by masked generation (MAR's): all L tokens start masked, in a random
+        order; at each of num_iter steps frame_z(f, mask) gives the frame's z, and the tokens
+        that leave the mask on the cosine schedule are sampled by the head, at the frame's
+        temperature, with MAR's linear CFG schedule. Writes them into video.tokens."""
+        tokens = video.tokens[:, f]  # a view: what is written here is written into the video
+        B, L = tokens.shape[:2]
+        num_iter = min(num_iter, L)
+        order = torch.rand(B, L, generator=generator, device=tokens.device).argsort(dim=1)
+        mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+        for step in range(num_iter):
+            z = frame_z(f, mask)
+            following, mask_len = next_mask(mask, order, step, num_iter, L)
+            to_predict, cfg = mask & ~following, linear_cfg(video.cfg, mask_len, L)
+            tokens[to_predict] = self.sample_tokens(video, z, to_predict, temperature, cfg,
+                                                    generator, sampler)
+            mask = following
 
     @torch.no_grad()
-    def generate_total_mask(self, cond_latents, text, text_mask, num_latent_frames, num_iter=64,
-                            cfg=3.0, temperature="progressive", generator=None, clip_range=None,
-                            ddim=False, progress=None):
+    def generate_total_mask(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
+                            temperature="progressive", generator=None, sampler=None):
         """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
-        over all the tokens of the video at once, not frame by frame. Every token after the `k`
-        given frames starts masked, in one random order over the whole video; `num_iter` steps
-        per generated frame in all (the same number of passes as `generate` without the cache)
-        reveal them on MAR's cosine schedule, each pass seeing the whole video with full
-        attention. A token is sampled with its frame's temperature (the progressive schedule) and
-        MAR's linear CFG schedule over the video. Same arguments and result as `generate`."""
-        config, device = self.config, cond_latents.device
-        p = config.patch_size
-        B, k, C, h, w = cond_latents.shape
-        grid = (h // p, w // p)
-        L = grid[0] * grid[1]
+        over the whole video at once. Every token after the given frames starts masked, in one
+        random order; `num_iter` steps per generated frame in all (the passes of `generate`
+        without the cache) reveal them on the cosine schedule, each pass seeing the whole video.
+        A token is sampled at its frame's temperature. Arguments and result as `generate`'s."""
+        video = self.generation(cond_latents, caption, num_latent_frames, cfg)
+        (B, k), L = cond_latents.shape[:2], video.tokens.shape[2]
+        sampler = sampler or self.diffloss.sample
+        tokens = video.tokens.flatten(1, 2)  # a view: the whole video as one sequence
         N = (num_latent_frames - k) * L  # the tokens to generate
         steps = min(num_iter * (num_latent_frames - k), N)
-        guided = cfg != 1.0 and text is not None
-        double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
-
-        tokens = torch.zeros(B, num_latent_frames * L, config.token_dim, device=device)
-        tokens[:, :k * L] = patchify(cond_latents, p).flatten(1, 2)
-        context = self.sampling_context(text, text_mask, B, guided)
-        frame_of = torch.arange(num_latent_frames * L, device=device) // L
-        order = k * L + torch.rand(B, N, generator=generator, device=device).argsort(dim=1)
-        mask = torch.zeros(B, num_latent_frames * L, dtype=torch.bool, device=device)
+        frame_of = torch.arange(num_latent_frames * L, device=tokens.device) // L
+        order = k * L + torch.rand(B, N, generator=generator, device=tokens.device).argsort(dim=1)
+        mask = torch.zeros(B, num_latent_frames * L, dtype=torch.bool, device=tokens.device)
         mask[:, k * L:] = True
         for step in range(steps):
-            z = self.forward_frames(double(tokens), double(mask), 0, grid, context)
+            z = self.forward_frames(video.double(tokens), video.double(mask), 0, video.grid,
+                                    video.context)
             following, mask_len = next_mask(mask, order, step, steps, N)
-            to_predict = mask & ~following
-            cfg_step = 1 + (cfg - 1) * (N - mask_len) / N if guided else 1.0
+            to_predict, cfg_step = mask & ~following, linear_cfg(video.cfg, mask_len, N)
             for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
                 rows = to_predict & (frame_of == f)
-                z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if guided else z[rows]
-                sampled = self.diffloss.sample(z_rows, frame_temperature(temperature, f - k),
-                                               cfg_step, generator=generator, clip_range=clip_range,
-                                               ddim=ddim)
-                tokens[rows] = sampled.to(tokens.dtype)
+                frame_temp = frame_temperature(temperature, f - k)
+                tokens[rows] = self.sample_tokens(video, z, rows, frame_temp, cfg_step, generator,
+                                                  sampler)
             mask = following
-            if progress is not None:
-                progress.update(1 / num_iter)
-        return unpatchify(tokens.view(B, num_latent_frames, L, -1), p, h, w)
+        return unpatchify(video.tokens, self.config.patch_size, *cond_latents.shape[-2:])
 
+    @torch.no_grad()
+    def generate_as_trained(self, cond_latents, caption, num_latent_frames, **options):
+        """Sample as the model was trained (Table 4): frame by frame (`generate`, with the KV cache
+        where attention is frame-wise causal) after the next-frame loss, the whole video at once
+        (`generate_total_mask`) after the "total mask" loss. `options` as theirs."""
+        if self.config.next_frame_loss:
+            return self.generate(cond_latents, caption, num_latent_frames,
+                                 use_kv_cache=self.config.causal, **options)
+        return self.generate_total_mask(cond_latents, caption, num_latent_frames, **options)
 
-def compile_model(model, backend="inductor"):
-    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
-    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
-    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
-    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
-    and the tokens it scores or samples change from step to step."""
-    for module in [*model.blocks, model.diffloss.net]:
-        module.compile(backend=backend, dynamic=True)
-    head = model.diffloss.net
-    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)
+    def generation(self, cond_latents, caption, num_latent_frames, cfg):
+        """The Generation both samplers start from: the given frames' tokens, the captions'
+        context (the null text's for caption None) and the null text's after it with CFG, which
+        a null caption has nothing to guide by."""
+        B, k, _, h, w = cond_latents.shape
+        p = self.config.patch_size
+        grid = (h // p, w // p)
+        tokens = torch.zeros(B, num_latent_frames, grid[0] * grid[1], self.config.token_dim,
+                             device=cond_latents.device)
+        tokens[:, :k] = patchify(cond_latents, p)
+        context = self.null_context(B) if caption is None else self.text_context(*caption)
+        cfg = cfg if caption is not None else 1.0
+        if cfg != 1.0:
+            context = context.cat(self.null_context(B))
+        return Generation(tokens, grid, context, cfg)
 
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: written atomically by train.py, loaded with weights_only, the configs as plain data
-
-def save_checkpoint(path, ckpt):
-    """torch.save to a temporary file beside `path`, fsync, then rename: a kill at any moment
-    leaves either the old checkpoint or the new one, never a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-# how a file written by torch.save starts: a zip archive, or (the format before PyTorch 1.6) a
-# protocol-2 pickle of torch's magic number
-ZIP_HEAD = b"PK\x03\x04"
-LEGACY_HEAD = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
-
-
-def is_torch_file(path):
-    """Whether torch.save could have written `path`: torch.load's error for any other file is a
-    misleading paragraph about weights_only. A truncated zip still counts: torch says what broke."""
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_HEAD))
-    return head.startswith(ZIP_HEAD) or head == LEGACY_HEAD
-
-
-def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict at `path`, loaded with weights_only; BadInput for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"no checkpoint at {path}: train one with "
-                       f"`python train.py --out_dir {path.parent}`")
-    if not is_torch_file(path):
-        raise BadInput(f"{path} is not a PyTorch checkpoint")
-    try:
-        with warnings.catch_warnings():  # torch's warnings on stderr would break the one-line rule
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # pickle, zip and torch raise many kinds of error for a broken file
-        reason = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e)).strip()  # torch colours its message
-        raise BadInput(f"cannot load checkpoint {path}: {reason}") from None
-    if not isinstance(ckpt, dict) or not {"config", "model", "ema"} <= ckpt.keys():
-        raise BadInput(f"{path} is not a VideoMAR checkpoint (no config, model and ema inside)")
-    return ckpt
-
-
-def config_from_dict(config):
-    """A VideoMARConfig from a plain dict holding exactly its fields."""
-    names = {f.name for f in fields(VideoMARConfig)}
-    if config.keys() != names:
-        raise BadInput(f"the checkpoint's config does not fit this model code: unknown keys "
-                       f"{sorted(config.keys() - names)}, "
-                       f"missing keys {sorted(names - config.keys())}")
-    return VideoMARConfig(**config)
-
-
-def model_from_config(config):
-    """A fresh VideoMAR from a plain dict holding exactly the fields of VideoMARConfig."""
-    model_config = config_from_dict(config)
-    try:
-        return VideoMAR(model_config)
-    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
-        raise BadInput(f"cannot build a model from config {config}: {first_line(e)}") from None
-
-
-def build_model(ckpt, use_ema=True):
-    """The VideoMAR of a checkpoint dict, in eval mode, with its EMA weights (or the raw ones)."""
-    model = model_from_config(dict(ckpt["config"]))
-    weights, expected = ckpt["ema" if use_ema else "model"], model.state_dict()
-    wrong = sorted(set(weights) ^ set(expected)) + [
-        k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if wrong:
-        raise BadInput(f"the checkpoint's weights do not fit its config: {len(wrong)} tensors are "
-                       f"missing, unexpected or of another shape, the first {wrong[0]}")
-    model.load_state_dict(weights)
-    return model.eval()
+    def sample_tokens(self, video, z, rows, temperature, cfg, generator, sampler):
+        """The head's tokens for `rows` (B, N), True where a token leaves the mask, given z of the
+        whole batch (B, N, n_embd), with CFG the null text's rows after the captions'."""
+        B = rows.shape[0]
+        z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if video.cfg != 1.0 else z[rows]
+        return sampler(z_rows, temperature, cfg, generator=generator).to(video.tokens.dtype)

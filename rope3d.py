@@ -1,8 +1,8 @@
 """
 3D rotary position embedding over (frame, row, column): §4.3 and Appendix A of the paper.
 
-The head dimension is split into a temporal half and two equal spatial quarters (as in the
-authors' released model; see split_head_dim); each part is an ordinary 1D RoPE over the frame
+The head dimension is split into a temporal half and two equal spatial quarters (the proportions
+of Step-Video's blocks; see split_head_dim); each part is an ordinary 1D RoPE over the frame
 index, the row and the column. Positions are absolute integer indices, so the attention score
 between two tokens depends only on their offset (dt, dh, dw): that is what lets a checkpoint
 run at more frames and a larger grid than it was trained on (§5.3, Appendix D), and what lets
@@ -18,10 +18,12 @@ import torch
 def split_head_dim(head_dim):
     """(temporal, row, column) parts of the head dimension, all even, the two spatial ones equal.
 
-    Appendix A gives no split. We follow the authors' released model, whose Step-Video blocks
-    give time half of each head and rows and columns a quarter each (`rope_ch_split` 64, 32, 32
-    of 128 channels): here 32, 16, 16 of the videomar preset's 64 and 16, 8, 8 of tiny's 32.
-    With head_dim not a multiple of 8, time takes the remainder, so every part stays even."""
+    Appendix A gives no split. Step-Video's blocks (upstream code) split a head of 128 channels
+    64, 32, 32 (`rope_ch_split`): time half, rows and columns a quarter each. This code keeps
+    those proportions at other head sizes, its own extrapolation, since neither the paper nor
+    upstream gives a split for them: 32, 16, 16 of the videomar preset's 64 and 16, 8, 8 of
+    tiny's 32. With head_dim not a multiple of 8, time takes the remainder, so every part stays
+    even."""
     spatial = 2 * (head_dim // 8)
     temporal = head_dim - 2 * spatial
     assert head_dim % 2 == 0 and spatial > 0, f"head_dim {head_dim} is too small for 3D RoPE"

@@ -9,14 +9,15 @@ Usage:
     python sample.py --image x.png --frames 49 --height 64 --width 96      # extrapolation
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
                  trained_model)
-from data import BadInput, read_image, read_video, resize_center_crop, save_image_grid, write_video
+from errors import BadInput
+from videoio import read_image, read_video, resize_center_crop, save_image_grid, write_video
 
 
 def parse_args(argv=None):
@@ -60,22 +61,22 @@ def sample(args):
     for path in (args.out, Path(args.out).with_suffix(".png")):
         check_writable(path)
     given = 1 if args.image else args.cond_frames if args.video else 0
-    model, tokenizer, text_encoder, run, (num_frames, height, width) = trained_model(
+    model, tokenizer, text_encoder, train_config, (num_frames, height, width) = trained_model(
         args.ckpt, args.device, args.frames, args.height, args.width, batch=args.num_samples,
         cfg=args.cfg, given=given)
     device = torch.device(args.device)
     num_latent_frames = tokenizer.latent_frames(num_frames)
     cond = conditioning_latents(args, tokenizer, height, width, device)
-    text, text_mask = text_encoder([args.prompt] * args.num_samples)
+    caption = text_encoder([args.prompt] * args.num_samples)
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with tqdm(total=num_latent_frames - cond.shape[1], desc="frames") as bar, autocast:
-        latents = model.generate(cond, text, text_mask, num_latent_frames,
-                                 args.num_iter or run["sample_num_iter"], args.cfg,
-                                 args.temperature, generator=generator,
-                                 use_kv_cache=model.config.causal and not args.no_kv_cache,
-                                 clip_range=tokenizer.clip_range, progress=bar)
+    # every x_0 the head predicts is held to the tokenizer's range (DiffLoss.sample)
+    sampler = partial(model.diffloss.sample, clip_range=tokenizer.clip_range)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        latents = model.generate(cond, caption, num_latent_frames,
+                                 args.num_iter or train_config["sample_num_iter"], args.cfg,
+                                 args.temperature, generator=generator, sampler=sampler,
+                                 use_kv_cache=model.config.causal and not args.no_kv_cache)
     video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
     write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side
     sheet = Path(args.out).with_suffix(".png")

@@ -6,10 +6,11 @@ independently from closed forms, a straightforward reference loop, or an invaria
 Each test's docstring names the section of the paper or the claim it checks.
 
 In the order of the README's reading guide: helpers and references first; then the method's claims
-(model.py, rope3d.py, diffusion.py, generation); then data.py and metrics.py; then the command
-lines (train.py, sample.py, eval.py, bench.py) and the README.
+(model.py, rope3d.py, diffusion.py, generation); then data.py, videoio.py and metrics.py; then the
+command lines (train.py with checkpoint.py, sample.py, eval.py, bench.py) and the README.
 """
 import argparse
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -19,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -28,15 +29,17 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (BadInput, CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
-                  VideoFolder, count_frames, load_tokenizer, read_image, read_video,
-                  read_video_at_size, resize_center_crop, save_image_grid, write_video)
-from cli import check_memory, gigabytes
+from checkpoint import build_model, load_checkpoint, save_checkpoint
+from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
+                  load_tokenizer)
+from cli import check_memory, compile_model, gigabytes
 from diffusion import DiffLoss, create_diffusion
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, build_model,
-                   compile_model, frame_temperature, load_checkpoint, patchify, random_masks,
-                   sample_mask_ratios, save_checkpoint, unpatchify)
+from errors import BadInput
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, frame_temperature,
+                   next_mask, patchify, random_masks, sample_mask_ratios, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
+from videoio import (count_frames, read_image, read_video, read_video_at_size, resize_center_crop,
+                     save_image_grid, write_video)
 import bench
 import eval as evaluation
 import metrics
@@ -45,31 +48,41 @@ import train
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers: tiny models and their inputs
+# Helpers: a tiny model and its inputs
 
-def tiny_config(**overrides):
-    base = dict(latent_channels=8, n_layer=2, n_embd=48, n_head=2, diffloss_d=2, diffloss_w=32,
-                text_dim=16, text_len=6, num_sampling_steps="10")
-    return VideoMARConfig(**{**base, **overrides})
-
-
-def random_model(seed=0, **overrides):
-    """A tiny model with every weight random (also the zero-initialised ones), in eval mode."""
+def tiny_model(seed=0, randomised=True, **overrides):
+    """A tiny VideoMAR in eval mode: 2 layers of width 48 in 2 heads, a 2 x 32 diffusion head that
+    samples in 10 steps, latents of 8 channels, captions of 6 tokens of width 16; `overrides`
+    change its config. Randomised, every weight is random (also the zero-initialised ones, so
+    every output depends on every weight) and the head's output small (so samples stay in a sane
+    range); else it is as initialised."""
     torch.manual_seed(seed)
-    model = VideoMAR(tiny_config(**overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.02)
+    config = dict(latent_channels=8, n_layer=2, n_embd=48, n_head=2, diffloss_d=2, diffloss_w=32,
+                  text_dim=16, text_len=6, num_sampling_steps="10")
+    model = VideoMAR(VideoMARConfig(**{**config, **overrides})).eval()
+    if randomised:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(std=0.02)
+            model.diffloss.net.final_layer.linear.weight.mul_(0.1)
     return model
 
 
 def random_text(batch, config, seed=1):
+    """A caption pair (text (batch, text_len, text_dim), mask), the first caption padded."""
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(batch, config.text_len, config.text_dim, generator=g)
     mask = torch.ones(batch, config.text_len, dtype=torch.bool)
     mask[0, config.text_len // 2:] = False  # padding in the first caption
     return emb, mask
+
+
+def given_frames(model, batch=2, k=1, grid=(3, 3), seed=0):
+    """k random latent frames to generate from, and captions for them."""
+    cond = torch.randn(batch, k, model.config.latent_channels, *grid,
+                       generator=torch.Generator().manual_seed(seed))
+    return cond, random_text(batch, model.config)
 
 
 def frames_output(model, tokens, mask, grid):
@@ -78,37 +91,23 @@ def frames_output(model, tokens, mask, grid):
         return model.forward_frames(tokens, mask, 0, grid, context)
 
 
-def sample_setup(batch=2, k=1, grid=(3, 3), seed=0, **overrides):
-    model = random_model(seed, **overrides)
-    with torch.no_grad():  # keep sampled values in a sane range: a small, contracting head output
-        model.diffloss.net.final_layer.linear.weight.mul_(0.1)
-    cond = torch.randn(batch, k, model.config.latent_channels, *grid,
-                       generator=torch.Generator().manual_seed(seed))
-    return model, cond, random_text(batch, model.config)
+def recording_sampler(model, clip_range=None):
+    """A sampler for generate that records (rows, temperature, cfg) of every call it gets and
+    samples with the model's diffusion head (every x_0 clamped to clip_range, if given)."""
+    calls = []
 
-
-def record_sampling(model):
-    """Record (rows, temperature, cfg) of every call generation makes to the model's diffusion
-    head, which still samples."""
-    calls, sample = [], model.diffloss.sample
-
-    def recording(z, temperature=1.0, cfg=1.0, **kwargs):
+    def sampler(z, temperature, cfg, generator=None):
         calls.append((len(z), temperature, cfg))
-        return sample(z, temperature, cfg, **kwargs)
-    model.diffloss.sample = recording
-    return calls
-
-
-def tiny_model(token_dim, text_dim):
-    torch.manual_seed(0)
-    config = VideoMARConfig(latent_channels=token_dim, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
-                            diffloss_w=32, num_sampling_steps="3", text_dim=text_dim, text_len=8)
-    return VideoMAR(config).eval()
+        return model.diffloss.sample(z, temperature, cfg, generator=generator,
+                                     clip_range=clip_range)
+    return calls, sampler
 
 
 class FakeText:
+    """A text encoder of the tiny model's width: random embeddings of 6 tokens."""
+
     def __call__(self, captions):
-        return torch.randn(len(captions), 8, 16), torch.ones(len(captions), 8, dtype=torch.bool)
+        return torch.randn(len(captions), 6, 16), torch.ones(len(captions), 6, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,10 +230,10 @@ def flat_video(levels, height=40, width=48):
     return torch.tensor(levels, dtype=torch.float).view(-1, 1, 1, 1).expand(-1, 3, height, width)
 
 
-def readme_commands():
-    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the README's
-    code blocks."""
-    text = (Path(__file__).parent / "README.md").read_text()
+def markdown_commands(name):
+    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` line in the code
+    blocks of the markdown file `name`."""
+    text = (Path(__file__).parent / name).read_text()
     commands = []
     for block in re.findall(r"```(?:sh|bash)?\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -277,6 +276,49 @@ def reference_cfg_sampler(head, z, cfg, temperature, noise, generator):
         else:
             x = mean
     return x[:n]
+
+
+def first_written_generate(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
+                           use_kv_cache, generator, clip_range):
+    """VideoMAR.generate as first written, kept as the reference of its refactoring: one loop,
+    the cached and uncached paths side by side in it, the clip range handed down to the head
+    (every predicted x_0 clamped) and the authors' clip of the frames after the first generated
+    one applied after it; progressive temperature."""
+    B, k, C, h, w = cond_latents.shape
+    L = h * w  # patch size 1
+    num_iter = min(num_iter, L)
+    guided = cfg != 1.0 and caption is not None
+    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+    tokens = torch.zeros(B, num_latent_frames, L, model.config.token_dim)
+    tokens[:, :k] = patchify(cond_latents, 1)
+    context = model.null_context(B) if caption is None else model.text_context(*caption)
+    context = context.cat(model.null_context(B)) if guided else context
+    cache = KVCache(model.config, len(context.mask), num_latent_frames * L)
+    if use_kv_cache and k > 0:
+        model.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, (h, w), context, cache,
+                             commit=True)
+    for f in range(k, num_latent_frames):
+        order = torch.rand(B, L, generator=generator).argsort(dim=1)
+        mask = torch.ones(B, L, dtype=torch.bool)
+        for step in range(num_iter):
+            if use_kv_cache:
+                z = model.forward_frames(double(tokens[:, f]), double(mask), f, (h, w), context,
+                                         cache)
+            else:
+                z = model.target_frame_z(double(tokens), f, double(mask), (h, w), context)
+            following, mask_len = next_mask(mask, order, step, num_iter, L)
+            to_predict = mask & ~following
+            z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
+            cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
+            sampled = model.diffloss.sample(z_rows, frame_temperature("progressive", f - k),
+                                            cfg_step, generator=generator, clip_range=clip_range)
+            if clip_range is not None and f > k:
+                sampled = sampled.clamp(*clip_range)
+            tokens[:, f][to_predict] = sampled
+            mask = following
+        if use_kv_cache and f < num_latent_frames - 1:
+            model.forward_frames(double(tokens[:, f]), None, f, (h, w), context, cache, commit=True)
+    return unpatchify(tokens, 1, h, w)
 
 
 def ssim_at_one_position(x, y):
@@ -329,7 +371,7 @@ def test_patchify_round_trip_and_raster_order():
 def test_frame_causal_and_bidirectional_inside_frame():
     """§4.1 frame-wise causal attention: a token sees its own and earlier frames, bidirectionally
     inside its frame; the ablation without it sees the future."""
-    model = random_model()
+    model = tiny_model()
     grid, T = (3, 3), 4
     L = grid[0] * grid[1]
     g = torch.Generator().manual_seed(0)
@@ -362,7 +404,7 @@ def test_frame_causal_and_bidirectional_inside_frame():
 
 def test_masked_token_input_is_ignored():
     """A masked token's value must not reach the model: only the learned mask token does."""
-    model = random_model()
+    model = tiny_model()
     tokens = torch.randn(1, 2 * 4, model.config.token_dim)
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[0, 5] = True
@@ -375,7 +417,7 @@ def test_masked_token_input_is_ignored():
 def test_text_padding_is_masked_and_text_matters():
     """§5.1 cross-attention to the text: padding tokens are masked out, and the caption changes
     z."""
-    model = random_model()
+    model = tiny_model()
     tokens = torch.randn(2, 4, model.config.token_dim)
     emb, mask = random_text(2, model.config)
     context = model.text_context(emb, mask)
@@ -390,9 +432,9 @@ def test_text_padding_is_masked_and_text_matters():
 
 
 def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
-    """QK-norm as the authors' Step-Video blocks: RMSNorm with a learned weight over each head's
+    """QK-norm as Step-Video's attention blocks: RMSNorm with a learned weight over each head's
     channels, on the raw projections, in self- and cross-attention; the plain block has none."""
-    model = random_model(qk_norm=True)
+    model = tiny_model(qk_norm=True)
     config = model.config
     head_dim = config.n_embd // config.n_head
     inputs, outputs, projected = [], [], []
@@ -414,8 +456,8 @@ def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
     B, N, D = projected[0].shape
     q_raw = projected[0].view(B, N, 3, config.n_head, head_dim)[:, :, 0].transpose(1, 2)
     assert torch.equal(inputs[config.n_layer], q_raw)  # normalised before RoPE rotates it
-    plain = VideoMAR(tiny_config()).state_dict().keys()
-    normed = VideoMAR(tiny_config(qk_norm=True)).state_dict().keys()
+    plain = tiny_model(randomised=False).state_dict().keys()
+    normed = tiny_model(randomised=False, qk_norm=True).state_dict().keys()
     added = {f"blocks.{i}.{a}.{n}.weight" for i in range(config.n_layer)
              for a in ("attn", "cross_attn") for n in ("q_norm", "k_norm")}
     assert set(normed) - set(plain) == added
@@ -424,9 +466,9 @@ def test_qk_norm_normalises_each_heads_queries_and_keys_before_rope():
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm):
-    """QK-norm (the authors' Step-Video blocks): scaling the query and key projections changes
+    """QK-norm (Step-Video's attention blocks): scaling the query and key projections changes
     nothing with it, and much without."""
-    model = random_model(qk_norm=qk_norm)
+    model = tiny_model(qk_norm=qk_norm)
     D = model.config.n_embd
     tokens = torch.randn(2, 2 * 4, model.config.token_dim)
     mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) < 0.3
@@ -462,7 +504,7 @@ def test_training_masks_ceil_of_ratio_times_tokens(monkeypatch):
     or round. With L = 16 the ratios 0.7, 0.71, 0.76, 0.9, 0.99 and 1 give r L = 11.2, 11.36,
     12.16, 14.4, 15.84 and 16, so 12, 12, 13, 15, 16 and 16 masked tokens (floor: 11, 11, 12, 14,
     15, 16); checked on the masks the next-frame loss trains on, each frame its own ratio."""
-    model = random_model().train()
+    model = tiny_model().train()
     ratios = torch.tensor([0.7, 0.71, 0.76, 0.9, 0.99, 1.0])
     monkeypatch.setattr("model.sample_mask_ratios", lambda n, *args: ratios[:n])
     seen, all_frames_z = [], model.all_frames_z
@@ -478,7 +520,7 @@ def test_training_masks_ceil_of_ratio_times_tokens(monkeypatch):
 def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     """Capture what reaches the diffusion head: only masked tokens of one frame, 4 copies each,
     and the transformer never sees frames after the target frame (the one-t draw)."""
-    model = random_model(all_frames=False).train()
+    model = tiny_model(all_frames=False).train()
     seen = {}
 
     def fake_diffloss(target, z):
@@ -511,7 +553,7 @@ def test_training_drops_the_caption_of_one_clip_in_ten():
     whole caption with the learned null text with probability text_drop_prob = 0.1, each clip on
     its own draw, in training only. Of 4,000 clips the dropped count is Binomial(4000, 0.1): mean
     400, standard deviation 19; it must lie within 4.5 of them, [315, 485]."""
-    model = random_model(n_layer=1)
+    model = tiny_model(n_layer=1)
     assert model.config.text_drop_prob == 0.1
     S = model.config.text_len
     seen = []  # the text every clip's cross-attention keys are computed from
@@ -543,7 +585,7 @@ def test_one_t_training_draws_the_target_frame_uniformly_over_all_frames():
     (all_frames=False). Over 800 batches of T = 4 frames each frame is the target
     Binomial(800, 1/4) times: 200 +- 12.2, within 4.5 standard deviations, [145, 255] (the
     target: the frame whose tokens are masked)."""
-    model = random_model(n_layer=1, all_frames=False).train()
+    model = tiny_model(n_layer=1, all_frames=False).train()
     T, L = 4, 1
     targets = []
 
@@ -566,7 +608,7 @@ def test_one_t_training_draws_the_target_frame_uniformly_over_all_frames():
 def test_all_frames_pass_gives_every_frames_one_t_z_and_loss():
     """Eq. 4.1 for every t in one pass: the masked copy of each frame t gets exactly the z, and so
     the diffusion loss, that the one-t pass computes for that t with the same mask."""
-    model = random_model()
+    model = tiny_model()
     B, T, grid = 2, 4, (2, 3)
     L = grid[0] * grid[1]
     tokens = torch.randn(B, T, L, model.config.token_dim)
@@ -598,7 +640,7 @@ def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
     changing frame t at its masked tokens, or any later frame, leaves the copy's z alone, and
     changing an earlier frame changes it (so the first check can fail). The attention mask, read
     directly, agrees."""
-    model = random_model()
+    model = tiny_model()
     B, T, grid = 2, 4, (2, 2)
     L = grid[0] * grid[1]
     g = torch.Generator().manual_seed(2)
@@ -635,7 +677,7 @@ def test_own_frames_replace_the_context_but_not_frame_0_nor_the_targets(monkeypa
     """Scheduled sampling (own_frames_prob, beyond the paper): the clips it picks see the
     model's own frames 1..T-2 as context, their first frame and every target stay true, the
     other clips see the truth; own_frames draws each frame from the true frames before it."""
-    model = random_model(own_frames_prob=0.5).train()
+    model = tiny_model(own_frames_prob=0.5).train()
     B, T, grid = 64, 3, (2, 2)
     latents = torch.randn(B, T, model.config.latent_channels, *grid)
     tokens = patchify(latents, 1)
@@ -674,7 +716,7 @@ def test_own_frames_replace_the_context_but_not_frame_0_nor_the_targets(monkeypa
 
 def test_videomar_preset_has_1_4b_parameters():
     """§5.1: the videomar preset is the paper's 1.4B model (36 layers of width 1536, a 3 x 1280
-    head), with the authors' text length and QK-norm."""
+    head), with captions of 300 tokens (the authors' null text) and QK-norm."""
     with torch.device("meta"):
         model = VideoMAR(VideoMARConfig(**PRESETS["videomar"]))
     n = sum(p.numel() for p in model.parameters())
@@ -682,7 +724,7 @@ def test_videomar_preset_has_1_4b_parameters():
     config = model.config
     sizes = (config.n_layer, config.n_embd, config.diffloss_d, config.diffloss_w)
     assert sizes == (36, 1536, 3, 1280)
-    # as the authors' model: a null text of 300 tokens (their fake_latent), QK-norm everywhere
+    # a null text of 300 tokens (the authors' fake_latent), QK-norm everywhere
     assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
     assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
@@ -720,10 +762,10 @@ def test_rope_scores_depend_only_on_offsets():
         assert abs(score((0, 0, 0), other, (0, 0, 0)) - base) > 1e-3
 
 
-def test_rope_split_follows_the_authors_time_half():
-    # Step-Video's blocks in the authors' model: rope_ch_split (64, 32, 32) of 128 channels
-    """App. A: the head dimension goes half to time, a quarter each to rows and columns, as in the
-    authors' model; every part even."""
+def test_rope_split_gives_time_half_of_each_head():
+    """App. A gives no split: time gets half of each head, rows and columns a quarter each, as
+    Step-Video's blocks split 128 channels (rope_ch_split 64, 32, 32) and, this code's
+    extrapolation, in the same proportions at other head sizes; every part even."""
     assert split_head_dim(128) == (64, 32, 32)
     for preset, head_dim in (("tiny", 32), ("videomar", 64)):
         assert PRESETS[preset]["n_embd"] // PRESETS[preset]["n_head"] == head_dim
@@ -736,8 +778,8 @@ def test_rope_split_follows_the_authors_time_half():
 
 def test_rope_theta_sets_the_base_and_a_small_one_tells_apart_columns_of_a_wider_grid():
     """rope_theta reaches the model's RoPE. Tiny's 8 channels an axis at the base 10000 place
-    column 6 of an 8-wide grid closer to column 0 than column 1 is (the aliasing of "what it
-    took"); at a base of 100 distance grows with the offset."""
+    column 6 of an 8-wide grid closer to column 0 than column 1 is (aliasing); at a base of 100
+    distance grows with the offset."""
     def model(theta):
         return VideoMAR(VideoMARConfig(**{**PRESETS["tiny"], "latent_channels": 16,
                                           "rope_theta": theta}))
@@ -876,42 +918,6 @@ def test_diffloss_sample_matches_reference_loop():
     assert not torch.allclose(plain, fast, atol=1e-3)
 
 
-def test_ddim_probe_is_deterministic_and_lands_on_a_point_mass():
-    """eval.py --ddim: a DDIM step (eta 0) is sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps with x0
-    and eps from the model's epsilon; the whole pass ignores the generator and, given the exact
-    epsilon of a point mass, lands on it from any starting noise (on its clamp if outside)."""
-    d = create_diffusion("50")
-    abar = d.alphas_cumprod.float()
-    g = torch.Generator().manual_seed(0)
-    x, output = torch.randn(4, 5, generator=g), torch.randn(4, 10, generator=g)
-    i = 30
-    x0 = (x - (1 - abar[i]).sqrt() * output[:, :5]) / abar[i].sqrt()
-    expected = abar[i - 1].sqrt() * x0 + (1 - abar[i - 1]).sqrt() * output[:, :5]
-    assert torch.allclose(d.ddim_step(output, x, i), expected, atol=1e-5)
-
-    target = torch.rand(4, 5, generator=g) * 1.6 - 0.8
-
-    def exact(x, i):  # the epsilon that explains x as noise around target
-        eps = (x - abar[i].sqrt() * target) / (1 - abar[i]).sqrt()
-        return torch.cat([eps, torch.zeros_like(eps)], dim=1)
-
-    for seed in (0, 1):
-        noise = torch.randn(4, 5, generator=torch.Generator().manual_seed(seed))
-        landed = d.p_sample_loop(exact, (4, 5), noise, ddim=True,
-                                 generator=torch.Generator().manual_seed(seed + 7))
-        assert torch.allclose(landed, target, atol=1e-4)
-        clamped = d.p_sample_loop(exact, (4, 5), noise, ddim=True, clip_range=(-0.5, 0.5))
-        assert torch.allclose(clamped, target.clamp(-0.5, 0.5), atol=1e-4)
-    # through the head, with guidance: the same tokens whatever the generator
-    torch.manual_seed(0)
-    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
-    z, noise = torch.randn(8, 24), torch.randn(4, 6)
-    a, b = (head.sample(z, cfg=2.5, noise=noise, ddim=True,
-                        generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
-    ancestral = head.sample(z, cfg=2.5, noise=noise, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and not torch.allclose(a, ancestral, atol=1e-3)
-
-
 # ----------------------------------------------------------------------------------------------
 # The method, model.py: generation frame by frame with the KV cache (§4.3, Table 2)
 
@@ -919,8 +925,9 @@ def test_ddim_probe_is_deterministic_and_lands_on_a_point_mass():
 def test_kv_cache_matches_uncached_generation(qk_norm):
     """§4.3, Table 2: generation with the KV cache equals the "w/o KV cache" path given the same
     draws; a seed fixes the video."""
-    model, cond, text = sample_setup(qk_norm=qk_norm)
-    run = lambda cached: model.generate(cond, *text, num_latent_frames=5, num_iter=3, cfg=3.0,
+    model = tiny_model(qk_norm=qk_norm)
+    cond, text = given_frames(model)
+    run = lambda cached: model.generate(cond, text, num_latent_frames=5, num_iter=3, cfg=3.0,
                                         use_kv_cache=cached,
                                         generator=torch.Generator().manual_seed(7))
     cached, uncached = run(True), run(False)
@@ -930,7 +937,7 @@ def test_kv_cache_matches_uncached_generation(qk_norm):
     assert (cached[:, 1:] - cached[:, 1:].mean()).abs().mean() > 1e-3
     # same seed, same video; another seed, another video
     assert torch.equal(cached, run(True))
-    other = model.generate(cond, *text, 5, num_iter=3, cfg=3.0,
+    other = model.generate(cond, text, 5, num_iter=3, cfg=3.0,
                            generator=torch.Generator().manual_seed(8))
     assert not torch.allclose(other, cached)
 
@@ -939,7 +946,8 @@ def test_kv_cache_matches_uncached_generation(qk_norm):
 def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
     """§4.3 KV cache: a prefill and a commit per frame hold the keys and values of one full forward
     pass; masked steps commit nothing."""
-    model, cond, text = sample_setup(k=2, qk_norm=qk_norm)
+    model = tiny_model(qk_norm=qk_norm)
+    cond, text = given_frames(model, k=2)
     grid, L, T = (3, 3), 9, 4
     tokens = torch.randn(2, T * L, model.config.token_dim)
     context = model.text_context(*text)
@@ -962,15 +970,17 @@ def test_cache_after_prefill_and_commits_equals_full_forward(qk_norm):
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_generation_under_bf16_autocast(qk_norm):
-    """The GPU path, bf16 autocast, exercised on the CPU: the transformer computes in bf16, the
-    given frame comes back bit-exact and the video in fp32, and it is the fp32 video up to bf16
-    rounding (tokens in [-1, 1], 8 bits of mantissa: within 4 x 2^-8 everywhere), where another
-    seed's video lies about 0.6 away on average."""
-    model, cond, text = sample_setup(qk_norm=qk_norm)
+    """The GPU path, bf16 autocast (the cache in the autocast dtype), exercised on the CPU: the
+    transformer computes in bf16, the given frame comes back bit-exact and the video in fp32, and
+    it is the fp32 video up to bf16 rounding (tokens in [-1, 1], 8 bits of mantissa: within
+    4 x 2^-8 everywhere), where another seed's video lies about 0.6 away on average."""
+    model = tiny_model(qk_norm=qk_norm)
+    cond, text = given_frames(model)
     dtypes = set()
     model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
-    run = lambda seed: model.generate(cond, *text, num_latent_frames=3, num_iter=2, cfg=3.0,
-                                      clip_range=(-1.0, 1.0),
+    clipped = functools.partial(model.diffloss.sample, clip_range=(-1.0, 1.0))
+    run = lambda seed: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
+                                      sampler=clipped,
                                       generator=torch.Generator().manual_seed(seed))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run(0)
@@ -987,10 +997,12 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
     given frames come back bit-exact; the frames after them are those of the path without the
     cache (so the prefill holds both given frames at their RoPE times, and every later frame
     attends to all of them), and each given frame changes them."""
-    model, cond, text = sample_setup(batch=1, k=2, grid=(5, 7))
+    model = tiny_model()
+    cond, text = given_frames(model, batch=1, k=2, grid=(5, 7))  # grid and length unlike training
+    clipped = functools.partial(model.diffloss.sample, clip_range=(-1.0, 1.0))
     run = lambda given, cached=True: model.generate(
-        given, *text, num_latent_frames=9, num_iter=2, cfg=2.0, use_kv_cache=cached,
-        clip_range=(-1.0, 1.0), generator=torch.Generator().manual_seed(0))
+        given, text, num_latent_frames=9, num_iter=2, cfg=2.0, use_kv_cache=cached,
+        sampler=clipped, generator=torch.Generator().manual_seed(0))
     out = run(cond)
     assert out.shape == (1, 9, 8, 5, 7)
     assert torch.equal(out[:, :2], cond)
@@ -1005,59 +1017,66 @@ def test_text_to_video_and_clip_range():
     """Text-to-video (no given frame): the first frame comes from the caption alone (another
     caption, another video) and the cached path equals the uncached one. Without a caption (the
     null text) both CFG halves would be the same: the head is asked for single rows at cfg 1, the
-    video that of cfg 1. With a clip range every x_0 is clamped to it."""
-    model, cond, text = sample_setup(k=0)
-    run = lambda caption, cfg=3.0, clip=None, cached=True: model.generate(
-        cond, *caption, num_latent_frames=3, num_iter=2, cfg=cfg, clip_range=clip,
-        use_kv_cache=cached, generator=torch.Generator().manual_seed(0))
+    video that of cfg 1. With the tokenizer's clip range every x_0 is clamped to it."""
+    model = tiny_model()
+    cond, text = given_frames(model, k=0)
+    run = lambda caption, cfg=3.0, clip=None, cached=True, sampler=None: model.generate(
+        cond, caption, num_latent_frames=3, num_iter=2, cfg=cfg, use_kv_cache=cached,
+        sampler=sampler or functools.partial(model.diffloss.sample, clip_range=clip),
+        generator=torch.Generator().manual_seed(0))
     video = run(text)
     assert video.shape == (2, 3, 8, 3, 3)
     assert torch.allclose(video, run(text, cached=False), rtol=1e-4)
     other_caption = random_text(2, model.config, seed=2)
     assert not torch.allclose(run(other_caption)[:, 0], video[:, 0], rtol=1e-2)
-    calls = record_sampling(model)
-    null = run((None, None))
+    calls, recording = recording_sampler(model)
+    null = run(None, sampler=recording)
     # 2 clips, single rows; L = 9 in 2 steps: floor(9 cos(pi/4)) = 6 stay masked, so 3 then 6
     assert [(rows, cfg) for rows, _, cfg in calls] == [(2 * 3, 1.0), (2 * 6, 1.0)] * 3
-    del model.diffloss.sample
-    assert torch.equal(null, run((None, None), cfg=1.0))
+    assert torch.equal(null, run(None, cfg=1.0))
+    # the default sampler is the head's, unclipped
+    assert torch.equal(null, model.generate(cond, None, 3, num_iter=2, cfg=3.0,
+                                            generator=torch.Generator().manual_seed(0)))
     assert run(text).abs().max() > 0.05
     assert run(text, clip=(-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 clamped
 
 
-def test_authors_clip_bounds_frames_after_the_first_generated_one():
-    """The authors' sampler clamps each sampled token of the frames after the first generated
-    one, as it is sampled (clip_x0=False: that clip alone, no clamp inside the diffusion head)."""
-    model, cond, text = sample_setup(k=1)
-    run = lambda clip, cached=True: model.generate(cond, *text, num_latent_frames=4, num_iter=3,
-                                                   cfg=3.0, use_kv_cache=cached, clip_range=clip,
-                                                   clip_x0=False,
-                                                   generator=torch.Generator().manual_seed(3))
-    free = run(None)
-    c = 0.5 * free[:, 1].abs().max().item()
-    seen = []  # the visible tokens of every masked step of the frames after the first generated
-    forward = model.forward_frames
-    model.forward_frames = lambda tokens, mask, first, *a, **kw: (
-        seen.append(tokens[~mask]) if mask is not None and first >= 2 else None,
-        forward(tokens, mask, first, *a, **kw))[1]
-    clipped = run((-c, c))
-    del model.forward_frames
-    assert torch.equal(clipped[:, :2], free[:, :2])  # the given and the first generated frame
-    assert free[:, 2:].abs().max() > c >= clipped[:, 2:].abs().max()
-    assert len(seen) == 2 * 3 and max(v.abs().max() for v in seen if v.numel()) <= c
-    assert torch.allclose(run((-c, c), cached=False), clipped, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("k, cfg, captioned, cached", [
+    (0, 3.0, True, True), (2, 3.0, True, False), (1, 1.0, True, True), (1, 3.0, False, True)])
+def test_generate_gives_the_videos_of_the_first_written_loop_bit_for_bit(k, cfg, captioned,
+                                                                         cached):
+    """The same outputs for the same seed: generate, its per-frame step and the sampler handed in
+    give, to the bit, what the generation loop as first written gave, with the tokenizer's clip
+    range passed down to the head and the authors' clip after it (which the clamp of every x_0
+    makes a no-op), or without a clip."""
+    model = tiny_model()
+    cond, text = given_frames(model, k=k)
+    caption = text if captioned else None
+    seeded = lambda: torch.Generator().manual_seed(7)
+    free = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
+                          generator=seeded())
+    c = 0.5 * free[:, k:].abs().max().item()  # a range that binds
+    for clip in (None, (-c, c)):
+        sampler = functools.partial(model.diffloss.sample, clip_range=clip)
+        video = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
+                               generator=seeded(), sampler=sampler)
+        reference = first_written_generate(model, cond, caption, 4, 3, cfg, cached, seeded(),
+                                           clip)
+        assert torch.equal(video, reference)
+    assert free[:, k:].abs().max() > c >= video[:, k:].abs().max()  # the clip did bind
 
 
 @pytest.mark.parametrize("k", [0, 1])
 def test_forward_passes_of_generation_skip_the_last_commit(k):
     """With the cache: a prefill (if frames are given), num_iter steps per generated frame, and a
     commit of each finished frame but the last, whose keys and values nothing would read."""
-    model, cond, text = sample_setup(k=k)
+    model = tiny_model()
+    cond, text = given_frames(model, k=k)
     calls, forward = [], model.forward_frames
     model.forward_frames = lambda *a, **kw: calls.append(kw.get("commit")) or forward(*a, **kw)
     for cached, n, s in ((True, 3, 3), (True, 1, 2), (False, 3, 2)):
         calls.clear()
-        model.generate(cond, *text, num_latent_frames=k + n, num_iter=s, cfg=3.0,
+        model.generate(cond, text, num_latent_frames=k + n, num_iter=s, cfg=3.0,
                        use_kv_cache=cached)
         commits = ((k > 0) + n - 1) if cached else 0
         assert len(calls) == (k > 0 and cached) + n * s + (n - 1) * cached
@@ -1068,20 +1087,20 @@ def test_total_mask_sampler_is_mars_order_over_the_whole_video():
     """Table 4 (c): with one frame to generate it is exactly frame-by-frame generation without the
     cache (the same draws); with more, every token of every generated frame is sampled in
     num_iter passes per frame, each over the whole video, and the given frames stay bit-exact."""
-    model = random_model(causal=False, next_frame_loss=False)
+    model = tiny_model(causal=False, next_frame_loss=False)
     config = model.config
     cond = torch.randn(2, 1, config.latent_channels, 2, 3)
     text = random_text(2, config)
-    one = model.generate_total_mask(cond, *text, 2, num_iter=3, cfg=2.0,
+    one = model.generate_total_mask(cond, text, 2, num_iter=3, cfg=2.0,
                                      generator=torch.Generator().manual_seed(5))
-    reference = model.generate(cond, *text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
+    reference = model.generate(cond, text, 2, num_iter=3, cfg=2.0, use_kv_cache=False,
                          generator=torch.Generator().manual_seed(5))
     assert torch.allclose(one, reference, atol=1e-5)
     passes = []
     forward = model.forward_frames
     model.forward_frames = lambda tokens, mask, *a, **kw: passes.append(
         int(mask[0].sum())) or forward(tokens, mask, *a, **kw)
-    video = model.generate_total_mask(cond, *text, 4, num_iter=3, cfg=1.0,
+    video = model.generate_total_mask(cond, text, 4, num_iter=3, cfg=1.0,
                                        generator=torch.Generator().manual_seed(5))
     assert torch.equal(video[:, :1], cond) and (video[:, 1:] != 0).all()
     assert len(passes) == 9 and passes[0] == 3 * 6 and passes == sorted(passes, reverse=True)
@@ -1111,11 +1130,12 @@ def test_generation_reveals_tokens_on_mars_cosine_schedule_with_linear_cfg(grid,
     tokens the diffusion head samples at each step, and the guidance scale it samples them with,
     MAR's linear schedule 1 + (cfg - 1)(L - kept)/L (`kept` the tokens still masked after the
     step; 1 at the last step, as MAR's mask_len)."""
-    model, cond, text = sample_setup(batch=2, k=1, grid=grid)
+    model = tiny_model()
+    cond, text = given_frames(model, batch=2, k=1, grid=grid)
     L = grid[0] * grid[1]
-    calls = record_sampling(model)
-    model.generate(cond, *text, num_latent_frames=3, num_iter=num_iter, cfg=3.0,
-                   clip_range=(-1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    calls, sampler = recording_sampler(model, clip_range=(-1.0, 1.0))
+    model.generate(cond, text, num_latent_frames=3, num_iter=num_iter, cfg=3.0, sampler=sampler,
+                   generator=torch.Generator().manual_seed(0))
     rows = [r for r, _, _ in calls]
     assert rows == [2 * 2 * n for n in revealed] * 2  # CFG: 2 clips, conditional and not
     cfgs = [cfg for _, _, cfg in calls]
@@ -1128,22 +1148,23 @@ def test_generation_gives_each_generated_frame_its_progressive_temperature():
     frames 2 and 3 are sampled at 1.0 and 0.91 at every step, with the cache or without;
     text-to-video starts at 1.0 on frame 0; the "total mask" sampler gives each token its frame's;
     a number is every frame's temperature."""
-    model, cond, text = sample_setup(k=2)
-    calls = record_sampling(model)
-    options = dict(num_iter=3, cfg=3.0, clip_range=(-1.0, 1.0),
+    model = tiny_model()
+    cond, text = given_frames(model, k=2)
+    calls, sampler = recording_sampler(model, clip_range=(-1.0, 1.0))
+    options = dict(num_iter=3, cfg=3.0, sampler=sampler,
                    generator=torch.Generator().manual_seed(0))
     for cached in (True, False):
         calls.clear()
-        model.generate(cond, *text, 4, use_kv_cache=cached, **options)
+        model.generate(cond, text, 4, use_kv_cache=cached, **options)
         assert [t for _, t, _ in calls] == pytest.approx([1.0] * 3 + [0.91] * 3, rel=1e-12)
     calls.clear()
-    model.generate(cond[:, :0], *text, 2, **options)  # text-to-video
+    model.generate(cond[:, :0], text, 2, **options)  # text-to-video
     assert [t for _, t, _ in calls] == pytest.approx([1.0] * 3 + [0.91] * 3, rel=1e-12)
     calls.clear()
-    model.generate(cond, *text, 4, temperature=0.95, **options)
+    model.generate(cond, text, 4, temperature=0.95, **options)
     assert [t for _, t, _ in calls] == [0.95] * 6
     calls.clear()
-    model.generate_total_mask(cond, *text, 4, **options)
+    model.generate_total_mask(cond, text, 4, **options)
     assert {round(t, 9) for _, t, _ in calls} == {1.0, 0.91}
 
 
@@ -1153,11 +1174,10 @@ def test_generation_gives_each_generated_frame_its_progressive_temperature():
 def test_tiny_model_overfits_one_clip():
     """The whole model learns: the loss on one clip falls fourfold, because z tells each token its
     value."""
-    torch.manual_seed(0)
-    config = tiny_config(latent_channels=4, n_embd=64, diffloss_w=64, text_drop_prob=0.0)
-    model = VideoMAR(config)
+    model = tiny_model(randomised=False, latent_channels=4, n_embd=64, diffloss_w=64,
+                       text_drop_prob=0.0).train()
     latents = torch.rand(1, 2, 4, 3, 3) * 1.6 - 0.8
-    text = random_text(1, config)
+    text = random_text(1, model.config)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(400):
@@ -1516,7 +1536,7 @@ def test_video_folder_decodes_once_and_gives_the_clips_of_decoding_every_time(tm
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded a video again")
-    monkeypatch.setattr("data.decoded_frames", no_decoding)
+    monkeypatch.setattr("videoio.decoded_frames", no_decoding)
     longer = VideoFolder(tmp_path, **{**options, "num_frames": 5}, frames_cache=frames_cache)
     assert longer.frame_counts == [11, 13] and longer.clip(1, 4).shape == (5, 3, 16, 16)
     # drawing items reads no file, and the starts stay random: every one of them comes up
@@ -1716,7 +1736,7 @@ def test_text_encoder_loads_any_local_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# metrics.py: PSNR, SSIM, the object metrics, evaluate
+# metrics.py: PSNR, SSIM, the object metrics, score_held_out_clips
 
 def test_psnr_of_a_known_noise_level():
     """PSNR of noise of a known level; capped, not infinite, for an exact copy."""
@@ -1763,14 +1783,17 @@ def test_ssim_properties():
 
 
 def test_copy_baseline(monkeypatch):
-    """evaluate(): the copy baseline's PSNR per frame is that of frame 0 against the truth, exact
-    where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
+    """score_held_out_clips: the copy baseline's PSNR per frame is that of frame 0 against the
+    truth, exact where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
     tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(tokenizer.channels, 16)
-    args = (model, tokenizer, FakeText(), 3, 9, 16, 16)
-    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    model = tiny_model(randomised=False, latent_channels=tokenizer.channels,
+                       num_sampling_steps="3")
+    config = metrics.EvalConfig(n=3, num_frames=9, num_iter=1, batch_size=2)
+    score = lambda model, tokenizer, **changes: metrics.score_held_out_clips(
+        model, tokenizer, FakeText(), replace(config, **changes))
+    result = score(model, tokenizer)
     # each sampled row draws from its own generator: a teacher-forced row leaves the others alone
-    with_tf = metrics.evaluate(*args, num_iter=1, batch_size=2, teacher_forced=True)
+    with_tf = score(model, tokenizer, teacher_forced=True)
     for row in ("model", "null_text"):
         assert with_tf[row]["psnr_per_frame"] == result[row]["psnr_per_frame"]
     clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
@@ -1790,7 +1813,7 @@ def test_copy_baseline(monkeypatch):
     # a lossy one's is not: 4 principal components drop most of a 4x4x4 patch
     lossy = load_tokenizer("pca:4x4x4:4")
     lossy.fit(clips)
-    result = metrics.evaluate(tiny_model(4, 16), lossy, FakeText(), 3, 9, 16, 16, num_iter=1)
+    result = score(tiny_model(latent_channels=4, num_sampling_steps="3"), lossy, batch_size=16)
     assert result["tokenizer"]["psnr"] < 30
 
     class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
@@ -1798,23 +1821,20 @@ def test_copy_baseline(monkeypatch):
             clip, caption = super().__getitem__(i)
             return clip[:1].expand_as(clip), caption
     monkeypatch.setattr(metrics, "SyntheticVideos", Static)
-    result = metrics.evaluate(*args, num_iter=1, batch_size=2)
+    result = score(model, tokenizer)
     assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
 
 
 def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_names():
-    """model.compile_model compiles in place: the same loss and the same samples for the same
+    """cli.compile_model compiles in place: the same loss and the same samples for the same
     draws, gradients flow, and the state dict (so every checkpoint) keeps the plain model's names.
     Dynamo's eager backend traces what inductor would compile, without the minute of code
     generation."""
-    model = tiny_model(24, 16)
-    with torch.no_grad():  # off the zero-initialised output, so the head's samples depend on it
-        for parameter in model.diffloss.parameters():
-            parameter += 0.1 * torch.randn_like(parameter)
+    model = tiny_model(latent_channels=24, num_sampling_steps="3")
     names = list(model.state_dict())
     latents, (text, mask) = torch.randn(2, 3, 24, 4, 4), FakeText()(["a", "b"])
-    z = torch.randn(6, 32)
+    z = torch.randn(6, 48)
 
     def loss_and_sample():
         torch.manual_seed(0)
@@ -1832,22 +1852,23 @@ def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_
 
 
 def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():
-    """evaluate(teacher_forced=True) with a model that repeats the last frame it is given: free
-    running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel frames) late."""
+    """score_held_out_clips with teacher_forced and a model that repeats the last frame it is
+    given: free running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel
+    frames) late."""
     class RepeatLast(torch.nn.Module):
         config = VideoMARConfig(next_frame_loss=True, causal=True)
 
         def __init__(self):
             super().__init__()
-            self.unused = torch.nn.Parameter(torch.zeros(1))
+            self.diffloss = DiffLoss(4, 4, 1, 4)  # a head, never sampled
 
-        def generate(self, cond, text, text_mask, num_latent_frames, *args, **kwargs):
+        def generate_as_trained(self, cond, caption, num_latent_frames, **options):
             repeats = num_latent_frames - cond.shape[1]
             return torch.cat([cond, cond[:, -1:].expand(-1, repeats, -1, -1, -1)], dim=1)
 
     tokenizer = load_tokenizer("patch:4x4x4")  # exact: latents are the pixels
-    result = metrics.evaluate(RepeatLast(), tokenizer, FakeText(), 3, 13, 16, 16, batch_size=2,
-                              teacher_forced=True)
+    result = metrics.score_held_out_clips(RepeatLast(), tokenizer, FakeText(), metrics.EvalConfig(
+        n=3, num_frames=13, batch_size=2, teacher_forced=True))
     assert result["model"]["psnr_per_frame"] == result["copy"]["psnr_per_frame"]
     truth = (torch.stack([SyntheticVideos(13, 16, 16, split="test")[i][0]
                           for i in range(3)]) + 1) / 2
@@ -1902,7 +1923,7 @@ def test_weight_decay_falls_on_the_weight_matrices_only():
     """§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02, as MAR on the weight matrices of the
     linear layers only: not on biases, norms (LayerNorm, the QK RMSNorms), the mask token or the
     null text. Every parameter is in exactly one group."""
-    model = VideoMAR(tiny_config(qk_norm=True))
+    model = tiny_model(randomised=False, qk_norm=True)
     optimizer = train.make_optimizer(model, train.TrainConfig(), "cpu")
     assert optimizer.defaults["betas"] == (0.9, 0.95)
     groups = {g["weight_decay"]: [id(p) for p in g["params"]] for g in optimizer.param_groups}
@@ -2294,10 +2315,8 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
     """Checkpoints are written atomically (a kill leaves the old file), and build_model refuses a
     config the weights do not fit."""
-    config = VideoMARConfig(latent_channels=8, n_layer=1, n_embd=32, n_head=2, diffloss_d=1,
-                            diffloss_w=16, text_dim=8, text_len=4)
-    model = VideoMAR(config)
-    ckpt = dict(config=asdict(config), model=model.state_dict(), ema=model.state_dict())
+    model = tiny_model(randomised=False)
+    ckpt = dict(config=asdict(model.config), model=model.state_dict(), ema=model.state_dict())
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, ckpt)
     before = path.read_bytes()
@@ -2318,7 +2337,7 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
     with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
         build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
     with pytest.raises(BadInput, match="another shape, the first diffloss"):
-        build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 32}})
+        build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 64}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2465,13 +2484,31 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert Image.open(out / "psnr.png").size == (560, 360)
     # 3 clips x (truth, generated)
     assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)
-    # extrapolation: more frames and a larger grid than trained
+    # extrapolation: more frames and a larger grid than trained; the probe of z
     assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24",
-                                        "--width", "24", "--n", "1"]) == 0
+                                        "--width", "24", "--n", "1", "--mean_of", "2"]) == 0
     result = json.loads((out / "x" / "eval.json").read_text())
     assert (result["height"], len(result["model"]["psnr_per_frame"])) == (24, 12)
+    assert result["mean_of"] == 2 and "each token the mean of 2 draws" in capsys.readouterr().out
     assert evaluation.main(args + ["--frames", "6"]) == 2  # not 1 + 4k frames
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
+    """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
+    draws given the same z (the head's mean, estimated), drawn in turn from the generator."""
+    torch.manual_seed(0)
+    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="10").eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.1)
+    z = torch.randn(8, 24)  # CFG: 4 conditional rows, then 4 unconditional
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator) for _ in range(4)])
+    probe = evaluation.mean_of_samples(head.sample, 4)
+    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    assert mean.shape == (4, 6) and torch.equal(mean, draws.mean(0))
+    assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
 
 
 @pytest.mark.parametrize("args, words", [
@@ -2483,7 +2520,7 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
     (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
     (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
-] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0"],
+] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0", "--mean_of 0"],
                   "must be at least 0": ["--cfg -3"]}))
 def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
@@ -2500,20 +2537,20 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
     "Total mask" (Eq. 3.1): trained on masks over the whole video (2 x 16 tokens), sampled the
     whole video at once (generate_total_mask), never frame by frame; it has no frame to
     teacher-force."""
-    samplers, mask_lengths = [], []
+    methods, mask_lengths = [], []
     for name in ("generate", "generate_total_mask"):
-        def recording(self, cond, text, text_mask, num_latent_frames, *args, _name=name,
-                      _sampler=getattr(VideoMAR, name), **kwargs):
-            samplers.append((_name, kwargs.get("use_kv_cache"), num_latent_frames))
-            return _sampler(self, cond, text, text_mask, num_latent_frames, *args, **kwargs)
+        def recording(self, cond, caption, num_latent_frames, *args, _name=name,
+                      _method=getattr(VideoMAR, name), **kwargs):
+            methods.append((_name, kwargs.get("use_kv_cache"), num_latent_frames))
+            return _method(self, cond, caption, num_latent_frames, *args, **kwargs)
         monkeypatch.setattr(VideoMAR, name, recording)
     monkeypatch.setattr("model.random_masks", lambda batch, length, *args: mask_lengths.append(
         length) or random_masks(batch, length, *args))
-    for switches, sampler, length in (
+    for switches, method, length in (
             (["--causal", "false"], ("generate", False, 2), 16),
             (["--causal", "false", "--next_frame_loss", "false"], ("generate_total_mask", None, 2),
              32)):
-        samplers.clear()
+        methods.clear()
         mask_lengths.clear()
         out = tmp_path / "_".join(switches)
         assert train.main(TINY + switches + ["--frames", "5", "--stage_iters", "2",
@@ -2523,7 +2560,7 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
                                 "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
         # the sample train.py writes and its score; eval.py's model and null-text rows
-        assert len(samplers) == 4 and set(samplers) == {sampler}
+        assert len(methods) == 4 and set(methods) == {method}
     assert "quality on 16 held-out clips" in capsys.readouterr().out
     # a total-mask model samples the whole video at once: no frame to teacher-force
     assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2
@@ -2551,10 +2588,11 @@ def test_bench_mar_loop_gives_the_samples_of_diffloss_sample():
 
 
 def test_bench_paper_head_share_is_the_flops_of_the_1_4b_model():
-    """The diffusion head's share of a cached step of the paper's model, counted on the
-    meta device, equals the count by hand: 36 layers of width 1536 over 2 x 1,024 tokens (CFG)
-    attending to the frames so far and 300 text tokens, against the head (3 blocks of 1280,
-    100 steps) on the 2 x 16 tokens a step decides, its modulations computed for every step."""
+    """Table 2 at the paper's proportions: the diffusion head's share of a cached step of the
+    paper's model, counted on the meta device, equals the count by hand: 36 layers of width 1536
+    over 2 x 1,024 tokens (CFG) attending to the frames so far and 300 text tokens, against the
+    head (3 blocks of 1280, 100 steps) on the 2 x 16 tokens a step decides, its modulations
+    computed for every step."""
     d, layers, L, S, C, w = 1536, 36, 1024, 300, 16, 1280
     transformer = [2 * (2 * L * C * d + layers * (2 * L * 14 * d * d  # token_proj, linear layers
                                                   + 4 * L * (f + 1) * L * d  # self-attention
@@ -2569,7 +2607,7 @@ def test_bench_paper_head_share_is_the_flops_of_the_1_4b_model():
 
 
 def test_bench_prints_each_ratio_beside_its_bound(tmp_path, capsys, monkeypatch):
-    """bench.py runs end to end (a tiny model here); the KV-cache speed-up stands beside
+    """Table 2: bench.py runs end to end (a tiny model here); the KV-cache speed-up stands beside
     its bound, sum_{f=1..n} (f + 1) / n, and as a share of it, also for the transformer alone and
     at the paper's head share; the head is set beside MAR's plain loop."""
     monkeypatch.setattr(bench, "BENCH_MODEL", dict(
@@ -2593,7 +2631,7 @@ def test_bench_prints_each_ratio_beside_its_bound(tmp_path, capsys, monkeypatch)
 
 
 def test_bench_is_quick_by_default_and_long_with_full():
-    """The default run is the quick one; --full the long one; options given win."""
+    """bench.py: the default run is the quick one; --full the long one; options given win."""
     assert {k: getattr(bench.parse_args([]), k) for k in bench.RUNS["quick"]} == bench.RUNS["quick"]
     full = bench.parse_args(["--full", "--num_iter", "32"])
     assert {k: getattr(full, k) for k in bench.RUNS["full"]} == {**bench.RUNS["full"],
@@ -2620,13 +2658,14 @@ def test_bench_kv_cache_ratios_from_known_times(monkeypatch):
         config = argparse.Namespace(latent_channels=1, text_len=1, text_dim=1)
         diffloss = Head()
 
-        def generate(self, cond, text, text_mask, num_latent_frames, num_iter, cfg, *,
-                     use_kv_cache=True, progress=None, **kwargs):
+        def generate(self, cond, caption, num_latent_frames, num_iter=64, cfg=3.0, *,
+                     use_kv_cache=True, generator=None, sampler=None):
             for f in range(1, num_latent_frames):
-                clock[0] += 1.0 if use_kv_cache else f + 1.0
-                self.diffloss.sample()
-                if progress is not None:
-                    progress.update(1)
+                self.generate_frame(f, use_kv_cache, sampler or self.diffloss.sample)
+
+        def generate_frame(self, f, use_kv_cache, sampler):
+            clock[0] += 1.0 if use_kv_cache else f + 1.0
+            sampler()
 
     args = argparse.Namespace(grid=1, latent_frames=4, num_iter=1)
     kv = bench.bench_kv_cache(Timed(), args, torch.device("cpu"))
@@ -2659,14 +2698,15 @@ def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
 # ----------------------------------------------------------------------------------------------
 # README.md and CI: its commands are the CLIs' commands
 
-def test_readme_commands_parse():
-    """Every command in the README parses with its script's options."""
+def test_readme_and_results_commands_parse():
+    """Every command in the README and in RESULTS.md parses with its script's options; the README
+    shows every script."""
     parsers = {"train.py": lambda argv: train.make_config(train.parse_args(argv)[0]),
                "sample.py": sample.parse_args, "eval.py": evaluation.parse_args,
                "bench.py": bench.parse_args}
-    commands = readme_commands()
+    commands = markdown_commands("README.md")
     assert {script for script, _ in commands} == set(parsers)
-    for script, argv in commands:
+    for script, argv in commands + markdown_commands("RESULTS.md"):
         # an unknown flag or a bad value raises BadInput or exits (SystemExit)
         parsers[script](argv)
 

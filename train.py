@@ -36,6 +36,7 @@ import time
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,13 +46,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from cli import (ArgumentParser, add_field_options, device_option, float_where, int_at_least,
-                 non_negative_float, positive_float, positive_int)
-from data import (BadInput, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer,
-                  save_image_grid, write_video)
-from metrics import evaluate, summary
-from model import (PRESETS, VideoMARConfig, build_model, compile_model, load_checkpoint,
-                   model_from_config, save_checkpoint)
+from cli import (ArgumentParser, add_field_options, compile_model, device_option, float_where,
+                 int_at_least, non_negative_float, positive_float, positive_int)
+from checkpoint import build_model, load_checkpoint, model_from_config, save_checkpoint
+from data import PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer
+from errors import BadInput
+from metrics import EvalConfig, score_held_out_clips, summary
+from model import PRESETS, VideoMARConfig
+from videoio import save_image_grid, write_video
 
 
 @dataclass
@@ -69,10 +71,10 @@ class TrainConfig:
     # "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
     tokenizer: str = "pca:4x4x4:16"
     text_encoder: str = None  # None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path
-    # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order; tiny's
-    # takes about 11 minutes on a quiet 2-core CPU (README)
+    # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order (tiny's:
+    # minutes on a 2-core CPU, RESULTS.md)
     frames: list[int] = field(default_factory=lambda: [5, 13, 25])  # pixel frames of each stage
-    stage_iters: list[int] = field(default_factory=lambda: [2400, 1200, 750])  # iterations a stage
+    stage_iters: list[int] = field(default_factory=lambda: [1600, 800, 500])  # iterations a stage
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
     batch_size: int = 8  # per process
     lr: float = 2e-3
@@ -83,8 +85,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.99
     # torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off for
-    # tiny: on a 2-core CPU it compiles for ~30 s and its 5-frame steps are no faster (README,
-    # "Training speed")
+    # tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, training speed)
     compile: bool = False
     # the run
     out_dir: str = "out"
@@ -103,11 +104,9 @@ class TrainConfig:
 
 TRAIN_PRESETS = {
     # the TrainConfig defaults: trains on a 2-core CPU in minutes. 16x16 in 4x4x4 patches (16
-    # tokens a frame, cheap steps) reduced to 16 principal components: at equal iterations these
-    # drew the objects more often than the raw 192 values, 24 or 48 components (24 keep 97% of the
-    # objects through the tokenizer, 16 keep 86%, but the model drew them in 27% of frames
-    # against 46%) or 2- and 1-frame patches; lr 2e-3 a little better than 1e-3 (README, "what it
-    # took")
+    # tokens a frame, cheap steps) reduced to 16 principal components, and lr 2e-3: of the
+    # screens in RESULTS.md, these drew the objects most often (against the raw 192 values, 24
+    # or 48 components, 2- and 1-frame patches, lr 1e-3)
     "tiny": {},
     # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight
     # decay 0.02, lr 1e-4 throughout. Not given by the paper, so MAR's: warm-up, clipping 3.0, EMA
@@ -118,8 +117,8 @@ TRAIN_PRESETS = {
                      stage_iters=[200000, 100000, 50000], log_interval=100, ckpt_interval=2000,
                      num_workers=8, sample_num_iter=64, compile=True),
 }
-# options of one invocation, never restored by --resume
-RUN_KEYS = ("out_dir", "resume", "init_from", "device")
+# options of one invocation of train.py, never restored by --resume
+NOT_RESUMED = ("out_dir", "resume", "init_from", "device")
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +163,7 @@ def parse_args(argv):
 def make_config(cli, saved=None):
     """Preset values, then the checkpoint's options when resuming, then the command line."""
     saved = {k: v for k, v in (saved or {}).items()
-             if k not in RUN_KEYS and k in TrainConfig.__dataclass_fields__}
+             if k not in NOT_RESUMED and k in TrainConfig.__dataclass_fields__}
     preset = cli.get("preset", saved.get("preset", "tiny"))
     if preset not in TRAIN_PRESETS:
         raise BadInput(f"unknown preset {preset!r}: use one of {', '.join(TRAIN_PRESETS)}")
@@ -276,15 +275,10 @@ def write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir):
     cond = tokenizer.encode(clip[None, :1].to(device))  # the first frame alone: one latent frame
     generator = torch.Generator(device).manual_seed(config.seed)
     num_latent_frames = tokenizer.latent_frames(len(clip))
-    text, text_mask = text_encoder([caption])
-    with tqdm(total=num_latent_frames - 1, desc="sample", leave=False) as bar:
-        options = dict(num_iter=config.sample_num_iter, cfg=config.sample_cfg, generator=generator,
-                       clip_range=tokenizer.clip_range, progress=bar)
-        if ema.config.next_frame_loss:
-            latents = ema.generate(cond, text, text_mask, num_latent_frames,
-                                   use_kv_cache=ema.config.causal, **options)
-        else:  # the "total mask" baseline of Table 4 samples the whole video at once
-            latents = ema.generate_total_mask(cond, text, text_mask, num_latent_frames, **options)
+    sampler = partial(ema.diffloss.sample, clip_range=tokenizer.clip_range)
+    latents = ema.generate_as_trained(cond, text_encoder([caption]), num_latent_frames,
+                                      num_iter=config.sample_num_iter, cfg=config.sample_cfg,
+                                      generator=generator, sampler=sampler)
     video = tokenizer.decode(latents)[0].clamp(-1, 1).cpu()
     write_video(out_dir / "sample.mp4", video)
     save_image_grid(out_dir / "sample.png", [clip, video])
@@ -432,12 +426,7 @@ def loop(run, process):
     beginning or where a resumed run stopped. Returns the iterations done in all, or None when a
     NaN loss stopped the run."""
     config, optimizer = run.config, run.optimizer
-    model = run.model
-    if process.ddp:
-        device_ids = [process.local_rank] if process.device_type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)
-    cuda = process.device_type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    model, autocast = as_trained_here(run.model, process)
     torch.manual_seed(config.seed + process.rank)  # each rank its own masks, frames and noise
     total_iters = sum(iters for _, iters in run.stages)
     start = run.resumed or Position()
@@ -457,18 +446,7 @@ def loop(run, process):
             lr = learning_rate(step, config, total_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            videos, captions = next(stream)
-            with torch.no_grad():  # the frozen encoders
-                latents = run.tokenizer.encode(videos.to(process.device))
-                text, text_mask = run.text_encoder(captions)
-            with autocast:
-                loss = model(latents, text, text_mask)  # §4.1 next-frame diffusion loss
-            # every rank needs the same verdict on a NaN: the loss is averaged first (one small
-            # all-reduce)
-            mean_loss = loss.detach().float().clone()
-            if process.ddp:
-                dist.all_reduce(mean_loss)
-                mean_loss /= process.world_size
+            mean_loss, latents = train_step(run, model, next(stream), autocast, process)
             if not torch.isfinite(mean_loss):
                 bar.close()
                 kept = (f"last good checkpoint {run.ckpt_path} kept" if run.ckpt_path.exists()
@@ -477,12 +455,6 @@ def loop(run, process):
                     print(f"loss is {mean_loss.item()} at step {step + 1}; stopping, {kept}",
                           file=sys.stderr)
                 return None
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(run.ema, run.model, config.ema_decay)
             step += 1
             bar.update()
             losses.append(mean_loss.item())
@@ -502,6 +474,44 @@ def loop(run, process):
     return step
 
 
+def as_trained_here(model, process):
+    """The model as this process trains it (in DDP's wrapper under torchrun), and the autocast
+    it trains under (bf16 on GPUs, fp32 on CPUs)."""
+    if process.ddp:
+        device_ids = [process.local_rank] if process.device_type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    cuda = process.device_type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    return model, autocast
+
+
+def train_step(run, model, batch, autocast, process):
+    """One iteration on a batch (videos, captions): the frozen encoders, the loss, backward,
+    clipping, the optimiser and the EMA. Returns the loss averaged over the processes and the
+    latents; a NaN or inf loss changes nothing."""
+    config, optimizer = run.config, run.optimizer
+    videos, captions = batch
+    with torch.no_grad():  # the frozen encoders
+        latents = run.tokenizer.encode(videos.to(process.device))
+        text, text_mask = run.text_encoder(captions)
+    with autocast:
+        loss = model(latents, text, text_mask)  # §4.1 next-frame diffusion loss
+    # every rank needs the same verdict on a NaN: the loss is averaged first (one small
+    # all-reduce)
+    mean_loss = loss.detach().float().clone()
+    if process.ddp:
+        dist.all_reduce(mean_loss)
+        mean_loss /= process.world_size
+    if torch.isfinite(mean_loss):
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(run.ema, run.model, config.ema_decay)
+    return mean_loss, latents
+
+
 def finish(run, step):
     """The final checkpoint, a sample from a held-out clip, and on the synthetic set a quick
     score (`python eval.py` for the full one)."""
@@ -517,9 +527,10 @@ def finish(run, step):
         clip, caption = run.datasets[last_stage][0]
     write_sample(run.ema, run.tokenizer, run.text_encoder, clip, caption, config, run.out_dir)
     if config.data == "synthetic":
-        result = evaluate(run.ema, run.tokenizer, run.text_encoder, 16, num_frames, config.height,
-                          config.width, config.sample_num_iter, config.sample_cfg,
-                          seed=config.seed, null_text=False, keep=0)
+        result = score_held_out_clips(run.ema, run.tokenizer, run.text_encoder, EvalConfig(
+            n=16, num_frames=num_frames, height=config.height, width=config.width,
+            num_iter=config.sample_num_iter, cfg=config.sample_cfg, seed=config.seed,
+            null_text=False, keep=0))
         print(summary(result))
 
 
