@@ -74,7 +74,7 @@ class TrainConfig:
     # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order (tiny's:
     # minutes on a 2-core CPU, RESULTS.md)
     frames: list[int] = field(default_factory=lambda: [5, 13, 25])  # pixel frames of each stage
-    stage_iters: list[int] = field(default_factory=lambda: [1600, 800, 500])  # iterations a stage
+    stage_iters: list[int] = field(default_factory=lambda: [1000, 500, 310])  # iterations a stage
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
     batch_size: int = 8  # per process
     lr: float = 2e-3
