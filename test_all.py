@@ -2511,6 +2511,32 @@ def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
     assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
 
 
+def test_learning_curve_plots_and_tables_runs_in_order_of_their_iterations(tmp_path, capsys):
+    """eval.py --learning_curve: the runs' eval.json, sorted by training iterations, as a table of
+    free-run / teacher-forced values and a three-panel plot; a file without iterations is bad
+    input."""
+    def scores(presence, error, direction):
+        return dict(presence=presence, position_error=error, direction=direction)
+    paths = []
+    for iterations, presence in ((2000, 0.5), (500, 0.25)):
+        result = dict(iterations=iterations, model=scores(presence, 4.0, 0.125),
+                      teacher_forced=scores(2 * presence, 2.0, 0.75),
+                      tokenizer=scores(0.875, 0.5, 1.0))
+        paths.append(tmp_path / f"{iterations}.json")
+        paths[-1].write_text(json.dumps(result))
+    out = tmp_path / "curve"
+    assert evaluation.main(["--learning_curve", *map(str, paths), "--out", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 5")
+            or line.startswith("| 2")]
+    assert rows == ["| 500 | 25.0% / 50.0% | 4.00 / 2.00 | 12.5% / 75.0% |",
+                    "| 2000 | 50.0% / 100.0% | 4.00 / 2.00 | 12.5% / 75.0% |"]
+    assert Image.open(out / "learning_curve.png").size == (3 * 420, 320)
+    (tmp_path / "bad.json").write_text(json.dumps(dict(model=scores(0.5, 1.0, 0.5))))
+    assert evaluation.main(["--learning_curve", str(tmp_path / "bad.json"), "--out",
+                            str(out)]) == 2
+    assert "no training iterations" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, words", [
     (["--ckpt", "{tmp}/missing.pt"], "no checkpoint at"),
     (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
