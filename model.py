@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion import DiffLoss, create_diffusion
+from diffusion import DiffLoss
 from rope3d import apply_rope, rope_frequencies
 
 
@@ -315,7 +315,6 @@ class VideoMAR(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.diffloss = DiffLoss(config.token_dim, config.n_embd, config.diffloss_d,
                                  config.diffloss_w, config.num_sampling_steps)
-        self.draft_diffusion = create_diffusion("10")  # own_frames' quick sampler
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -462,15 +461,12 @@ class VideoMAR(nn.Module):
     @torch.no_grad()
     def own_frames(self, tokens, grid, context):
         """The model's own version of every frame of tokens (B, T, L, token_dim): drawn in one
-        pass from the true frames before it, all its tokens at once, each by the diffusion head
-        in the 10 steps of `draft_diffusion`; held to the range of the true tokens."""
-        B, T, L, D = tokens.shape
-        masks = torch.ones(B, T, L, dtype=torch.bool, device=tokens.device)
-        z = self.all_frames_z(tokens, masks, grid, context).flatten(0, 2)
-        steps = self.draft_diffusion.timesteps
-        denoiser = lambda x, i: self.diffloss.net(x, steps[i].expand(len(x)), z)
-        x = self.draft_diffusion.p_sample_loop(denoiser, (len(z), D))
-        return x.view(B, T, L, D).clamp(tokens.min(), tokens.max()).to(tokens.dtype)
+        pass from the true frames before it, all its tokens at once, each by a draft of the
+        diffusion head (10 steps); held to the range of the true tokens."""
+        masks = torch.ones(tokens.shape[:3], dtype=torch.bool, device=tokens.device)
+        z = self.all_frames_z(tokens, masks, grid, context)
+        x = self.diffloss.sample(z.flatten(0, 2), draft=True).view_as(tokens)
+        return x.clamp(tokens.min(), tokens.max()).to(tokens.dtype)
 
     def diffusion_loss(self, tokens, z, mask):
         """The diffusion loss on the masked tokens only, each repeated 4 times with independent
