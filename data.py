@@ -137,10 +137,9 @@ class PCATokenizer(CausalVideoTokenizer):
     MAR scales its VAE latents). Fitted once before training (`fit`); its tensors travel in the
     checkpoint (`state`)."""
 
-    def __init__(self, t=4, s=4, channels=16, state=None, whiten=False):
+    def __init__(self, t=4, s=4, channels=16, state=None):
         self.patches = PatchTokenizer(t, s)
         self.temporal, self.spatial, self.channels = t, s, channels
-        self.whiten = whiten
         self.mean = self.basis = None
         self.scale, self.clip_range = 1.0, None
         if state is not None:
@@ -159,8 +158,7 @@ class PCATokenizer(CausalVideoTokenizer):
         largest = variances.argsort(descending=True)[:self.channels]
         kept = vectors[:, largest]
         latents = (patches - mean) @ kept
-        # unit RMS over all channels, or (whiten) each channel its own unit variance
-        scale = latents.std(0) if self.whiten else latents.pow(2).mean().sqrt()
+        scale = latents.pow(2).mean().sqrt()  # unit RMS over all channels
         # the range sampled latents are held to: that of the training latents, with a margin
         reach = 1.25 * (latents / scale).abs().max()
         self.load_state(dict(mean=mean.float(), basis=kept.float(), scale=scale.float(),
@@ -197,12 +195,12 @@ def load_tokenizer(spec, device="cpu", state=None):
     match = re.fullmatch(r"patch(?::([1-9]\d*)x([1-9]\d*)x\2)?", spec)
     if match:
         return PatchTokenizer(int(match[1]), int(match[2])) if match[1] else PatchTokenizer()
-    match = re.fullmatch(r"pca:([1-9]\d*)x([1-9]\d*)x\2:([1-9]\d*)(:white)?", spec)
+    match = re.fullmatch(r"pca:([1-9]\d*)x([1-9]\d*)x\2:([1-9]\d*)", spec)
     if match:
         t, s, channels = int(match[1]), int(match[2]), int(match[3])
         if channels > 3 * t * s * s:
             raise BadInput(f"tokenizer {spec}: a {t}x{s}x{s} patch has only {3 * t * s * s} values")
-        return PCATokenizer(t, s, channels, state, whiten=bool(match[4]))
+        return PCATokenizer(t, s, channels, state)
     raise BadInput(f"unknown tokenizer {spec!r}: use patch, patch:TxSxS (e.g. patch:4x4x4), "
                    f"pca:TxSxS:C (e.g. pca:4x4x4:16) or cosmos:/path/to/dir")
 

@@ -298,7 +298,6 @@ class DiffLoss(nn.Module):
         self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth)
         self.train_diffusion = create_diffusion(timestep_respacing="")
         self.gen_diffusion = create_diffusion(timestep_respacing=str(num_sampling_steps))
-        self.draft_diffusion = create_diffusion(timestep_respacing="10")  # quick, rough draws
 
     def forward(self, target, z, mask=None):
         """Mean diffusion loss of tokens `target` (N, C) given conditions `z` (N, z_channels),
@@ -311,17 +310,15 @@ class DiffLoss(nn.Module):
         return (loss * mask).sum() / mask.sum()
 
     @torch.no_grad()
-    def sample(self, z, temperature=1.0, cfg=1.0, noise=None, generator=None, clip_range=None,
-               draft=False):
+    def sample(self, z, temperature=1.0, cfg=1.0, noise=None, generator=None, clip_range=None):
         """Sample one token per condition. With cfg != 1, z holds the conditional rows then the
         unconditional ones; both halves denoise the same x (the conditional half's), and the
         guided epsilon is uncond + cfg (cond - uncond). `noise` is the initial x_T (N, C).
         `clip_range` (lo, hi): the tokenizer's latent range, imposed on every predicted x_0, so
         the last step (whose mean is that x_0) lands inside it. MAR needs none after long
         training; a briefly trained head does: at t = 999 of the cosine schedule
-        sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0. `draft`: the
-        10 steps of draft_diffusion instead of num_sampling_steps (VideoMAR.own_frames)."""
-        diffusion, guided = self.draft_diffusion if draft else self.gen_diffusion, cfg != 1.0
+        sqrt(alpha_bar) ~ 5e-5, so a small error in epsilon becomes a huge x_0."""
+        diffusion, guided = self.gen_diffusion, cfg != 1.0
         n = z.shape[0] // 2 if guided else z.shape[0]
         # Hot path (every token of every frame, 100 steps, in many small calls): the AdaLN
         # modulations depend on the timestep and z, not on x_t, so those of every step are

@@ -64,10 +64,6 @@ class VideoMARConfig:
     # objective, T times the signal; all_frames_z), rather than one t drawn per batch. For causal
     # next-frame training only: the ablations of Table 4 keep the one-t draw
     all_frames: bool = True
-    # beyond the paper, against §4.3's accumulated error (scheduled sampling): the chance that a
-    # clip's context frames 1..T-2 in the all-frames pass are the model's own (own_frames), not
-    # the true ones; the targets stay true. 0 is the paper's teacher forcing
-    own_frames_prob: float = 0.0
 
     @property
     def token_dim(self):
@@ -407,15 +403,14 @@ class VideoMAR(nn.Module):
                                 context)
         return z.view(B, seen, L, -1)[:, target]
 
-    def all_frames_z(self, tokens, masks, grid, context, clean=None):
+    def all_frames_z(self, tokens, masks, grid, context):
         """z (B, T, L, n_embd) of every frame t of tokens (B, T, L, token_dim), each masked where
         masks[:, t] is True and seeing the true frames before it: Eq. 4.1 for every t in one
         pass. The sequence holds the clean frames 0..T-2, then a masked copy of every frame
         0..T-1, each at its own frame's RoPE time; under all_frames_mask each copy computes
-        exactly what target_frame_z computes for its t (MAGI's "complete teacher forcing").
-        `clean`, if given, holds the context frames in place of the true ones."""
+        exactly what target_frame_z computes for its t (MAGI's "complete teacher forcing")."""
         B, T, L, _ = tokens.shape
-        clean = self.embed((tokens if clean is None else clean)[:, :T - 1].flatten(1, 2))
+        clean = self.embed(tokens[:, :T - 1].flatten(1, 2))
         copies = self.embed(tokens.flatten(1, 2), masks.flatten(1))
         device = tokens.device
         rope = torch.cat([self.rope(0, T - 1, grid, device), self.rope(0, T, grid, device)])
@@ -440,12 +435,7 @@ class VideoMAR(nn.Module):
             ratios = sample_mask_ratios(B * T, config.mask_ratio_min, config.mask_ratio_std,
                                         device)
             masks = random_masks(B * T, L, ratios, device).view(B, T, L)
-            clean = None
-            if self.training and config.own_frames_prob > 0:
-                own = torch.rand(B, 1, 1, 1, device=device) < config.own_frames_prob
-                own = own & (torch.arange(T, device=device) > 0)[:, None, None]  # not frame 0
-                clean = torch.where(own, self.own_frames(tokens, grid, context), tokens)
-            z = self.all_frames_z(tokens, masks, grid, context, clean)
+            z = self.all_frames_z(tokens, masks, grid, context)
             return self.diffusion_loss(tokens, z, masks)
         ratios = sample_mask_ratios(B, config.mask_ratio_min, config.mask_ratio_std, device)
         if config.next_frame_loss:  # one target frame t, uniform over all (t = 0: text-to-image)
@@ -457,16 +447,6 @@ class VideoMAR(nn.Module):
         mask = random_masks(B, T * L, ratios, device)
         z = self.forward_frames(tokens.flatten(1, 2), mask, 0, grid, context)
         return self.diffusion_loss(tokens.flatten(1, 2), z, mask)
-
-    @torch.no_grad()
-    def own_frames(self, tokens, grid, context):
-        """The model's own version of every frame of tokens (B, T, L, token_dim): drawn in one
-        pass from the true frames before it, all its tokens at once, each by a draft of the
-        diffusion head (10 steps); held to the range of the true tokens."""
-        masks = torch.ones(tokens.shape[:3], dtype=torch.bool, device=tokens.device)
-        z = self.all_frames_z(tokens, masks, grid, context)
-        x = self.diffloss.sample(z.flatten(0, 2), draft=True).view_as(tokens)
-        return x.clamp(tokens.min(), tokens.max()).to(tokens.dtype)
 
     def diffusion_loss(self, tokens, z, mask):
         """The diffusion loss on the masked tokens only, each repeated 4 times with independent

@@ -673,47 +673,6 @@ def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
             assert bool(allowed[q, k]) == expected, (q, k)
 
 
-def test_own_frames_replace_the_context_but_not_frame_0_nor_the_targets(monkeypatch):
-    """Scheduled sampling (own_frames_prob, beyond the paper): the clips it picks see the
-    model's own frames 1..T-2 as context, their first frame and every target stay true, the
-    other clips see the truth; own_frames draws each frame from the true frames before it."""
-    model = tiny_model(own_frames_prob=0.5).train()
-    B, T, grid = 64, 3, (2, 2)
-    latents = torch.randn(B, T, model.config.latent_channels, *grid)
-    tokens = patchify(latents, 1)
-    own = torch.full_like(tokens, 7.0)
-    seen = {}
-    monkeypatch.setattr(model, "own_frames", lambda tokens, grid, context: own)
-    real = model.all_frames_z
-
-    def spy(tokens, masks, grid, context, clean=None):
-        seen["tokens"], seen["clean"] = tokens, clean
-        return real(tokens, masks, grid, context, clean)
-    monkeypatch.setattr(model, "all_frames_z", spy)
-    torch.manual_seed(0)
-    model(latents, *random_text(B, model.config))
-    assert torch.equal(seen["tokens"], tokens)  # the targets
-    clean = seen["clean"]
-    assert torch.equal(clean[:, 0], tokens[:, 0])
-    picked = (clean[:, 1:] == 7.0).flatten(1).all(1)
-    true = torch.equal(clean[~picked], tokens[~picked])
-    assert true and 16 <= int(picked.sum()) <= 48  # binomial(64, 0.5): 5 sigma either side
-    # own_frames itself: frame t from the true frames before t, whatever comes after
-    monkeypatch.undo()
-    torch.manual_seed(1)
-    first = model.own_frames(tokens, grid, model.text_context(*random_text(B, model.config)))
-    changed = tokens.clone()
-    changed[:, 2] = tokens[:, 2].roll(1, dims=1)  # the same values: the same clamp range
-    torch.manual_seed(1)
-    second = model.own_frames(changed, grid, model.text_context(*random_text(B, model.config)))
-    assert torch.equal(first[:, :2], second[:, :2])
-    changed[:, 1] = tokens[:, 1].roll(1, dims=1)
-    torch.manual_seed(1)
-    third = model.own_frames(changed, grid, model.text_context(*random_text(B, model.config)))
-    assert not torch.equal(first[:, 2], third[:, 2])
-    assert first.min() >= tokens.min() and first.max() <= tokens.max()
-
-
 def test_videomar_preset_has_1_4b_parameters():
     """§5.1: the videomar preset is the paper's 1.4B model (36 layers of width 1536, a 3 x 1280
     head), with captions of 300 tokens (the authors' null text) and QK-norm."""
@@ -1269,25 +1228,6 @@ def test_pca_tokenizer_keeps_the_principal_components_and_travels_as_state():
     assert torch.equal(rebuilt.encode(clips), latents)
     with pytest.raises(BadInput):
         load_tokenizer("pca:4x4x4:193")
-
-
-def test_whitened_pca_tokenizer_gives_each_channel_unit_variance_and_decodes_the_same():
-    """pca:...:white scales each principal component to unit variance (the plain one scales all
-    of them by one number): the same reconstruction, channels of equal spread, and a clip range
-    that holds every training latent."""
-    clips = torch.stack([SyntheticVideos(5, 8, 8, seed=3)[i][0] for i in range(64)])
-    plain, white = load_tokenizer("pca:4x4x4:8"), load_tokenizer("pca:4x4x4:8:white")
-    plain.fit(clips)
-    white.fit(clips)
-    latents = white.encode(clips).movedim(2, -1).reshape(-1, 8)
-    assert torch.allclose(latents.std(0), torch.ones(8), atol=1e-3)
-    spread = plain.encode(clips).movedim(2, -1).reshape(-1, 8).std(0)
-    assert spread.max() / spread.min() > 1.5  # so the check above can fail
-    assert torch.allclose(white.decode(white.encode(clips)), plain.decode(plain.encode(clips)),
-                          atol=1e-4)
-    assert latents.abs().max() <= white.clip_range[1]
-    rebuilt = load_tokenizer("pca:4x4x4:8:white", state=white.state())
-    assert torch.equal(rebuilt.encode(clips), white.encode(clips))
 
 
 def test_tokenizer_bad_sizes_and_specs_raise_bad_input():

@@ -138,7 +138,6 @@ CHECKS = dict(
     num_workers=int_at_least(0), cache_gb=non_negative_float, sample_num_iter=positive_int,
     sample_cfg=non_negative_float,
     device=device_option, text_drop_prob=fraction, mask_ratio_min=fraction,
-    own_frames_prob=fraction,
     mask_ratio_std=float_where(lambda x: 0 < x <= 1, "in (0, 1]"),
     rope_theta=float_where(lambda x: x > 1, "above 1 (at 1 every frequency is the same)"),
 )
