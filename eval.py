@@ -27,7 +27,6 @@ Usage:
 import json
 import math
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -142,8 +141,9 @@ def mean_of_samples(sampler, k):
     under this probe, z holds them and the sampling scatters them; if not, z itself does not.
     (Deterministic DDIM, eta 0, is no such probe: from random noise it draws from the same
     per-token distribution as the ancestral sampler, neither its mode nor its mean.)"""
-    def probe(z, temperature, cfg, generator=None):
-        draws = [sampler(z, temperature, cfg, generator=generator) for _ in range(k)]
+    def probe(z, temperature, cfg, generator=None, clip_range=None):
+        draws = [sampler(z, temperature, cfg, generator=generator, clip_range=clip_range)
+                 for _ in range(k)]
         return torch.stack(draws).mean(0)
     return probe
 
@@ -181,10 +181,7 @@ def evaluate(args):
     if args.teacher_forced and not model.config.next_frame_loss:
         raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")
-    sampler = None
-    if args.mean_of > 1:
-        sampler = mean_of_samples(partial(model.diffloss.sample, clip_range=tokenizer.clip_range),
-                                  args.mean_of)
+    sampler = mean_of_samples(model.diffloss.sample, args.mean_of) if args.mean_of > 1 else None
 
     result = score_held_out_clips(model, tokenizer, text_encoder, EvalConfig(
         n=args.n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,

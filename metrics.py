@@ -25,7 +25,6 @@ Usage:
 """
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import torch
@@ -178,7 +177,7 @@ class EvalConfig:
     num_iter: int = 4
     cfg: float = 3.0
     temperature: str | float = "progressive"
-    sampler: Callable = None  # the head's; None: DiffLoss.sample with x_0 in the latents' range
+    sampler: Callable = None  # the head's; None: DiffLoss.sample
     seed: int = 0
     batch_size: int = 16  # clips at a time
     # what is scored and kept
@@ -234,8 +233,6 @@ class EvalVideos:
     def __init__(self, model, tokenizer, config):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
-        self.sampler = config.sampler or partial(model.diffloss.sample,
-                                                 clip_range=tokenizer.clip_range)
         self.generators = {m: torch.Generator(self.device).manual_seed(config.seed)
                            for m in ("model", "null_text", "teacher_forced")}
 
@@ -263,7 +260,8 @@ class EvalVideos:
         return self.model.generate_as_trained(
             cond, caption, num_latent_frames, num_iter=config.num_iter, cfg=config.cfg,
             temperature=config.temperature if temperature is None else temperature,
-            generator=self.generators[row], sampler=self.sampler)
+            generator=self.generators[row], clip_range=self.tokenizer.clip_range,
+            sampler=config.sampler)
 
     def teacher_forcing(self, true_latents, caption):
         """Each latent frame t generated from the true frames before it, at the temperature frame

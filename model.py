@@ -204,20 +204,6 @@ class TextContext(NamedTuple):
         return TextContext(kv, torch.cat([self.mask, other.mask]))
 
 
-class Generation(NamedTuple):
-    """A video being generated: its tokens (B, T, L, token_dim), the given frames filled in and
-    the others written as they are sampled; its grid of tokens per frame; the captions' context,
-    the null text's rows after them with CFG; and the guidance scale (1: no guidance)."""
-    tokens: torch.Tensor
-    grid: tuple
-    context: TextContext
-    cfg: float
-
-    def double(self, x):
-        """x for the whole batch: with CFG the conditional rows, then the same for the null text."""
-        return torch.cat([x, x]) if self.cfg != 1.0 else x
-
-
 class HeadRMSNorm(nn.RMSNorm):
     """RMSNorm over the last (head) dimension, computed in fp32 as Step-Video's, also under bf16
     autocast, and returned in the input's dtype."""
@@ -458,118 +444,121 @@ class VideoMAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
-                 temperature="progressive", use_kv_cache=True, generator=None, sampler=None):
+                 temperature="progressive", use_kv_cache=True, generator=None, clip_range=None,
+                 sampler=None):
         """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to
         `num_latent_frames` latent frames, one frame at a time. `caption` is the text encoder's
-        (text (B, S, text_dim), text_mask (B, S)), or None for the null text; with cfg != 1 the
-        batch is doubled with the null text. `use_kv_cache=False` is Table 2's "w/o KV cache":
-        every step re-runs all the frames so far. `sampler(z, temperature, cfg, generator=...)`
-        draws one token from the diffusion head per row of z: DiffLoss.sample, MAR's ancestral
-        sampler, unless another is given. Returns (B, num_latent_frames, C, h, w), the given
-        frames bit-exact."""
+        (text (B, S, text_dim), text_mask (B, S)), or None for the null text; `cfg` the guidance
+        scale (1: none). `use_kv_cache=False` is Table 2's "w/o KV cache": every step re-runs all
+        the frames so far. `clip_range` (lo, hi), the tokenizer's range, holds every x_0 the head
+        predicts inside it. `sampler(z, temperature, cfg, generator=..., clip_range=...)` draws
+        one token per row of z: DiffLoss.sample, MAR's ancestral sampler, unless another is given.
+        Returns (B, num_latent_frames, C, h, w), the given frames bit-exact."""
         if use_kv_cache and not self.config.causal:
             raise ValueError("a model without frame-wise causal attention cannot use the KV cache")
-        video = self.generation(cond_latents, caption, num_latent_frames, cfg)
-        tokens, grid, context, double = video.tokens, video.grid, video.context, video.double
-        k, sampler = cond_latents.shape[1], sampler or self.diffloss.sample
-        if use_kv_cache:  # prefill: the given frames, fully visible, once
-            cache = KVCache(self.config, len(context.mask), num_latent_frames * tokens.shape[2])
-            if k > 0:
-                self.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, grid, context,
-                                    cache, commit=True)
-            frame_z = lambda f, mask: self.forward_frames(double(tokens[:, f]), double(mask), f,
-                                                          grid, context, cache)
-        else:  # every step re-runs all the frames so far, masked from frame f on
-            frame_z = lambda f, mask: self.target_frame_z(double(tokens), f, double(mask), grid,
-                                                          context)
+        tokens, grid, context, cfg = self.generation_inputs(cond_latents, caption,
+                                                            num_latent_frames, cfg)
+        B, k, L = len(cond_latents), cond_latents.shape[1], tokens.shape[2]
+        cache = KVCache(self.config, len(tokens), num_latent_frames * L) if use_kv_cache else None
+        if use_kv_cache and k > 0:  # prefill: the given frames, fully visible, once
+            self.forward_frames(tokens[:, :k].flatten(1, 2), None, 0, grid, context, cache,
+                                commit=True)
         for f in range(k, num_latent_frames):
-            self.generate_frame(video, f, frame_z, num_iter, frame_temperature(temperature, f - k),
-                                generator, sampler)
+            self.generate_frame(tokens, f, grid, context, cache, num_iter, cfg,
+                                frame_temperature(temperature, f - k), generator, clip_range,
+                                sampler or self.diffloss.sample)
             if use_kv_cache and f < num_latent_frames - 1:
                 # commit: the finished frame once more, fully visible, into the cache; the last
                 # frame's keys and values would be read by nothing (the authors skip it too)
-                self.forward_frames(double(tokens[:, f]), None, f, grid, context, cache,
-                                    commit=True)
-        return unpatchify(tokens, self.config.patch_size, *cond_latents.shape[-2:])
+                self.forward_frames(tokens[:, f], None, f, grid, context, cache, commit=True)
+        return unpatchify(tokens[:B], self.config.patch_size, *cond_latents.shape[-2:])
 
-    def generate_frame(self, video, f, frame_z, num_iter, temperature, generator, sampler):
-        """Frame f of `video` by masked generation (MAR's): all L tokens start masked, in a random
-        order; at each of num_iter steps frame_z(f, mask) gives the frame's z, and the tokens
-        that leave the mask on the cosine schedule are sampled by the head, at the frame's
-        temperature, with MAR's linear CFG schedule. Writes them into video.tokens."""
-        tokens = video.tokens[:, f]  # a view: what is written here is written into the video
-        B, L = tokens.shape[:2]
+    def generate_frame(self, tokens, f, grid, context, cache, num_iter, cfg, temperature,
+                       generator, clip_range, sampler):
+        """Frame f of `tokens` by MAR's masked generation, written into it: all L tokens start
+        masked, in a random order; at each of num_iter steps the model gives the frame's z (with
+        the cache, of this frame after the cached ones; without, of every frame up to f), and the
+        tokens that leave the mask on the cosine schedule are drawn by the head at the frame's
+        temperature, with MAR's linear CFG schedule. With CFG the rows are the videos, then the
+        same videos with the null text, and both get the same tokens."""
+        rows, L, copies = tokens.shape[0], tokens.shape[2], 2 if cfg != 1.0 else 1
         num_iter = min(num_iter, L)
-        order = torch.rand(B, L, generator=generator, device=tokens.device).argsort(dim=1)
-        mask = torch.ones(B, L, dtype=torch.bool, device=tokens.device)
+        order = torch.rand(rows // copies, L, generator=generator, device=tokens.device)
+        order = order.argsort(dim=1).repeat(copies, 1)
+        mask = torch.ones(rows, L, dtype=torch.bool, device=tokens.device)
         for step in range(num_iter):
-            z = frame_z(f, mask)
+            if cache is not None:
+                z = self.forward_frames(tokens[:, f], mask, f, grid, context, cache)
+            else:
+                z = self.target_frame_z(tokens, f, mask, grid, context)
             following, mask_len = next_mask(mask, order, step, num_iter, L)
-            to_predict, cfg = mask & ~following, linear_cfg(video.cfg, mask_len, L)
-            tokens[to_predict] = self.sample_tokens(video, z, to_predict, temperature, cfg,
-                                                    generator, sampler)
+            to_predict = mask & ~following
+            x = sampler(z[to_predict], temperature, linear_cfg(cfg, mask_len, L),
+                        generator=generator, clip_range=clip_range)
+            tokens[:, f][to_predict] = x.repeat(copies, 1).to(tokens.dtype)
             mask = following
 
     @torch.no_grad()
     def generate_total_mask(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
-                            temperature="progressive", generator=None, sampler=None):
+                            temperature="progressive", generator=None, clip_range=None,
+                            sampler=None):
         """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
         over the whole video at once. Every token after the given frames starts masked, in one
         random order; `num_iter` steps per generated frame in all (the passes of `generate`
         without the cache) reveal them on the cosine schedule, each pass seeing the whole video.
         A token is sampled at its frame's temperature. Arguments and result as `generate`'s."""
-        video = self.generation(cond_latents, caption, num_latent_frames, cfg)
-        (B, k), L = cond_latents.shape[:2], video.tokens.shape[2]
-        sampler = sampler or self.diffloss.sample
-        tokens = video.tokens.flatten(1, 2)  # a view: the whole video as one sequence
+        tokens, grid, context, cfg = self.generation_inputs(cond_latents, caption,
+                                                            num_latent_frames, cfg)
+        (B, k), L = cond_latents.shape[:2], tokens.shape[2]
+        copies, sampler = len(tokens) // B, sampler or self.diffloss.sample
+        video = tokens.flatten(1, 2)  # a view: the whole video as one sequence
         N = (num_latent_frames - k) * L  # the tokens to generate
         steps = min(num_iter * (num_latent_frames - k), N)
         frame_of = torch.arange(num_latent_frames * L, device=tokens.device) // L
         order = k * L + torch.rand(B, N, generator=generator, device=tokens.device).argsort(dim=1)
-        mask = torch.zeros(B, num_latent_frames * L, dtype=torch.bool, device=tokens.device)
+        order = order.repeat(copies, 1)
+        mask = torch.zeros(len(tokens), num_latent_frames * L, dtype=torch.bool,
+                           device=tokens.device)
         mask[:, k * L:] = True
         for step in range(steps):
-            z = self.forward_frames(video.double(tokens), video.double(mask), 0, video.grid,
-                                    video.context)
+            z = self.forward_frames(video, mask, 0, grid, context)
             following, mask_len = next_mask(mask, order, step, steps, N)
-            to_predict, cfg_step = mask & ~following, linear_cfg(video.cfg, mask_len, N)
+            to_predict, cfg_step = mask & ~following, linear_cfg(cfg, mask_len, N)
             for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
                 rows = to_predict & (frame_of == f)
-                frame_temp = frame_temperature(temperature, f - k)
-                tokens[rows] = self.sample_tokens(video, z, rows, frame_temp, cfg_step, generator,
-                                                  sampler)
+                x = sampler(z[rows], frame_temperature(temperature, f - k), cfg_step,
+                            generator=generator, clip_range=clip_range)
+                video[rows] = x.repeat(copies, 1).to(video.dtype)
             mask = following
-        return unpatchify(video.tokens, self.config.patch_size, *cond_latents.shape[-2:])
+        return unpatchify(tokens[:B], self.config.patch_size, *cond_latents.shape[-2:])
 
     @torch.no_grad()
-    def generate_as_trained(self, cond_latents, caption, num_latent_frames, **options):
+    def generate_as_trained(self, cond_latents, caption, num_latent_frames, use_kv_cache=True,
+                            **options):
         """Sample as the model was trained (Table 4): frame by frame (`generate`, with the KV cache
-        where attention is frame-wise causal) after the next-frame loss, the whole video at once
-        (`generate_total_mask`) after the "total mask" loss. `options` as theirs."""
+        unless use_kv_cache is False or attention is not frame-wise causal) after the next-frame
+        loss, the whole video at once (`generate_total_mask`, which has no cache) after the
+        "total mask" loss. `options` as theirs. The one call sample.py, eval.py and train.py
+        sample through."""
         if self.config.next_frame_loss:
             return self.generate(cond_latents, caption, num_latent_frames,
-                                 use_kv_cache=self.config.causal, **options)
+                                 use_kv_cache=use_kv_cache and self.config.causal, **options)
         return self.generate_total_mask(cond_latents, caption, num_latent_frames, **options)
 
-    def generation(self, cond_latents, caption, num_latent_frames, cfg):
-        """The Generation both samplers start from: the given frames' tokens, the captions'
-        context (the null text's for caption None) and the null text's after it with CFG, which
-        a null caption has nothing to guide by."""
+    def generation_inputs(self, cond_latents, caption, num_latent_frames, cfg):
+        """What both samplers start from: the video's tokens (rows, T, L, token_dim), the given
+        frames filled in; its grid of tokens; the captions' context (the null text's for caption
+        None); and the guidance scale, 1 without a caption to guide by. With CFG every video has
+        two rows, the captions' and then the null text's: its tokens twice, the context of both."""
         B, k, _, h, w = cond_latents.shape
         p = self.config.patch_size
         grid = (h // p, w // p)
-        tokens = torch.zeros(B, num_latent_frames, grid[0] * grid[1], self.config.token_dim,
-                             device=cond_latents.device)
-        tokens[:, :k] = patchify(cond_latents, p)
         context = self.null_context(B) if caption is None else self.text_context(*caption)
         cfg = cfg if caption is not None else 1.0
-        if cfg != 1.0:
+        copies = 2 if cfg != 1.0 else 1
+        if copies == 2:
             context = context.cat(self.null_context(B))
-        return Generation(tokens, grid, context, cfg)
-
-    def sample_tokens(self, video, z, rows, temperature, cfg, generator, sampler):
-        """The head's tokens for `rows` (B, N), True where a token leaves the mask, given z of the
-        whole batch (B, N, n_embd), with CFG the null text's rows after the captions'."""
-        B = rows.shape[0]
-        z_rows = torch.cat([z[:B][rows], z[B:][rows]]) if video.cfg != 1.0 else z[rows]
-        return sampler(z_rows, temperature, cfg, generator=generator).to(video.tokens.dtype)
+        tokens = torch.zeros(copies * B, num_latent_frames, grid[0] * grid[1],
+                             self.config.token_dim, device=cond_latents.device)
+        tokens[:, :k] = patchify(cond_latents, p).repeat(copies, 1, 1, 1)
+        return tokens, grid, context, cfg

@@ -1,6 +1,7 @@
 """
-Sample a video from a trained VideoMAR: frame by frame with a KV cache, the tokens of each frame
-in parallel by masked generation (§4.3, `VideoMAR.generate` in model.py).
+Sample a video from a trained VideoMAR, as it was trained (`VideoMAR.generate_as_trained` in
+model.py): frame by frame with a KV cache, the tokens of each frame in parallel by masked
+generation (§4.3, `VideoMAR.generate`).
 
 Usage:
     python sample.py --image x.png --prompt "a red square moves left slowly"
@@ -9,7 +10,6 @@ Usage:
     python sample.py --image x.png --frames 49 --height 64 --width 96      # extrapolation
 """
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -70,13 +70,11 @@ def sample(args):
     caption = text_encoder([args.prompt] * args.num_samples)
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    # every x_0 the head predicts is held to the tokenizer's range (DiffLoss.sample)
-    sampler = partial(model.diffloss.sample, clip_range=tokenizer.clip_range)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        latents = model.generate(cond, caption, num_latent_frames,
-                                 args.num_iter or train_config["sample_num_iter"], args.cfg,
-                                 args.temperature, generator=generator, sampler=sampler,
-                                 use_kv_cache=model.config.causal and not args.no_kv_cache)
+        latents = model.generate_as_trained(
+            cond, caption, num_latent_frames, use_kv_cache=not args.no_kv_cache,
+            num_iter=args.num_iter or train_config["sample_num_iter"], cfg=args.cfg,
+            temperature=args.temperature, generator=generator, clip_range=tokenizer.clip_range)
     video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
     write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side
     sheet = Path(args.out).with_suffix(".png")

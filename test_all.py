@@ -91,12 +91,12 @@ def frames_output(model, tokens, mask, grid):
         return model.forward_frames(tokens, mask, 0, grid, context)
 
 
-def recording_sampler(model, clip_range=None):
+def recording_sampler(model):
     """A sampler for generate that records (rows, temperature, cfg) of every call it gets and
-    samples with the model's diffusion head (every x_0 clamped to clip_range, if given)."""
+    samples with the model's diffusion head, with the clip range generate hands it."""
     calls = []
 
-    def sampler(z, temperature, cfg, generator=None):
+    def sampler(z, temperature, cfg, generator=None, clip_range=None):
         calls.append((len(z), temperature, cfg))
         return model.diffloss.sample(z, temperature, cfg, generator=generator,
                                      clip_range=clip_range)
@@ -278,12 +278,12 @@ def reference_cfg_sampler(head, z, cfg, temperature, noise, generator):
     return x[:n]
 
 
-def first_written_generate(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
-                           use_kv_cache, generator, clip_range):
-    """VideoMAR.generate as first written, kept as the reference of its refactoring: one loop,
-    the cached and uncached paths side by side in it, the clip range handed down to the head
-    (every predicted x_0 clamped) and the authors' clip of the frames after the first generated
-    one applied after it; progressive temperature."""
+def reference_generate_loop(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
+                            use_kv_cache, generator, clip_range):
+    """Generation as one plain loop, the reference VideoMAR.generate must equal to the bit: the
+    cached and uncached paths side by side in it, the batch doubled for CFG at each use, the clip
+    range handed down to the head (every predicted x_0 clamped) and the authors' clip of the
+    frames after the first generated one applied after it; progressive temperature."""
     B, k, C, h, w = cond_latents.shape
     L = h * w  # patch size 1
     num_iter = min(num_iter, L)
@@ -937,9 +937,8 @@ def test_generation_under_bf16_autocast(qk_norm):
     cond, text = given_frames(model)
     dtypes = set()
     model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
-    clipped = functools.partial(model.diffloss.sample, clip_range=(-1.0, 1.0))
     run = lambda seed: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
-                                      sampler=clipped,
+                                      clip_range=(-1.0, 1.0),
                                       generator=torch.Generator().manual_seed(seed))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run(0)
@@ -958,10 +957,9 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
     attends to all of them), and each given frame changes them."""
     model = tiny_model()
     cond, text = given_frames(model, batch=1, k=2, grid=(5, 7))  # grid and length unlike training
-    clipped = functools.partial(model.diffloss.sample, clip_range=(-1.0, 1.0))
     run = lambda given, cached=True: model.generate(
         given, text, num_latent_frames=9, num_iter=2, cfg=2.0, use_kv_cache=cached,
-        sampler=clipped, generator=torch.Generator().manual_seed(0))
+        clip_range=(-1.0, 1.0), generator=torch.Generator().manual_seed(0))
     out = run(cond)
     assert out.shape == (1, 9, 8, 5, 7)
     assert torch.equal(out[:, :2], cond)
@@ -981,7 +979,7 @@ def test_text_to_video_and_clip_range():
     cond, text = given_frames(model, k=0)
     run = lambda caption, cfg=3.0, clip=None, cached=True, sampler=None: model.generate(
         cond, caption, num_latent_frames=3, num_iter=2, cfg=cfg, use_kv_cache=cached,
-        sampler=sampler or functools.partial(model.diffloss.sample, clip_range=clip),
+        clip_range=clip, sampler=sampler,
         generator=torch.Generator().manual_seed(0))
     video = run(text)
     assert video.shape == (2, 3, 8, 3, 3)
@@ -998,16 +996,15 @@ def test_text_to_video_and_clip_range():
                                             generator=torch.Generator().manual_seed(0)))
     assert run(text).abs().max() > 0.05
     assert run(text, clip=(-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 clamped
+    assert run(text, clip=(-0.05, 0.05), sampler=recording).abs().max() <= 0.05  # by any sampler
 
 
 @pytest.mark.parametrize("k, cfg, captioned, cached", [
     (0, 3.0, True, True), (2, 3.0, True, False), (1, 1.0, True, True), (1, 3.0, False, True)])
-def test_generate_gives_the_videos_of_the_first_written_loop_bit_for_bit(k, cfg, captioned,
-                                                                         cached):
-    """The same outputs for the same seed: generate, its per-frame step and the sampler handed in
-    give, to the bit, what the generation loop as first written gave, with the tokenizer's clip
-    range passed down to the head and the authors' clip after it (which the clamp of every x_0
-    makes a no-op), or without a clip."""
+def test_generate_matches_the_reference_loop_bit_for_bit(k, cfg, captioned, cached):
+    """The same outputs for the same seed: generate and its per-frame step give, to the bit, what
+    the plain reference loop gives, with the tokenizer's clip range passed down to the head and
+    the authors' clip after it (which the clamp of every x_0 makes a no-op), or without a clip."""
     model = tiny_model()
     cond, text = given_frames(model, k=k)
     caption = text if captioned else None
@@ -1016,11 +1013,10 @@ def test_generate_gives_the_videos_of_the_first_written_loop_bit_for_bit(k, cfg,
                           generator=seeded())
     c = 0.5 * free[:, k:].abs().max().item()  # a range that binds
     for clip in (None, (-c, c)):
-        sampler = functools.partial(model.diffloss.sample, clip_range=clip)
         video = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
-                               generator=seeded(), sampler=sampler)
-        reference = first_written_generate(model, cond, caption, 4, 3, cfg, cached, seeded(),
-                                           clip)
+                               generator=seeded(), clip_range=clip)
+        reference = reference_generate_loop(model, cond, caption, 4, 3, cfg, cached, seeded(),
+                                            clip)
         assert torch.equal(video, reference)
     assert free[:, k:].abs().max() > c >= video[:, k:].abs().max()  # the clip did bind
 
@@ -1092,8 +1088,9 @@ def test_generation_reveals_tokens_on_mars_cosine_schedule_with_linear_cfg(grid,
     model = tiny_model()
     cond, text = given_frames(model, batch=2, k=1, grid=grid)
     L = grid[0] * grid[1]
-    calls, sampler = recording_sampler(model, clip_range=(-1.0, 1.0))
+    calls, sampler = recording_sampler(model)
     model.generate(cond, text, num_latent_frames=3, num_iter=num_iter, cfg=3.0, sampler=sampler,
+                   clip_range=(-1.0, 1.0),
                    generator=torch.Generator().manual_seed(0))
     rows = [r for r, _, _ in calls]
     assert rows == [2 * 2 * n for n in revealed] * 2  # CFG: 2 clips, conditional and not
@@ -1109,8 +1106,8 @@ def test_generation_gives_each_generated_frame_its_progressive_temperature():
     a number is every frame's temperature."""
     model = tiny_model()
     cond, text = given_frames(model, k=2)
-    calls, sampler = recording_sampler(model, clip_range=(-1.0, 1.0))
-    options = dict(num_iter=3, cfg=3.0, sampler=sampler,
+    calls, sampler = recording_sampler(model)
+    options = dict(num_iter=3, cfg=3.0, sampler=sampler, clip_range=(-1.0, 1.0),
                    generator=torch.Generator().manual_seed(0))
     for cached in (True, False):
         calls.clear()
@@ -2436,7 +2433,8 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
 
 def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
     """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
-    draws given the same z (the head's mean, estimated), drawn in turn from the generator."""
+    draws given the same z (the head's mean, estimated), drawn in turn from the generator, each
+    with the clip range generate hands it."""
     torch.manual_seed(0)
     head = DiffLoss(6, 24, 2, 32, num_sampling_steps="10").eval()
     with torch.no_grad():
@@ -2444,10 +2442,13 @@ def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
             p.normal_(std=0.1)
     z = torch.randn(8, 24)  # CFG: 4 conditional rows, then 4 unconditional
     generator = torch.Generator().manual_seed(3)
-    draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator) for _ in range(4)])
+    draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator, clip_range=(-0.3, 0.3))
+                         for _ in range(4)])
     probe = evaluation.mean_of_samples(head.sample, 4)
-    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3), clip_range=(-0.3, 0.3))
     assert mean.shape == (4, 6) and torch.equal(mean, draws.mean(0))
+    unclipped = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    assert unclipped.abs().max() > 0.3  # so the clip range did bind
     assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
 
 
@@ -2497,12 +2498,12 @@ def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args
     refused(evaluation.main, args, words, tmp_path, capsys)
 
 
-def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, capsys, monkeypatch):
-    """Table 4: the ablations train and are scored as they are defined. Without causal attention:
-    trained on one frame's masks (L = 16 tokens), sampled frame by frame without the KV cache.
-    "Total mask" (Eq. 3.1): trained on masks over the whole video (2 x 16 tokens), sampled the
-    whole video at once (generate_total_mask), never frame by frame; it has no frame to
-    teacher-force."""
+def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys, monkeypatch):
+    """Table 4: the ablations train, sample and are scored as they are defined. Without causal
+    attention: trained on one frame's masks (L = 16 tokens), sampled frame by frame without the KV
+    cache. "Total mask" (Eq. 3.1): trained on masks over the whole video (2 x 16 tokens), sampled
+    the whole video at once (generate_total_mask), never frame by frame, by train.py, eval.py and
+    sample.py alike; it has no frame to teacher-force."""
     methods, mask_lengths = [], []
     for name in ("generate", "generate_total_mask"):
         def recording(self, cond, caption, num_latent_frames, *args, _name=name,
@@ -2525,8 +2526,9 @@ def test_table4_ablations_train_and_evaluate_without_the_kv_cache(tmp_path, caps
         assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2",
                                 "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
-        # the sample train.py writes and its score; eval.py's model and null-text rows
-        assert len(methods) == 4 and set(methods) == {method}
+        assert sample_cli(out / "ckpt.pt", out, "--frames", "5") == 0
+        # the sample train.py writes and its score; eval.py's model and null-text rows; sample.py
+        assert len(methods) == 5 and set(methods) == {method}
     assert "quality on 16 held-out clips" in capsys.readouterr().out
     # a total-mask model samples the whole video at once: no frame to teacher-force
     assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2

@@ -36,7 +36,6 @@ import time
 from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -274,10 +273,9 @@ def write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir):
     cond = tokenizer.encode(clip[None, :1].to(device))  # the first frame alone: one latent frame
     generator = torch.Generator(device).manual_seed(config.seed)
     num_latent_frames = tokenizer.latent_frames(len(clip))
-    sampler = partial(ema.diffloss.sample, clip_range=tokenizer.clip_range)
     latents = ema.generate_as_trained(cond, text_encoder([caption]), num_latent_frames,
                                       num_iter=config.sample_num_iter, cfg=config.sample_cfg,
-                                      generator=generator, sampler=sampler)
+                                      generator=generator, clip_range=tokenizer.clip_range)
     video = tokenizer.decode(latents)[0].clamp(-1, 1).cpu()
     write_video(out_dir / "sample.mp4", video)
     save_image_grid(out_dir / "sample.png", [clip, video])
