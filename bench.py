@@ -5,7 +5,7 @@ reported as ratios (this machine is shared and noisy: medians and ratios, not ab
     python bench.py                        # quick: about a minute on a 2-core CPU
     python bench.py --full                 # the long run: 1 + 6 latent frames, 64 masking steps
     python bench.py --threads 1 --repeats 5 --json out/bench.json
-    python bench.py --compile              # the same, torch.compile'd (cli.compile_model)
+    python bench.py --compile              # the same, torch.compile'd (model.compile_model)
     python bench.py --device cuda
 
 1. The diffusion head: one 100-step CFG sampling call (DiffLoss.sample) for 1, 4, 16 and 64
@@ -33,10 +33,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import (ArgumentParser, check_writable, compile_model, device_option, int_at_least,
-                 positive_int)
+from cli import ArgumentParser, check_writable, device_option, int_at_least, positive_int
 from errors import BadInput
-from model import PRESETS, KVCache, VideoMAR, VideoMARConfig
+from model import PRESETS, KVCache, VideoMAR, VideoMARConfig, compile_model
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,
                    diffloss_w=256, text_dim=384, text_len=16)
@@ -291,7 +290,7 @@ def parse_args(argv=None):
                         help=f"of the training step {sizes('batch_size')}")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the blocks and the diffusion head first "
-                             "(cli.compile_model); each timing's warm-up run compiles")
+                             "(model.compile_model); each timing's warm-up run compiles")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     for name, value in RUNS["full" if args.full else "quick"].items():

@@ -1,12 +1,15 @@
 """
 VideoMAR checkpoints on disk: written atomically, loaded with `weights_only=True`, the configs
-inside as plain data, and a model built from one. Whatever is not a VideoMAR checkpoint (a
-missing file, another kind of file, a torn or unsafe one, a config this code does not know,
-weights that do not fit it) is BadInput: one line, never torch's paragraph.
+inside as plain data, and a model built from one; for sampling, the trained model with its
+tokenizer and text encoder, sized, and its KV cache checked against memory, before it is built.
+Whatever is not a VideoMAR checkpoint (a missing file, another kind of file, a torn or unsafe
+one, a config this code does not know, weights that do not fit it) is BadInput: one line, never
+torch's paragraph.
 
 Usage:
     save_checkpoint("out/ckpt.pt", dict(config=asdict(model.config), model=..., ema=..., ...))
     model = build_model(load_checkpoint("out/ckpt.pt"))       # the EMA weights, in eval mode
+    model, tokenizer, text_encoder, train_config, size = trained_model("out/ckpt.pt", "cpu")
 """
 import os
 import pickle
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from data import TextEncoder, load_tokenizer
 from errors import BadInput, first_line
 from model import VideoMAR, VideoMARConfig
 
@@ -102,3 +106,66 @@ def build_model(ckpt, use_ema=True):
                        f"missing, unexpected or of another shape, the first {wrong[0]}")
     model.load_state_dict(weights)
     return model.eval()
+
+
+# -----------------------------------------------------------------------------
+# A trained model, for sampling: its tokenizer and text encoder, its KV cache checked first
+
+def memory_bytes(device):
+    """The memory of `device` (all of it, not what is free now), or None where it is unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def gigabytes(n):
+    return f"{n / 1e9:.2f} GB" if n >= 0.005e9 else "under 0.01 GB"
+
+
+def check_memory(config, rows, tokens, device):
+    """The KV cache of generating `tokens` tokens for `rows` rows (CFG doubles them): keys and
+    values of every layer, bf16 under CUDA autocast, else fp32. Refused when it exceeds the
+    device's memory, which no waiting could help; returns the estimate in bytes."""
+    element = 2 if device.type == "cuda" else 4
+    need = 2 * config.n_layer * rows * config.n_embd * tokens * element
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        raise BadInput(f"{tokens} tokens in {rows} rows need a KV cache of {gigabytes(need)}, "
+                       f"more than the {gigabytes(have)} of {device.type} memory here: ask for "
+                       f"fewer --frames, a smaller --height and --width, or fewer videos at a time")
+    return need
+
+
+def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=3.0,
+                  given=0):
+    """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
+    encoder, the options it was trained with, and the video's size (num_frames pixel frames of
+    height x width: the ones given, or else the last training stage's). The size is checked
+    before the model is built: it must leave frames to generate after `given` latent frames, and
+    the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
+    device = torch.device(device)
+    ckpt = load_checkpoint(path)
+    train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
+    tokenizer = load_tokenizer(train_config["tokenizer"], device, ckpt.get("tokenizer"))
+    height, width = height or train_config["height"], width or train_config["width"]
+    tokenizer.check_size(height, width)
+    num_frames = num_frames or train_config["frames"][-1]
+    num_latent_frames = tokenizer.latent_frames(num_frames)  # fails for a length it cannot take
+    if num_latent_frames <= given:
+        raise BadInput(f"--frames {num_frames} is {num_latent_frames} latent frames: nothing to "
+                       f"generate after {given} given ones")
+    config = config_from_dict(dict(ckpt["config"]))
+    grid = (height // tokenizer.spatial // config.patch_size,
+            width // tokenizer.spatial // config.patch_size)
+    tokens = num_latent_frames * grid[0] * grid[1]
+    rows = batch * (2 if cfg != 1 else 1)  # CFG: every video also with the null text
+    cache = check_memory(config, rows, tokens, device)
+    print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
+          f"at a time: KV cache {gigabytes(cache)}")
+    model = build_model(ckpt).to(device)
+    text_encoder = TextEncoder(train_config["text_encoder"], max_length=model.config.text_len,
+                               device=device)
+    return model, tokenizer, text_encoder, train_config, (num_frames, height, width)

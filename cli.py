@@ -1,21 +1,17 @@
 """
 What the scripts (train, sample, eval, bench) share at the command line: an argparse parser whose
 mistakes are one line, the option types that check every value as it is parsed, the output check,
-the generation options of sample.py and eval.py, train.py's options made from the fields of its
-config dataclasses, loading a trained model for sampling with its tokenizer and text encoder
-(sized, and its KV cache checked against memory, before it is built), and torch.compile in place
-for --compile.
+the generation options of sample.py and eval.py, and train.py's options made from the fields of
+its config dataclasses.
 
 Usage:
     parser = ArgumentParser(description="...")
     add_generation_options(parser)
     args = parser.parse_args()                       # BadInput: one `error: ...` line, exit 2
-    model, tokenizer, text_encoder, train_config, size = trained_model(args.ckpt, args.device)
 """
 import argparse
 import inspect
 import math
-import os
 import re
 import tempfile
 import typing
@@ -24,8 +20,6 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import build_model, config_from_dict, load_checkpoint
-from data import TextEncoder, load_tokenizer
 from errors import BadInput, first_line
 
 # -----------------------------------------------------------------------------
@@ -131,7 +125,7 @@ def check_writable(path, directory=False):
 
 def add_generation_options(parser):
     """The options sample.py and eval.py share: the checkpoint, the video's size, how to generate
-    (trained_model below and VideoMAR.generate take them)."""
+    (checkpoint.trained_model and VideoMAR.generate_as_trained take them)."""
     parser.add_argument("--ckpt", default="out/ckpt.pt")
     parser.add_argument("--frames", type=positive_int,
                         help="pixel frames, 1 + 4k (default: the last training stage; "
@@ -235,81 +229,3 @@ def add_field_options(parser, cls, presets, checks, sized_by):
             else:
                 options = dict(type=check, metavar=element.__name__.upper())
             group.add_argument(f"--{name}", help=text, **options)
-
-
-# -----------------------------------------------------------------------------
-# A trained model, for sampling
-
-def memory_bytes(device):
-    """The memory of `device` (all of it, not what is free now), or None where it is unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[1]
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-        return None
-
-
-def gigabytes(n):
-    return f"{n / 1e9:.2f} GB" if n >= 0.005e9 else "under 0.01 GB"
-
-
-def check_memory(config, rows, tokens, device):
-    """The KV cache of generating `tokens` tokens for `rows` rows (CFG doubles them): keys and
-    values of every layer, bf16 under CUDA autocast, else fp32. Refused when it exceeds the
-    device's memory, which no waiting could help; returns the estimate in bytes."""
-    element = 2 if device.type == "cuda" else 4
-    need = 2 * config.n_layer * rows * config.n_embd * tokens * element
-    have = memory_bytes(device)
-    if have is not None and need > have:
-        raise BadInput(f"{tokens} tokens in {rows} rows need a KV cache of {gigabytes(need)}, "
-                       f"more than the {gigabytes(have)} of {device.type} memory here: ask for "
-                       f"fewer --frames, a smaller --height and --width, or fewer videos at a time")
-    return need
-
-
-def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=3.0,
-                  given=0):
-    """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
-    encoder, the options it was trained with, and the video's size (num_frames pixel frames of
-    height x width: the ones given, or else the last training stage's). The size is checked
-    before the model is built: it must leave frames to generate after `given` latent frames, and
-    the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
-    device = torch.device(device)
-    ckpt = load_checkpoint(path)
-    train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
-    tokenizer = load_tokenizer(train_config["tokenizer"], device, ckpt.get("tokenizer"))
-    height, width = height or train_config["height"], width or train_config["width"]
-    tokenizer.check_size(height, width)
-    num_frames = num_frames or train_config["frames"][-1]
-    num_latent_frames = tokenizer.latent_frames(num_frames)  # fails for a length it cannot take
-    if num_latent_frames <= given:
-        raise BadInput(f"--frames {num_frames} is {num_latent_frames} latent frames: nothing to "
-                       f"generate after {given} given ones")
-    config = config_from_dict(dict(ckpt["config"]))
-    grid = (height // tokenizer.spatial // config.patch_size,
-            width // tokenizer.spatial // config.patch_size)
-    tokens = num_latent_frames * grid[0] * grid[1]
-    rows = batch * (2 if cfg != 1 else 1)  # CFG: every video also with the null text
-    cache = check_memory(config, rows, tokens, device)
-    print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
-          f"at a time: KV cache {gigabytes(cache)}")
-    model = build_model(ckpt).to(device)
-    text_encoder = TextEncoder(train_config["text_encoder"], max_length=model.config.text_len,
-                               device=device)
-    return model, tokenizer, text_encoder, train_config, (num_frames, height, width)
-
-
-# -----------------------------------------------------------------------------
-# --compile (train.py, bench.py)
-
-def compile_model(model, backend="inductor"):
-    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
-    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
-    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
-    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
-    and the tokens it scores or samples change from step to step."""
-    for module in [*model.blocks, model.diffloss.net]:
-        module.compile(backend=backend, dynamic=True)
-    head = model.diffloss.net
-    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
-                 trained_model)
+from checkpoint import trained_model
+from cli import ArgumentParser, add_generation_options, check_writable, positive_int
 from errors import BadInput, first_line
 from metrics import MAX_PSNR, METHODS, EvalConfig, score_held_out_clips
 from videoio import save_image_grid, write_video

@@ -562,3 +562,18 @@ class VideoMAR(nn.Module):
                              self.config.token_dim, device=cond_latents.device)
         tokens[:, :k] = patchify(cond_latents, p).repeat(copies, 1, 1, 1)
         return tokens, grid, context, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed: torch.compile in place (train.py and bench.py --compile)
+
+def compile_model(model, backend="inductor"):
+    """torch.compile, in place, the parts of a VideoMAR with many small operations: the
+    transformer blocks, the diffusion head's MLP in training (forward) and its denoiser in
+    sampling (denoise). In place (Module.compile and an instance attribute), so parameter names
+    and checkpoints stay those of the plain model; dynamic shapes, since the frames a step sees
+    and the tokens it scores or samples change from step to step."""
+    for module in [*model.blocks, model.diffloss.net]:
+        module.compile(backend=backend, dynamic=True)
+    head = model.diffloss.net
+    head.denoise = torch.compile(head.denoise, backend=backend, dynamic=True)

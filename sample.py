@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from cli import (ArgumentParser, add_generation_options, check_writable, positive_int,
-                 trained_model)
+from checkpoint import trained_model
+from cli import ArgumentParser, add_generation_options, check_writable, positive_int
 from errors import BadInput
 from videoio import read_image, read_video, resize_center_crop, save_image_grid, write_video
 

@@ -29,14 +29,14 @@ import pytest
 import torch
 from PIL import Image
 
-from checkpoint import build_model, load_checkpoint, save_checkpoint
+from checkpoint import build_model, check_memory, gigabytes, load_checkpoint, save_checkpoint
 from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
                   load_tokenizer)
-from cli import check_memory, compile_model, gigabytes
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
-from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, frame_temperature,
-                   next_mask, patchify, random_masks, sample_mask_ratios, unpatchify)
+from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
+                   frame_temperature, next_mask, patchify, random_masks, sample_mask_ratios,
+                   unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 from videoio import (count_frames, read_image, read_video, read_video_at_size, resize_center_crop,
                      save_image_grid, write_video)
@@ -1160,6 +1160,34 @@ def test_tiny_model_overfits_one_clip():
 
 
 # ----------------------------------------------------------------------------------------------
+# model.py: torch.compile in place (train.py and bench.py --compile)
+
+def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_names():
+    """compile_model compiles in place: the same loss and the same samples for the same draws,
+    gradients flow, and the state dict (so every checkpoint) keeps the plain model's names.
+    Dynamo's eager backend traces what inductor would compile, without the minute of code
+    generation."""
+    model = tiny_model(latent_channels=24, num_sampling_steps="3")
+    names = list(model.state_dict())
+    latents, (text, mask) = torch.randn(2, 3, 24, 4, 4), FakeText()(["a", "b"])
+    z = torch.randn(6, 48)
+
+    def loss_and_sample():
+        torch.manual_seed(0)
+        loss = model(latents, text, mask)
+        return loss, model.diffloss.sample(z, temperature=0.9, cfg=3.0)
+
+    plain = loss_and_sample()
+    compile_model(model, backend="eager")
+    compiled = loss_and_sample()
+    compiled[0].backward()
+    assert torch.allclose(plain[0], compiled[0], atol=1e-5)
+    assert torch.allclose(plain[1], compiled[1], atol=1e-5)
+    assert list(model.state_dict()) == names
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
 # data.py: tokenizers
 
 def test_patch_tokenizer_round_trip_is_exact_and_counts_frames():
@@ -1761,31 +1789,6 @@ def test_copy_baseline(monkeypatch):
     result = score(model, tokenizer)
     assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
     assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
-
-
-def test_compiled_model_gives_the_same_loss_and_samples_and_keeps_its_parameter_names():
-    """cli.compile_model compiles in place: the same loss and the same samples for the same
-    draws, gradients flow, and the state dict (so every checkpoint) keeps the plain model's names.
-    Dynamo's eager backend traces what inductor would compile, without the minute of code
-    generation."""
-    model = tiny_model(latent_channels=24, num_sampling_steps="3")
-    names = list(model.state_dict())
-    latents, (text, mask) = torch.randn(2, 3, 24, 4, 4), FakeText()(["a", "b"])
-    z = torch.randn(6, 48)
-
-    def loss_and_sample():
-        torch.manual_seed(0)
-        loss = model(latents, text, mask)
-        return loss, model.diffloss.sample(z, temperature=0.9, cfg=3.0)
-
-    plain = loss_and_sample()
-    compile_model(model, backend="eager")
-    compiled = loss_and_sample()
-    compiled[0].backward()
-    assert torch.allclose(plain[0], compiled[0], atol=1e-5)
-    assert torch.allclose(plain[1], compiled[1], atol=1e-5)
-    assert list(model.state_dict()) == names
-    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():

@@ -45,13 +45,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from cli import (ArgumentParser, add_field_options, compile_model, device_option, float_where,
-                 int_at_least, non_negative_float, positive_float, positive_int)
+from cli import (ArgumentParser, add_field_options, device_option, float_where, int_at_least,
+                 non_negative_float, positive_float, positive_int)
 from checkpoint import build_model, load_checkpoint, model_from_config, save_checkpoint
 from data import PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer
 from errors import BadInput
 from metrics import EvalConfig, score_held_out_clips, summary
-from model import PRESETS, VideoMARConfig
+from model import PRESETS, VideoMARConfig, compile_model
 from videoio import save_image_grid, write_video
 
 
