@@ -10,7 +10,6 @@ Usage:
     args = parser.parse_args()                       # BadInput: one `error: ...` line, exit 2
 """
 import argparse
-import inspect
 import math
 import re
 import tempfile
@@ -179,53 +178,32 @@ class JoinLists(argparse.Action):
             parser.error(f"argument {option_string}: needs {self.length} values, not {len(values)}")
 
 
-def commented_fields(cls):
-    """[(heading, {field: comment})]: the fields of the dataclass `cls` in the groups its comment
-    lines head, each with the comment on its own line. The dataclass stays the one place where
-    its options are explained; --help shows them in its order."""
-    groups, continued = [(cls.__name__, {})], False
-    for line in inspect.getsource(cls).splitlines()[2:]:  # after @dataclass and the class line
-        comment = re.fullmatch(r"\s*# (.*)", line)
-        declared = re.fullmatch(r"\s*(\w+): [^#]*?(?:  # (.*))?", line)
-        if comment and continued:  # a heading of several lines
-            groups[-1] = (f"{groups[-1][0]} {comment[1]}", groups[-1][1])
-        elif comment:
-            groups.append((comment[1], {}))
-        elif declared:
-            groups[-1][1][declared[1]] = declared[2] or ""
-        else:
-            break  # the fields end at the first other line
-        continued = bool(comment)
-    return [(heading, names) for heading, names in groups if names]
-
-
 def shown(value):
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def add_field_options(parser, cls, presets, checks, sized_by):
-    """One option per field of the dataclass `cls`, typed by its annotation and checked by
-    `checks` (field: option type). Its help shows the default (the tiny preset's value, or
-    `sized_by`'s words for a field that something else sizes) and the value of any other preset
-    that differs."""
-    kinds = {f.name: f.type for f in fields(cls)}
+    """One option per field of the dataclass `cls`, in a group named after it, typed by the field's
+    annotation and checked by `checks` (field: option type). Its help is the field's metadata
+    "help", then the default (the tiny preset's value, or `sized_by`'s words for a field that
+    something else sizes) and the value of any other preset that differs."""
     tiny = {**asdict(cls()), **presets["tiny"]}
-    for heading, comments in commented_fields(cls):
-        group = parser.add_argument_group(heading.replace("%", "%%"))
-        for name, comment in comments.items():
-            values = [sized_by.get(name, shown(tiny[name]))] + [
-                f"{preset}: {shown(v[name])}" for preset, v in presets.items()
-                if name in v and name not in sized_by and v[name] != tiny[name]]
-            text = f"{comment} (default: {'; '.join(values)})".strip().replace("%", "%%")
-            kind, parts = typing.get_origin(kinds[name]), typing.get_args(kinds[name])
-            element = parts[0] if parts else kinds[name]
-            check = checks.get(name, element)
-            if kinds[name] is bool:
-                options = dict(type=boolean, nargs="?", const=True, metavar="true|false")
-            elif kind in (list, tuple):
-                options = dict(type=comma_list(check), nargs="+", action=JoinLists,
-                               metavar=element.__name__.upper(),
-                               length=len(parts) if kind is tuple else None)
-            else:
-                options = dict(type=check, metavar=element.__name__.upper())
-            group.add_argument(f"--{name}", help=text, **options)
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        name = f.name
+        values = [sized_by.get(name, shown(tiny[name]))] + [
+            f"{preset}: {shown(v[name])}" for preset, v in presets.items()
+            if name in v and name not in sized_by and v[name] != tiny[name]]
+        text = f"{f.metadata.get('help', '')} (default: {'; '.join(values)})".strip()
+        kind, parts = typing.get_origin(f.type), typing.get_args(f.type)
+        element = parts[0] if parts else f.type
+        check = checks.get(name, element)
+        if f.type is bool:
+            options = dict(type=boolean, nargs="?", const=True, metavar="true|false")
+        elif kind in (list, tuple):
+            options = dict(type=comma_list(check), nargs="+", action=JoinLists,
+                           metavar=element.__name__.upper(),
+                           length=len(parts) if kind is tuple else None)
+        else:
+            options = dict(type=check, metavar=element.__name__.upper())
+        group.add_argument(f"--{name}", help=text.replace("%", "%%"), **options)

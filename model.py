@@ -15,7 +15,7 @@ Usage:
     video = model.generate(first_latent_frame, (text, text_mask), num_latent_frames=7)
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -28,42 +28,52 @@ from rope3d import apply_rope, rope_frequencies
 
 @dataclass
 class VideoMARConfig:
+    # Every field is an option of train.py; its metadata's "help" is what `--help` says of it.
     # tokens: latent channels C of the tokenizer, patched p x p into tokens of size C p p
-    latent_channels: int = 16
-    patch_size: int = 1
+    latent_channels: int = field(default=16, metadata=dict(help="latent channels C"))
+    patch_size: int = field(default=1, metadata=dict(help="p: a token is p x p latents, C p p "
+                                                          "values"))
     # the transformer (§5.1: 36 layers of width 1536)
     n_layer: int = 36
     n_embd: int = 1536
     n_head: int = 24
     mlp_ratio: float = 4.0
-    # RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: not in
-    # the paper; as in Step-Video's attention blocks, upstream code; on in the videomar preset
-    qk_norm: bool = False
-    # 3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's
-    # frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, 0.1,
-    # 0.01, 0.001) only the first tells apart positions a few tokens apart, and it comes round
-    # after 6.3; a smaller base spreads them over a small grid
-    rope_theta: float = 10000.0
-    # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention); S_max tokens at most
-    text_dim: int = 1536
-    text_len: int = 32
-    text_drop_prob: float = 0.1  # classifier-free guidance: drop the caption for 10% of clips
+    qk_norm: bool = field(default=False, metadata=dict(help=(
+        "RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: not "
+        "in the paper; as in Step-Video's attention blocks, upstream code; on in the videomar "
+        "preset")))
+    rope_theta: float = field(default=10000.0, metadata=dict(help=(
+        "3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's "
+        "frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, "
+        "0.1, 0.01, 0.001) only the first tells apart positions a few tokens apart, and it comes "
+        "round after 6.3; a smaller base spreads them over a small grid")))
+    # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention)
+    text_dim: int = field(default=1536, metadata=dict(help="width of the text's hidden states"))
+    text_len: int = field(default=32, metadata=dict(help="S_max, a caption's tokens at most"))
+    text_drop_prob: float = field(default=0.1, metadata=dict(
+        help="classifier-free guidance: drop the caption for 10% of clips"))
     # masking (MAR): training mask ratio ~ truncated normal, centre 1.0, std 0.25, on [0.7, 1.0]
-    mask_ratio_min: float = 0.7
-    mask_ratio_std: float = 0.25
+    mask_ratio_min: float = field(default=0.7, metadata=dict(
+        help="training masks hide this share of a frame's tokens at least (MAR's truncated "
+             "normal, centre 1.0)"))
+    mask_ratio_std: float = field(default=0.25, metadata=dict(
+        help="the standard deviation of that truncated normal"))
     # the diffusion head (§5.1: an MLP of 3 blocks of width 1280)
-    diffloss_d: int = 3
-    diffloss_w: int = 1280
-    num_sampling_steps: str = "100"
-    diffusion_batch_mul: int = 4
-    # ablations of Table 4: frame-wise causal attention, and the next-frame loss (else "total
-    # mask", Eq. 3.1)
-    causal: bool = True
-    next_frame_loss: bool = True
-    # Eq. 4.1's expectation over the target frame t evaluated for every t in each pass (the same
-    # objective, T times the signal; all_frames_z), rather than one t drawn per batch. For causal
-    # next-frame training only: the ablations of Table 4 keep the one-t draw
-    all_frames: bool = True
+    diffloss_d: int = field(default=3, metadata=dict(help="the head's residual blocks"))
+    diffloss_w: int = field(default=1280, metadata=dict(help="the head's width"))
+    num_sampling_steps: str = field(default="100", metadata=dict(
+        help="diffusion steps when sampling, of the 1000 of training (ADM's respacing)"))
+    diffusion_batch_mul: int = field(default=4, metadata=dict(
+        help="noise draws per token in the loss (MAR's)"))
+    # ablations of Table 4
+    causal: bool = field(default=True, metadata=dict(
+        help="frame-wise causal attention (Table 4; else every token sees every frame)"))
+    next_frame_loss: bool = field(default=True, metadata=dict(
+        help="the next-frame loss of Eq. 4.1 (Table 4; else \"total mask\", Eq. 3.1)"))
+    all_frames: bool = field(default=True, metadata=dict(help=(
+        "Eq. 4.1's expectation over the target frame t evaluated for every t in each pass (the "
+        "same objective, T times the signal; all_frames_z), rather than one t drawn per batch. For "
+        "causal next-frame training only: the ablations of Table 4 keep the one-t draw")))
 
     @property
     def token_dim(self):
@@ -79,11 +89,12 @@ PRESETS = {
     "videomar": dict(latent_channels=16, n_layer=36, n_embd=1536, n_head=24, diffloss_d=3,
                      diffloss_w=1280, text_dim=1536, text_len=300, qk_norm=True,
                      all_frames=False),
-    # what trains on a 2-core CPU in minutes: PatchTokenizer(4, 4) latents, MiniLM text (384);
-    # the synthetic captions (21 MiniLM tokens at most) fit whole. The plain block (no QK-norm): at
-    # toy scale in fp32 there is no instability for it to cure, and the tiny model keeps its
-    # parameters and the tests their meaning.
-    "tiny": dict(latent_channels=192, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
+    # what trains on a 2-core CPU in minutes: the 16 channels of the default tokenizer
+    # pca:4x4x4:16, MiniLM text (384); train.py takes both sizes from the tokenizer and the text
+    # encoder it is given. The synthetic captions (21 MiniLM tokens at most) fit whole. The plain
+    # block (no QK-norm): at toy scale in fp32 there is no instability for it to cure, and the tiny
+    # model keeps its parameters and the tests their meaning.
+    "tiny": dict(latent_channels=16, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
                  diffloss_w=256, text_dim=384, text_len=32, qk_norm=False),
 }
 

@@ -20,7 +20,7 @@ import shlex
 import subprocess
 import sys
 import warnings
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -740,8 +740,7 @@ def test_rope_theta_sets_the_base_and_a_small_one_tells_apart_columns_of_a_wider
     column 6 of an 8-wide grid closer to column 0 than column 1 is (aliasing); at a base of 100
     distance grows with the offset."""
     def model(theta):
-        return VideoMAR(VideoMARConfig(**{**PRESETS["tiny"], "latent_channels": 16,
-                                          "rope_theta": theta}))
+        return VideoMAR(VideoMARConfig(**{**PRESETS["tiny"], "rope_theta": theta}))
 
     for theta in (10000.0, 100.0):
         assert torch.equal(model(theta).rope(2, 3, (8, 8), "cpu"),
@@ -1858,6 +1857,29 @@ def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(siz
 # ----------------------------------------------------------------------------------------------
 # train.py: the optimiser, learning rate and EMA; curriculum, resume, progressive resolution,
 # DDP, NaN, bad input; checkpoints
+
+def test_help_gives_every_field_its_metadata_help_and_defaults(capsys, monkeypatch):
+    """train.py --help: every field of TrainConfig and VideoMARConfig is an option in its class's
+    group, said as the field's metadata "help", then the tiny default (or what sizes it) and any
+    other preset's value; a field without help shows its defaults alone."""
+    monkeypatch.setenv("COLUMNS", "10000")  # help on one line an option, not wrapped at hyphens
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    helped = 0
+    for cls in (train.TrainConfig, VideoMARConfig):
+        assert f"{cls.__name__}: --" in text
+        for f in fields(cls):
+            assert f"--{f.name} " in text
+            if "help" in f.metadata:
+                helped += 1
+                said = re.escape(" ".join(f.metadata["help"].split()))
+                assert re.search(rf"--{f.name} [A-Z.\[\]|a-z ]*?{said} \(default: ", text), f.name
+    assert helped >= 20  # so the loop above checks something
+    assert "--n_layer INT (default: 4; videomar: 36)" in text
+    assert "--latent_channels INT latent channels C (default: the tokenizer's channels)" in text
+    assert "drop the caption for 10% of clips (default: 0.1)" in text
+
 
 def test_weight_decay_falls_on_the_weight_matrices_only():
     """§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02, as MAR on the weight matrices of the

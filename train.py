@@ -57,25 +57,33 @@ from videoio import save_image_grid, write_video
 
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"  # "tiny" (these defaults) or "videomar" (TRAIN_PRESETS below)
+    # Every field is an option; its metadata's "help" is what `--help` says of it.
+    preset: str = field(default="tiny", metadata=dict(
+        help='"tiny" (these defaults) or "videomar" (TRAIN_PRESETS)'))
     # data and the frozen encoders
-    data: str = "synthetic"  # or a folder of videos with captions (data.VideoFolder)
-    frame_stride: int = 1  # for folders: take every n-th frame
-    cache_gb: float = 2.0  # for folders: memory for the videos decoded once; more: clip by clip
+    data: str = field(default="synthetic", metadata=dict(
+        help='"synthetic" (the built-in set) or a folder of videos with captions '
+             '(data.VideoFolder)'))
+    frame_stride: int = field(default=1, metadata=dict(help="for folders: take every n-th frame"))
+    cache_gb: float = field(default=2.0, metadata=dict(
+        help="for folders: memory for the videos decoded once; more: clip by clip"))
     num_workers: int = 0
-    height: int = 16  # tiny: 16x16 in 4x4x4 patches, 16 tokens of 16 channels per latent frame
+    height: int = field(default=16, metadata=dict(
+        help="tiny: 16x16 in 4x4x4 patches, 16 tokens of 16 channels per latent frame"))
     width: int = 16
-    # "pca:4x4x4:16": the 16 principal components of 4x4x4 patches, fitted before training (a
-    # linear stand-in for Cosmos's 16 channels); "patch:4x4x4" the raw 192 values; or
-    # "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
-    tokenizer: str = "pca:4x4x4:16"
-    text_encoder: str = None  # None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path
-    # §4.2 temporal short-to-long curriculum: one stage per clip length, in this order (tiny's:
-    # minutes on a 2-core CPU, RESULTS.md)
-    frames: list[int] = field(default_factory=lambda: [5, 13, 25])  # pixel frames of each stage
-    stage_iters: list[int] = field(default_factory=lambda: [1000, 500, 310])  # iterations a stage
+    tokenizer: str = field(default="pca:4x4x4:16", metadata=dict(help=(
+        '"pca:4x4x4:16": the 16 principal components of 4x4x4 patches, fitted before training (a '
+        'linear stand-in for Cosmos\'s 16 channels); "patch:4x4x4" the raw 192 values; or '
+        '"cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"')))
+    text_encoder: str = field(default=None, metadata=dict(
+        help="None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path"))
+    # §4.2 temporal short-to-long curriculum: one stage per clip length
+    frames: list[int] = field(default_factory=lambda: [5, 13, 25], metadata=dict(
+        help="pixel frames of each stage of §4.2's temporal short-to-long curriculum, in order"))
+    stage_iters: list[int] = field(default_factory=lambda: [1000, 500, 310], metadata=dict(
+        help="iterations of each stage (tiny's: minutes on a 2-core CPU, RESULTS.md)"))
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
-    batch_size: int = 8  # per process
+    batch_size: int = field(default=8, metadata=dict(help="per process"))
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_iters: int = 50
@@ -83,22 +91,24 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     ema_decay: float = 0.99
-    # torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off for
-    # tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, training speed)
-    compile: bool = False
+    compile: bool = field(default=False, metadata=dict(help=(
+        "torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off "
+        "for tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, training "
+        "speed)")))
     # the run
     out_dir: str = "out"
     log_interval: int = 50
-    ckpt_interval: int = 200  # iterations between checkpoints
-    resume: bool = False  # continue from out_dir/ckpt.pt
-    init_from: str = None  # a checkpoint: its weights only, a new run; §4.2 progressive resolution
+    ckpt_interval: int = field(default=200, metadata=dict(help="iterations between checkpoints"))
+    resume: bool = field(default=False, metadata=dict(help="continue from out_dir/ckpt.pt"))
+    init_from: str = field(default=None, metadata=dict(
+        help="a checkpoint: its weights only, a new run; §4.2 progressive resolution"))
     seed: int = 0
-    device: str = None  # None: cuda if available, else cpu
+    device: str = field(default=None, metadata=dict(help="None: cuda if available, else cpu"))
     # the sample written at the end
-    # masked-generation steps per frame: 4 for tiny's 16 tokens (2, 3, 5, 6 a step on the cosine
-    # schedule), 64 in the paper for 1,024 tokens
-    sample_num_iter: int = 4
-    sample_cfg: float = 3.0
+    sample_num_iter: int = field(default=4, metadata=dict(help=(
+        "masked-generation steps per frame of the sample written at the end: 4 for tiny's 16 "
+        "tokens (2, 3, 5, 6 a step on the cosine schedule), 64 in the paper for 1,024 tokens")))
+    sample_cfg: float = field(default=3.0, metadata=dict(help="its guidance scale"))
 
 
 TRAIN_PRESETS = {
