@@ -16,6 +16,8 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
+    # no checkpoint: held-out clip 1 to start sample.py from, and its caption
+    python eval.py --write_held_out 1 --out out   # out/held_out_1.png (first frame) and .mp4
     # the learning curve: runs of one recipe at several budgets, each scored, then plotted
     python eval.py --learning_curve out/q/eval/eval.json out/eval/eval.json --out assets
     # Table 4: train without frame-wise causal attention, or with the "total mask" loss
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import trained_model
-from cli import ArgumentParser, add_generation_options, check_writable, positive_int
+from cli import ArgumentParser, add_generation_options, check_writable, int_at_least, positive_int
+from data import SyntheticVideos
 from errors import BadInput, first_line
 from metrics import MAX_PSNR, METHODS, EvalConfig, score_held_out_clips
 from videoio import save_image_grid, write_video
@@ -164,6 +167,10 @@ def parse_args(argv=None):
     parser.add_argument("--learning_curve", nargs="+", metavar="EVAL_JSON",
                         help="no evaluation: plot the eval.json of runs of one recipe at several "
                              "budgets against their training iterations (--out/learning_curve.png)")
+    parser.add_argument("--write_held_out", type=int_at_least(0), metavar="N",
+                        help="no evaluation: write held-out clip N into --out, its first frame "
+                             "held_out_N.png and the clip held_out_N.mp4 (--frames, --height, "
+                             "--width; default 25 of 16x16), and print its caption")
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--out", default="out/eval",
                         help="directory for eval.json, psnr.png, presence.png, grid.png and "
@@ -238,12 +245,34 @@ def learning_curve(args):
     print(f"wrote {out / 'learning_curve.png'}")
 
 
+def write_held_out(args):
+    """A held-out clip of the synthetic set to sample from (sample.py --image, --video): its first
+    frame as an image and the clip as a video, in --out; its caption on stdout."""
+    default = EvalConfig()
+    dataset = SyntheticVideos(args.frames or default.num_frames, args.height or default.height,
+                              args.width or default.width, split="test")
+    n = args.write_held_out
+    if n >= len(dataset):
+        raise BadInput(f"--write_held_out {n}: there are {len(dataset)} held-out clips, 0 to "
+                       f"{len(dataset) - 1}")
+    out = Path(args.out)
+    check_writable(out, directory=True)
+    clip, caption = dataset[n]
+    out.mkdir(parents=True, exist_ok=True)
+    save_image_grid(out / f"held_out_{n}.png", [clip[:1]])
+    write_video(out / f"held_out_{n}.mp4", clip)
+    print(caption)
+    print(f"wrote {out / f'held_out_{n}.png'} and {out / f'held_out_{n}.mp4'}")
+
+
 def main(argv=None):
     """Evaluate; returns the exit code: 0 done, 2 bad input (one line on stderr)."""
     try:
         args = parse_args(argv)
         if args.learning_curve:
             learning_curve(args)
+        elif args.write_held_out is not None:
+            write_held_out(args)
         else:
             evaluate(args)
     except BadInput as e:

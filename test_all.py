@@ -2456,6 +2456,26 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_write_held_out_gives_a_clip_its_first_frame_and_caption_to_sample_from(tmp_path, capsys):
+    """eval.py --write_held_out N, no checkpoint needed: held-out clip N of the synthetic set (25
+    frames of 16x16, or the size asked) as a video and its first frame as an image, its caption on
+    stdout: the README's prompt for held-out clip 1."""
+    assert evaluation.main(["--write_held_out", "1", "--out", str(tmp_path)]) == 0
+    clip, caption = SyntheticVideos(25, 16, 16, split="test")[1]
+    assert capsys.readouterr().out.splitlines()[0] == caption
+    image = read_image(tmp_path / "held_out_1.png", 16, 16)
+    assert (image - clip[0]).abs().max() <= 1 / 255  # the first frame, to 8 bits
+    video = read_video(tmp_path / "held_out_1.mp4")
+    assert video.shape == clip.shape and (video - clip).abs().mean() < 0.05  # lossy codec
+    assert f'--image out/held_out_1.png --prompt "{caption}"' in (
+        Path(__file__).parent / "README.md").read_text()
+    assert evaluation.main(["--write_held_out", "3", "--out", str(tmp_path), "--frames", "9",
+                            "--height", "32", "--width", "24"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == SyntheticVideos(9, 32, 24, split="test")[3][1]
+    assert Image.open(tmp_path / "held_out_3.png").size == (24, 32)
+    assert read_video(tmp_path / "held_out_3.mp4").shape == (9, 3, 32, 24)
+
+
 def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
     """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
     draws given the same z (the head's mean, estimated), drawn in turn from the generator, each
@@ -2512,8 +2532,9 @@ def test_learning_curve_plots_and_tables_runs_in_order_of_their_iterations(tmp_p
     (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
     (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
     (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
+    (["--write_held_out", "256"], "there are 256 held-out clips, 0 to 255"),
 ] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0", "--mean_of 0"],
-                  "must be at least 0": ["--cfg -3"]}))
+                  "must be at least 0": ["--cfg -3", "--write_held_out -1"]}))
 def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
     """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
     written."""
