@@ -10,7 +10,6 @@ In the order of the README's reading guide: helpers and references first; then t
 command lines (train.py with checkpoint.py, sample.py, eval.py, bench.py) and the README.
 """
 import argparse
-import functools
 import hashlib
 import importlib.resources
 import json
