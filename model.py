@@ -38,15 +38,14 @@ class VideoMARConfig:
     n_embd: int = 1536
     n_head: int = 24
     mlp_ratio: float = 4.0
-    qk_norm: bool = field(default=False, metadata=dict(help=(
-        "RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: not "
-        "in the paper; as in Step-Video's attention blocks, upstream code; on in the videomar "
-        "preset")))
-    rope_theta: float = field(default=10000.0, metadata=dict(help=(
-        "3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's "
-        "frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis (1, "
-        "0.1, 0.01, 0.001) only the first tells apart positions a few tokens apart, and it comes "
-        "round after 6.3; a smaller base spreads them over a small grid")))
+    qk_norm: bool = field(default=False, metadata=dict(
+        help="RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: "
+             "not in the paper; as in Step-Video's attention blocks (upstream code)"))
+    rope_theta: float = field(default=10000.0, metadata=dict(
+        help="3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's "
+             "frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis "
+             "(1, 0.1, 0.01, 0.001) only the first tells apart positions a few tokens apart, and "
+             "it comes round after 6.3; a smaller base spreads them over a small grid"))
     # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention)
     text_dim: int = field(default=1536, metadata=dict(help="width of the text's hidden states"))
     text_len: int = field(default=32, metadata=dict(help="S_max, a caption's tokens at most"))
@@ -70,10 +69,11 @@ class VideoMARConfig:
         help="frame-wise causal attention (Table 4; else every token sees every frame)"))
     next_frame_loss: bool = field(default=True, metadata=dict(
         help="the next-frame loss of Eq. 4.1 (Table 4; else \"total mask\", Eq. 3.1)"))
-    all_frames: bool = field(default=True, metadata=dict(help=(
-        "Eq. 4.1's expectation over the target frame t evaluated for every t in each pass (the "
-        "same objective, T times the signal; all_frames_z), rather than one t drawn per batch. For "
-        "causal next-frame training only: the ablations of Table 4 keep the one-t draw")))
+    all_frames: bool = field(default=True, metadata=dict(
+        help="Eq. 4.1's expectation over the target frame t evaluated for every t in each pass "
+             "(the same objective, T times the signal; all_frames_z), rather than one t drawn per "
+             "batch. For causal next-frame training only: the ablations of Table 4 keep the one-t "
+             "draw"))
 
     @property
     def token_dim(self):

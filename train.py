@@ -71,10 +71,10 @@ class TrainConfig:
     height: int = field(default=16, metadata=dict(
         help="tiny: 16x16 in 4x4x4 patches, 16 tokens of 16 channels per latent frame"))
     width: int = 16
-    tokenizer: str = field(default="pca:4x4x4:16", metadata=dict(help=(
-        '"pca:4x4x4:16": the 16 principal components of 4x4x4 patches, fitted before training (a '
-        'linear stand-in for Cosmos\'s 16 channels); "patch:4x4x4" the raw 192 values; or '
-        '"cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"')))
+    tokenizer: str = field(default="pca:4x4x4:16", metadata=dict(
+        help='"pca:4x4x4:16": the 16 principal components of 4x4x4 patches, fitted before '
+             'training (a linear stand-in for Cosmos\'s 16 channels); "patch:4x4x4" the raw 192 '
+             'values; or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"'))
     text_encoder: str = field(default=None, metadata=dict(
         help="None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path"))
     # §4.2 temporal short-to-long curriculum: one stage per clip length
@@ -91,10 +91,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     ema_decay: float = 0.99
-    compile: bool = field(default=False, metadata=dict(help=(
-        "torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); off "
-        "for tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, training "
-        "speed)")))
+    compile: bool = field(default=False, metadata=dict(
+        help="torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); "
+             "off for tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, "
+             "training speed)"))
     # the run
     out_dir: str = "out"
     log_interval: int = 50
@@ -105,9 +105,10 @@ class TrainConfig:
     seed: int = 0
     device: str = field(default=None, metadata=dict(help="None: cuda if available, else cpu"))
     # the sample written at the end
-    sample_num_iter: int = field(default=4, metadata=dict(help=(
-        "masked-generation steps per frame of the sample written at the end: 4 for tiny's 16 "
-        "tokens (2, 3, 5, 6 a step on the cosine schedule), 64 in the paper for 1,024 tokens")))
+    sample_num_iter: int = field(default=4, metadata=dict(
+        help="masked-generation steps per frame of the sample written at the end: 4 for tiny's "
+             "16 tokens (2, 3, 5, 6 a step on the cosine schedule), 64 in the paper for 1,024 "
+             "tokens"))
     sample_cfg: float = field(default=3.0, metadata=dict(help="its guidance scale"))
 
 
