@@ -16,10 +16,11 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
-    # no checkpoint: held-out clip 1 to start sample.py from, and its caption
-    python eval.py --write_held_out 1 --out out   # out/held_out_1.png (first frame) and .mp4
     # the learning curve: runs of one recipe at several budgets, each scored, then plotted
     python eval.py --learning_curve out/q/eval/eval.json out/eval/eval.json --out assets
+    # no checkpoint: held-out clip 1 to start sample.py from (out/held_out_1.png, its first frame,
+    # and out/held_out_1.mp4), and its caption
+    python eval.py --write_held_out 1 --out out
     # Table 4: train without frame-wise causal attention, or with the "total mask" loss
     # (Eq. 3.1), then score
     python train.py --causal false --out_dir out/no_causal
