@@ -291,6 +291,13 @@ class SyntheticVideos(torch.utils.data.Dataset):
                   "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1),
                   "down-right": (1, 1)}
     SPEEDS = {"slowly": 1, "quickly": 2}
+    # other wordings of a caption (`reword`), to probe what a model takes from it: every direction
+    # turned around, every colour another one (a permutation, so two objects stay two colours)
+    REVERSED = {"left": "right", "right": "left", "up": "down", "down": "up",
+                "up-left": "down-right", "down-right": "up-left", "up-right": "down-left",
+                "down-left": "up-right"}
+    SWAPPED = {"red": "green", "green": "blue", "blue": "yellow", "yellow": "cyan",
+               "cyan": "magenta", "magenta": "white", "white": "red"}
 
     def __init__(self, num_frames=25, height=32, width=32, split="train", size=None, seed=0):
         if split not in ("train", "test"):
@@ -353,6 +360,12 @@ class SyntheticVideos(torch.utils.data.Dataset):
                 inside &= np.abs(u - centre) <= (v + 1) / 2
             video = np.where(inside[:, None], np.float32(o["rgb"]).reshape(1, 3, 1, 1), video)
         return torch.from_numpy(video * 2 - 1), clip["caption"]
+
+
+def reword(caption, table):
+    """The caption with every word that is a key of table (SyntheticVideos.REVERSED, SWAPPED)
+    replaced by its value."""
+    return " ".join(table.get(word, word) for word in caption.split(" "))
 
 
 def load_caption_tables(root):

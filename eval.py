@@ -4,7 +4,11 @@ set, where the first frame plus the caption determine the whole clip, against th
 baselines ("copy" the first frame, "null_text") and the ceiling of the tokenizer (the truth encoded
 and decoded), with PSNR, SSIM and the object metrics of metrics.py. Prints a table; writes
 eval.json, plots of PSNR and object presence per frame, a contact sheet and a GIF of truth above
-generated. Probes of the model are built here, on top of the method (mean_of_samples).
+generated. Probes of the model are built here, on top of the method (mean_of_samples). Then
+caption steering (metrics.caption_steering): how far the caption moves each object along its way
+in the first generated step of image-to-video and, beside it, in the authors' released setting
+(two given latent frames), with the true caption, every direction reversed and the null text; and
+how often text-to-image draws the caption's colour.
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/...
@@ -16,6 +20,7 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
+    python eval.py --ckpt out/ckpt.pt --steering false        # without the caption steering
     # the learning curve: runs of one recipe at several budgets, each scored, then plotted
     python eval.py --learning_curve out/q/eval/eval.json out/eval/eval.json --out assets
     # no checkpoint: held-out clip 1 to start sample.py from (out/held_out_1.png, its first frame,
@@ -37,10 +42,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoint import trained_model
-from cli import ArgumentParser, add_generation_options, check_writable, int_at_least, positive_int
+from cli import (ArgumentParser, add_generation_options, boolean, check_writable, int_at_least,
+                 positive_int)
 from data import SyntheticVideos
 from errors import BadInput, first_line
-from metrics import MAX_PSNR, METHODS, EvalConfig, score_held_out_clips
+from metrics import (MAX_PSNR, METHODS, STEERING_ROWS, EvalConfig, score_held_out_clips,
+                     score_steering)
 from videoio import save_image_grid, write_video
 
 
@@ -56,6 +63,24 @@ def table(result):
                          f"{r['presence']:.1%} | "
                          f"{r['presence_last_third']:.1%} | {r['position_error']:.2f} | "
                          f"{r['direction']:.1%} |")
+    return "\n".join(lines)
+
+
+def steering_table(steering, temporal):
+    """The caption-steering table printed by the CLI, and its text-to-image line."""
+    two = 2 * temporal
+    lines = ["caption steering: each object's displacement along its caption's way (px; +: the "
+             "caption's way) and how many of the objects are found",
+             f"| drawn from | first generated step (image-to-video: frame 0 to {temporal}) | two "
+             f"given latent frames (frame {temporal} to {two}) |", "| --- " * 3 + "|"]
+    cell = lambda r: f"{r['along']:+.2f} px ({r['found']:.0%} found)"
+    for row in STEERING_ROWS:
+        lines.append(f"| {row} | {cell(steering['first_step'][row])} | "
+                     f"{cell(steering['two_given'][row])} |")
+    colour = steering["text_to_image"]
+    lines.append(f"text-to-image (frame 0 from the caption alone): the caption's colour drawn for "
+                 f"{colour['true caption']:.0%} of objects, {colour['colours swapped']:.0%} with "
+                 f"the caption's colours swapped")
     return "\n".join(lines)
 
 
@@ -165,6 +190,10 @@ def parse_args(argv=None):
     parser.add_argument("--mean_of", type=positive_int, default=1,
                         help="a probe of what z holds: each token the mean of this many draws of "
                              "the diffusion head (its mean given z), not one draw")
+    parser.add_argument("--steering", type=boolean, nargs="?", const=True, default=True,
+                        metavar="true|false",
+                        help="the caption-steering table: how far the true, reversed and null "
+                             "caption move objects in the first generated step")
     parser.add_argument("--learning_curve", nargs="+", metavar="EVAL_JSON",
                         help="no evaluation: plot the eval.json of runs of one recipe at several "
                              "budgets against their training iterations (--out/learning_curve.png)")
@@ -191,10 +220,13 @@ def evaluate(args):
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")
     sampler = mean_of_samples(model.diffloss.sample, args.mean_of) if args.mean_of > 1 else None
 
-    result = score_held_out_clips(model, tokenizer, text_encoder, EvalConfig(
+    config = EvalConfig(
         n=args.n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
         cfg=args.cfg, temperature=args.temperature, sampler=sampler, seed=args.seed,
-        batch_size=args.batch_size, teacher_forced=args.teacher_forced))
+        batch_size=args.batch_size, teacher_forced=args.teacher_forced)
+    result = score_held_out_clips(model, tokenizer, text_encoder, config)
+    if args.steering:
+        result["steering"] = score_steering(model, tokenizer, text_encoder, config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [video.cpu() for video in result.pop("grid")]
@@ -219,6 +251,8 @@ def evaluate(args):
           f"temperature {args.temperature}, seed {args.seed}"
           + (f", each token the mean of {args.mean_of} draws" if args.mean_of > 1 else ""))
     print(table(result))
+    if args.steering:
+        print(steering_table(result["steering"], tokenizer.temporal))
     print(f"wrote {out / 'eval.json'}, {out / 'psnr.png'}, {out / 'presence.png'}, "
           f"{out / 'grid.png'} and {out / 'truth_vs_generated.gif'}")
 

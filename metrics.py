@@ -18,10 +18,21 @@ A PSNR here is that of the mean squared error over the clips (and frames) it sum
 bounce, so some frames equal the first one exactly and the copy baseline's PSNR there is infinite;
 a mean of per-frame PSNRs would be ruled by those frames. SSIM is the mean over frames and clips.
 
+Caption steering (`caption_steering`): does the caption's direction move the objects? The latent
+frame after the true given ones, drawn with the true caption, with every direction reversed and
+with the null text; per object, how far its colour moved along the caption's way. A model that
+follows the caption moves it the caption's way, and the other way for the reversed caption; one
+that ignores the direction scores the same for both. `caption_colour`: does the caption's colour
+reach text-to-image?
+
 Usage:
-    result = score_held_out_clips(model, tokenizer, text_encoder, EvalConfig(n=16, num_frames=25))
+    config = EvalConfig(n=16, num_frames=25)
+    result = score_held_out_clips(model, tokenizer, text_encoder, config)
     result["model"]["psnr"], result["copy"]["psnr"]    # dB, of the mean error over clips and frames
-    print(summary(result))                             # one line
+    draw = model_draw(model, tokenizer, text_encoder, config)
+    steering = caption_steering(draw, tokenizer, config)  # image-to-video's first generated step
+    steering["reversed caption"]["along"]              # px along the true caption's way
+    print(summary(result, steering))                   # one line
 """
 import math
 from dataclasses import dataclass
@@ -30,7 +41,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from data import SyntheticVideos
+from data import SyntheticVideos, reword
 from model import frame_temperature
 
 METHODS = ("model", "teacher_forced", "null_text", "copy", "tokenizer")
@@ -89,6 +100,13 @@ def frame_scores(generated, truth):
 COLOUR_TOLERANCE = 0.3
 
 
+def colour_masks(frames, rgb):
+    """Where frames (..., 3, H, W) in [-1, 1] show the colour rgb (each channel 0 or 1): (..., H, W)
+    booleans."""
+    rgb = torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1)
+    return ((frames.float().cpu() + 1) / 2 - rgb).abs().amax(-3) < COLOUR_TOLERANCE
+
+
 def centroids(masks):
     """(x, y) mean coordinates of the True pixels of masks (T, H, W): (T, 2), NaN where none are."""
     T, H, W = masks.shape
@@ -124,9 +142,7 @@ def object_scores(video, truth, clip):
       turns."""
     scores = []
     for o in clip["objects"]:
-        rgb = torch.tensor(o["rgb"], dtype=torch.float32).view(1, 3, 1, 1)
-        is_colour = lambda v: ((v.float().cpu() + 1) / 2 - rgb).abs().amax(1) < COLOUR_TOLERANCE
-        generated, true = is_colour(video), is_colour(truth)
+        generated, true = colour_masks(video, o["rgb"]), colour_masks(truth, o["rgb"])
         true_area, area = true.flatten(1).sum(1).float(), generated.flatten(1).sum(1).float()
         # half its area inside one object-sized box, and no more than twice its area in the frame:
         # speckle of that colour all over the frame is not the object
@@ -233,8 +249,13 @@ class EvalVideos:
     def __init__(self, model, tokenizer, config):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
-        self.generators = {m: torch.Generator(self.device).manual_seed(config.seed)
-                           for m in ("model", "null_text", "teacher_forced")}
+        self.generators = {}  # per row, made when the row is first drawn
+
+    def generator(self, row):
+        """`row`'s own random draws, seeded alike for every row."""
+        if row not in self.generators:
+            self.generators[row] = torch.Generator(self.device).manual_seed(self.config.seed)
+        return self.generators[row]
 
     def __call__(self, truth, caption, methods):
         """{method: video (B, T, 3, H, W)} of the clips `truth` with their captions."""
@@ -260,7 +281,7 @@ class EvalVideos:
         return self.model.generate_as_trained(
             cond, caption, num_latent_frames, num_iter=config.num_iter, cfg=config.cfg,
             temperature=config.temperature if temperature is None else temperature,
-            generator=self.generators[row], clip_range=self.tokenizer.clip_range,
+            generator=self.generator(row), clip_range=self.tokenizer.clip_range,
             sampler=config.sampler)
 
     def teacher_forcing(self, true_latents, caption):
@@ -274,11 +295,126 @@ class EvalVideos:
         return latents
 
 
-def summary(result):
-    """One line for the end of a training run."""
+# ----------------------------------------------------------------------------------------------
+# Caption steering. In image-to-video the first frame shows where each object is, never where it
+# goes: only the caption says that. Does the caption's direction reach the picture?
+
+STEERING_ROWS = ("truth", "tokenizer", "true caption", "reversed caption", "null text")
+
+
+def held_out_batches(dataset, config):
+    """The first config.n clips of dataset, config.batch_size at a time: (indices, clips
+    (B, T, 3, H, W), captions)."""
+    for start in range(0, config.n, config.batch_size):
+        batch = range(start, min(config.n, start + config.batch_size))
+        clips, captions = zip(*(dataset[i] for i in batch))
+        yield batch, torch.stack(clips), list(captions)
+
+
+def along_the_way(video, truth, clip, start, end):
+    """Per object of a clip (`SyntheticVideos.describe`) seen in both frames: how far its colour's
+    centroid in frame `end` of video lies from the true one in frame `start`, along the caption's
+    way (pixels; positive: the way the true caption says)."""
+    moves = []
+    for o in clip["objects"]:
+        was = centroids(colour_masks(truth[start], o["rgb"])[None])[0]
+        now = centroids(colour_masks(video[end], o["rgb"])[None])[0]
+        way = torch.tensor(SyntheticVideos.DIRECTIONS[o["direction"]], dtype=torch.float32)
+        if not (was.isnan().any() or now.isnan().any()):
+            moves.append(((now - was) @ (way / way.norm())).item())
+    return moves
+
+
+@torch.no_grad()
+def caption_steering(draw, tokenizer, config, given=1, rows=STEERING_ROWS):
+    """How far the caption moves objects in the latent frame after `given` true ones, on the first
+    config.n held-out clips: given=1 is image-to-video's first generated step (pixel frames
+    1 .. tokenizer.temporal), given=2 the setting of the authors' released sampler (two given
+    latent frames, in which the motion already shows). Per object, `along_the_way` from the last
+    given pixel frame (the true one) to the last of the generated latent frame. Rows: the truth,
+    the tokenizer (the truth encoded and decoded), and drawn by the model: with the true caption,
+    with every direction reversed (SyntheticVideos.REVERSED) and with the null text.
+    `draw(frames, captions, num_frames, row)` is the model: num_frames pixel frames
+    (B, T, 3, H, W) in [-1, 1] continuing the given pixel frames (B, k, 3, H, W), with the
+    captions (a list; None: the null text), from `row`'s own random draws (model_draw).
+    Returns {row: dict(along=the mean over objects in pixels, found=the fraction of objects whose
+    colour both frames show)}."""
+    last_given = tokenizer.pixel_frames(given) - 1
+    num_frames = tokenizer.pixel_frames(given + 1)
+    dataset = SyntheticVideos(num_frames, config.height, config.width, split="test")
+    moves, objects = {row: [] for row in rows}, 0
+    for batch, truth, captions in held_out_batches(dataset, config):
+        texts = {"true caption": captions, "null text": None,
+                 "reversed caption": [reword(c, SyntheticVideos.REVERSED) for c in captions]}
+        for row in rows:
+            if row == "truth":
+                videos = truth
+            elif row == "tokenizer":
+                videos = tokenizer.decode(tokenizer.encode(truth)).clamp(-1, 1)
+            else:
+                videos = draw(truth[:, :last_given + 1], texts[row], num_frames,
+                              f"{given} given: {row}")
+            for i, video, true in zip(batch, videos, truth):
+                moves[row] += along_the_way(video, true, dataset.describe(i), last_given,
+                                            num_frames - 1)
+        objects += sum(len(dataset.describe(i)["objects"]) for i in batch)
+    return {row: dict(along=sum(m) / len(m) if m else math.nan, found=len(m) / objects)
+            for row, m in moves.items()}
+
+
+@torch.no_grad()
+def caption_colour(draw, config):
+    """Text-to-image of frame 0 from the caption alone (`draw` as caption_steering's), with the
+    true caption and with every colour swapped for another (SyntheticVideos.SWAPPED): the fraction
+    of objects whose true colour is drawn over at least half the object's true area."""
+    dataset = SyntheticVideos(1, config.height, config.width, split="test")
+    drawn = {"true caption": [], "colours swapped": []}
+    for batch, truth, captions in held_out_batches(dataset, config):
+        swapped = [reword(c, SyntheticVideos.SWAPPED) for c in captions]
+        for row, texts in (("true caption", captions), ("colours swapped", swapped)):
+            images = draw(truth[:, :0], texts, 1, f"text-to-image: {row}")[:, 0]
+            for i, image, true in zip(batch, images, truth[:, 0]):
+                for o in dataset.describe(i)["objects"]:
+                    area = colour_masks(image, o["rgb"]).sum()
+                    drawn[row].append(bool(area >= 0.5 * colour_masks(true, o["rgb"]).sum()))
+    return {row: sum(d) / len(d) for row, d in drawn.items()}
+
+
+def model_draw(model, tokenizer, text_encoder, config):
+    """caption_steering's `draw` for a model: the given frames encoded, the next latent frames
+    generated as score_held_out_clips generates them (EvalVideos.image_to_video), decoded."""
+    videos = EvalVideos(model, tokenizer, config)
+
+    def draw(frames, captions, num_frames, row):
+        B, k, _, H, W = frames.shape
+        cond = (tokenizer.encode(frames.to(videos.device)) if k else  # text-to-image: none given
+                torch.zeros(B, 0, tokenizer.channels, H // tokenizer.spatial,
+                            W // tokenizer.spatial, device=videos.device))
+        caption = None if captions is None else text_encoder(captions)
+        latents = videos.image_to_video(cond, caption, row, tokenizer.latent_frames(num_frames))
+        return tokenizer.decode(latents).clamp(-1, 1)
+    return draw
+
+
+def score_steering(model, tokenizer, text_encoder, config):
+    """eval.py's caption steering: image-to-video's first generated step ("first_step"), the
+    authors' released setting of two given latent frames ("two_given"), and text-to-image's
+    colour ("text_to_image")."""
+    draw = model_draw(model, tokenizer, text_encoder, config)
+    return dict(first_step=caption_steering(draw, tokenizer, config, given=1),
+                two_given=caption_steering(draw, tokenizer, config, given=2),
+                text_to_image=caption_colour(draw, config))
+
+
+def summary(result, steering):
+    """One line for the end of a training run, from score_held_out_clips and caption_steering's
+    true and reversed caption."""
     m, c = result["model"], result["copy"]
     return (f"quality on {result['n']} held-out clips ({result['num_frames']} frames): PSNR model "
             f"{m['psnr']:.1f} dB vs copy-first-frame {c['psnr']:.1f} dB (SSIM {m['ssim']:.3f} vs "
             f"{c['ssim']:.3f}); objects present {m['presence']:.0%} "
             f"(last third {m['presence_last_third']:.0%}), "
-            f"position error {m['position_error']:.2f} px, direction {m['direction']:.0%}")
+            f"position error {m['position_error']:.2f} px, direction {m['direction']:.0%}; "
+            f"first step along the caption's way: true/reversed caption "
+            f"{steering['true caption']['along']:+.2f}/{steering['reversed caption']['along']:+.2f}"
+            f" px")

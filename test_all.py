@@ -30,7 +30,7 @@ from PIL import Image
 
 from checkpoint import build_model, check_memory, gigabytes, load_checkpoint, save_checkpoint
 from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
-                  load_tokenizer)
+                  load_tokenizer, reword)
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
@@ -1853,6 +1853,140 @@ def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(siz
                data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
 
 
+def test_reword_reverses_every_direction_and_swaps_every_colour():
+    """data.reword with SyntheticVideos' tables: every direction turns around (left <-> right,
+    up-left <-> down-right, ...), every colour becomes another one, each a different one (two
+    objects stay two colours); other words, and the "left" inside "up-left", stay."""
+    caption = "a red square moves up-left slowly and a white circle moves right quickly"
+    assert reword(caption, SyntheticVideos.REVERSED) == (
+        "a red square moves down-right slowly and a white circle moves left quickly")
+    assert reword(caption, SyntheticVideos.SWAPPED) == (
+        "a green square moves up-left slowly and a red circle moves right quickly")
+    for word, (x, y) in SyntheticVideos.DIRECTIONS.items():
+        assert SyntheticVideos.DIRECTIONS[SyntheticVideos.REVERSED[word]] == (-x, -y)
+    swapped = SyntheticVideos.SWAPPED
+    assert sorted(swapped) == sorted(swapped.values()) == sorted(SyntheticVideos.COLOURS)
+    assert all(colour != other for colour, other in swapped.items())
+
+
+class Replayed(SyntheticVideos):
+    """The held-out clips of 16 x 16 at chosen times: frame f shows its clip at time times[f];
+    before time 0 the motion runs backwards, reflecting off the borders as it does forwards."""
+
+    def __init__(self, times):
+        super().__init__(len(times), 16, 16, split="test")
+        self.times = np.array(times)
+
+    def positions(self, start, velocity, room):
+        travelled = (start + velocity * self.times) % (2 * room)
+        return np.where(travelled > room, 2 * room - travelled, travelled)
+
+
+def steering_draw(behaviour, n):
+    """metrics.caption_steering's `draw` for a stand-in model that knows the first n held-out clips
+    (it tells them by their frame 0) and continues the k given frames as `behaviour` says:
+    "follows" the caption (the true motion for the true caption, the motion run backwards from the
+    last given frame for every direction reversed, nothing moves for the null text), "still"
+    (nothing moves, whatever the caption) or "true way" (the true motion, whatever the caption)."""
+    clips = [SyntheticVideos(1, 16, 16, split="test")[i] for i in range(n)]
+
+    def draw(frames, captions, num_frames, row):
+        k, videos = frames.shape[1], []
+        for b, given in enumerate(frames):
+            i = next(i for i, (first, _) in enumerate(clips) if torch.equal(first[0], given[0]))
+            true, caption = clips[i][1], None if captions is None else captions[b]
+            assert caption in (None, true, reword(true, SyntheticVideos.REVERSED))
+            times = list(range(num_frames))
+            if behaviour == "still" or (behaviour == "follows" and caption is None):
+                times = [min(t, k - 1) for t in times]
+            elif behaviour == "follows" and caption != true:  # mirrored about the last given frame
+                times = [min(t, 2 * (k - 1) - t) for t in times]
+            video = Replayed(times)[i][0]
+            assert torch.equal(video[:k], given)  # the given frames are the true ones
+            videos.append(video)
+        return torch.stack(videos)
+    return draw
+
+
+@pytest.mark.parametrize("behaviour", ["still", "true way"])
+def test_caption_steering_is_the_same_for_every_caption_of_a_model_that_ignores_it(behaviour):
+    """metrics.caption_steering, image-to-video's first generated step and two given latent
+    frames: a model that ignores the caption scores the same for the true caption, every direction
+    reversed and the null text: nothing if it moves nothing, the truth's displacement if it always
+    moves the true way (the measure is along the true caption's way, not the one it is given)."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    for given in (1, 2):
+        result = metrics.caption_steering(steering_draw(behaviour, 12), tokenizer,
+                                          metrics.EvalConfig(n=12, batch_size=5), given)
+        true, reversed_, null = (result[row]["along"]
+                                 for row in ("true caption", "reversed caption", "null text"))
+        assert true == reversed_ == null
+        assert true == pytest.approx(0 if behaviour == "still" else result["truth"]["along"])
+
+
+def test_caption_steering_of_a_model_that_follows_the_caption():
+    """metrics.caption_steering: the truth moves objects their caption's way (positive); a model
+    that moves objects the way its caption says scores the truth's displacement with the true
+    caption, the other way with every direction reversed (about as far: bounces off the borders
+    differ), none with the null text, in both settings. An exact tokenizer's row is the truth's."""
+    tokenizer, config = load_tokenizer("patch:4x4x4"), metrics.EvalConfig(n=16, batch_size=5)
+    first, two = (metrics.caption_steering(steering_draw("follows", 16), tokenizer, config, given)
+                  for given in (1, 2))
+    for result in (first, two):
+        truth = result["truth"]["along"]
+        assert truth > 0.5
+        assert result["tokenizer"]["along"] == result["true caption"]["along"] == truth
+        assert result["reversed caption"]["along"] < 0 and result["null text"]["along"] == 0
+        assert all(r["found"] == 1 for r in result.values())
+    truth = first["truth"]["along"]
+    assert truth > 1  # 4 frames of 0.5 or 1 px (16 x 16), less where an object bounces
+    assert -1.25 * truth < first["reversed caption"]["along"] < -0.5 * truth
+    # reversed after two given latent frames, it runs back to where it began: frame 8 is frame 0
+    assert two["reversed caption"]["along"] == pytest.approx(-truth)
+    # one row alone scores as among all of them
+    result = metrics.caption_steering(steering_draw("follows", 16), tokenizer, config,
+                                      rows=("reversed caption",))
+    assert result == {"reversed caption": first["reversed caption"]}
+
+
+def test_caption_colour_counts_objects_whose_true_colour_text_to_image_draws():
+    """metrics.caption_colour: a model that draws frame 0 as its caption says draws every object's
+    colour with the true caption and none with the colours swapped; one that draws every colour
+    whatever the caption scores both."""
+    held_out = SyntheticVideos(1, 16, 16, split="test")
+    frames = {caption: clip for clip, caption in (held_out[i] for i in range(6))}
+    background = torch.full((1, 3, 16, 16), -0.4)  # a muted grey: no object's colour
+    stripes = background.clone()  # every colour, two rows of 16 pixels each
+    for j, rgb in enumerate(SyntheticVideos.COLOURS.values()):
+        stripes[0, :, 2 * j:2 * j + 2] = torch.tensor(rgb).view(3, 1, 1) * 2 - 1
+
+    def draw(follows):
+        def text_to_image(frames_given, captions, num_frames, row):
+            assert frames_given.shape[1] == 0 and num_frames == 1
+            return torch.stack([frames.get(c, background) if follows else stripes
+                                for c in captions])
+        return text_to_image
+
+    config = metrics.EvalConfig(n=6, batch_size=4)
+    assert metrics.caption_colour(draw(True), config) == {"true caption": 1.0,
+                                                          "colours swapped": 0.0}
+    assert metrics.caption_colour(draw(False), config) == {"true caption": 1.0,
+                                                           "colours swapped": 1.0}
+
+
+def test_model_draw_continues_the_true_frames_and_draws_text_to_image():
+    """metrics.model_draw, the model behind caption_steering: the given frames come back as they
+    were (an exact tokenizer), the rest generated; none given is text-to-image of frame 0."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels, num_sampling_steps="3")
+    draw = metrics.model_draw(model, tokenizer, FakeText(), metrics.EvalConfig(num_iter=1))
+    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(2)])
+    video = draw(clips[:, :5], ["a", "b"], 9, "two given")
+    assert video.shape == clips.shape and torch.equal(video[:, :5], clips[:, :5])
+    assert not torch.equal(video[:, 5:], clips[:, 5:])
+    assert draw(clips[:, :0], None, 1, "text-to-image").shape == (2, 1, 3, 16, 16)
+
+
 # ----------------------------------------------------------------------------------------------
 # train.py: the optimiser, learning rate and EMA; curriculum, resume, progressive resolution,
 # DDP, NaN, bad input; checkpoints
@@ -2425,19 +2559,30 @@ def test_plot_is_written_with_its_size(tmp_path):
 
 
 def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
-    """eval.py on a trained checkpoint: the table, eval.json, plots and grid; more frames and a
-    larger grid than trained."""
+    """eval.py on a trained checkpoint: the table, the caption-steering table, eval.json, plots and
+    grid; more frames and a larger grid than trained. train.py's last line."""
     assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "2,2",
                               "--out_dir", str(tmp_path)]) == 0
-    assert "quality on 16 held-out clips" in capsys.readouterr().out
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line.startswith("quality on 16 held-out clips")
+    assert re.search(r"first step along the caption's way: true/reversed caption "
+                     r"[+-]\d\.\d\d/[+-]\d\.\d\d px$", last_line)
     out = tmp_path / "eval"
     args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--batch_size", "2", "--num_iter", "2",
             "--out", str(out)]
     assert evaluation.main(args[:-2] + ["--teacher_forced"] + args[-2:]) == 0
     printed = capsys.readouterr().out
-    for row in ("model", "teacher_forced", "null_text", "copy", "tokenizer"):
+    for row in metrics.METHODS + metrics.STEERING_ROWS:
         assert f"| {row} |" in printed
+    assert ("| drawn from | first generated step (image-to-video: frame 0 to 4) | two given latent "
+            "frames (frame 4 to 8) |") in printed
+    assert "text-to-image (frame 0 from the caption alone): the caption's colour drawn" in printed
     result = json.loads((out / "eval.json").read_text())
+    steering = result["steering"]
+    assert steering.keys() == {"first_step", "two_given", "text_to_image"}
+    assert steering["first_step"].keys() == steering["two_given"].keys() == set(
+        metrics.STEERING_ROWS)
+    assert steering["text_to_image"].keys() == {"true caption", "colours swapped"}
     assert result["num_frames"] == 9 and result["frames"] == list(range(1, 9))
     for method in metrics.METHODS:
         assert {"psnr", "ssim", "psnr_last_third", "ssim_last_third"} <= result[method].keys()
@@ -2447,8 +2592,10 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)
     # extrapolation: more frames and a larger grid than trained; the probe of z
     assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24",
-                                        "--width", "24", "--n", "1", "--mean_of", "2"]) == 0
+                                        "--width", "24", "--n", "1", "--mean_of", "2",
+                                        "--steering", "false"]) == 0
     result = json.loads((out / "x" / "eval.json").read_text())
+    assert "steering" not in result
     assert (result["height"], len(result["model"]["psnr_per_frame"])) == (24, 12)
     assert result["mean_of"] == 2 and "each token the mean of 2 draws" in capsys.readouterr().out
     assert evaluation.main(args + ["--frames", "6"]) == 2  # not 1 + 4k frames
@@ -2559,8 +2706,8 @@ def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys,
     monkeypatch.setattr("model.random_masks", lambda batch, length, *args: mask_lengths.append(
         length) or random_masks(batch, length, *args))
     for switches, method, length in (
-            (["--causal", "false"], ("generate", False, 2), 16),
-            (["--causal", "false", "--next_frame_loss", "false"], ("generate_total_mask", None, 2),
+            (["--causal", "false"], ("generate", False), 16),
+            (["--causal", "false", "--next_frame_loss", "false"], ("generate_total_mask", None),
              32)):
         methods.clear()
         mask_lengths.clear()
@@ -2572,8 +2719,12 @@ def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys,
                                 "--out", str(out / "eval")]) == 0
         assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
         assert sample_cli(out / "ckpt.pt", out, "--frames", "5") == 0
-        # the sample train.py writes and its score; eval.py's model and null-text rows; sample.py
-        assert len(methods) == 5 and set(methods) == {method}
+        assert {m[:2] for m in methods} == {method}
+        # latent frames of: the sample train.py writes, its score and caption steering (true and
+        # reversed caption); eval.py's model and null-text rows, then its caption steering (three
+        # captions from one given latent frame, three from two) and text-to-image (two captions);
+        # sample.py's video
+        assert [m[2] for m in methods] == [2] * 4 + [2] * 2 + [2] * 3 + [3] * 3 + [1] * 2 + [2]
     assert "quality on 16 held-out clips" in capsys.readouterr().out
     # a total-mask model samples the whole video at once: no frame to teacher-force
     assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2

@@ -50,7 +50,7 @@ from cli import (ArgumentParser, add_field_options, device_option, float_where, 
 from checkpoint import build_model, load_checkpoint, model_from_config, save_checkpoint
 from data import PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer
 from errors import BadInput
-from metrics import EvalConfig, score_held_out_clips, summary
+from metrics import EvalConfig, caption_steering, model_draw, score_held_out_clips, summary
 from model import PRESETS, VideoMARConfig, compile_model
 from videoio import save_image_grid, write_video
 
@@ -535,11 +535,15 @@ def finish(run, step):
         clip, caption = run.datasets[last_stage][0]
     write_sample(run.ema, run.tokenizer, run.text_encoder, clip, caption, config, run.out_dir)
     if config.data == "synthetic":
-        result = score_held_out_clips(run.ema, run.tokenizer, run.text_encoder, EvalConfig(
+        eval_config = EvalConfig(
             n=16, num_frames=num_frames, height=config.height, width=config.width,
             num_iter=config.sample_num_iter, cfg=config.sample_cfg, seed=config.seed,
-            null_text=False, keep=0))
-        print(summary(result))
+            null_text=False, keep=0)
+        result = score_held_out_clips(run.ema, run.tokenizer, run.text_encoder, eval_config)
+        draw = model_draw(run.ema, run.tokenizer, run.text_encoder, eval_config)
+        steering = caption_steering(draw, run.tokenizer, eval_config,
+                                    rows=("true caption", "reversed caption"))
+        print(summary(result, steering))
 
 
 def train(cli, model_cli):
