@@ -51,16 +51,6 @@ class VideoMARConfig:
     text_len: int = field(default=32, metadata=dict(help="S_max, a caption's tokens at most"))
     text_drop_prob: float = field(default=0.1, metadata=dict(
         help="classifier-free guidance: drop the caption for 10% of clips"))
-    # beyond the paper: how the caption reaches the tokens (VideoMAR.text_context)
-    text_whitening: bool = field(default=False, metadata=dict(
-        help="ZCA-whiten the text's hidden states with statistics of the training captions "
-             "(fit_text_whitening), so that every way captions differ is heard alike"))
-    text_first: bool = field(default=False, metadata=dict(
-        help="cross-attention before self-attention in every block, so that the first "
-             "self-attention already knows the caption"))
-    text_pooled: bool = field(default=False, metadata=dict(
-        help="the caption, pooled (the mean of its projected tokens), added to every token "
-             "before the first block"))
     # masking (MAR): training mask ratio ~ truncated normal, centre 1.0, std 0.25, on [0.7, 1.0]
     mask_ratio_min: float = field(default=0.7, metadata=dict(
         help="training masks hide this share of a frame's tokens at least (MAR's truncated "
@@ -103,11 +93,9 @@ PRESETS = {
     # pca:4x4x4:16, MiniLM text (384); train.py takes both sizes from the tokenizer and the text
     # encoder it is given. The synthetic captions (21 MiniLM tokens at most) fit whole. The plain
     # block (no QK-norm): at toy scale in fp32 there is no instability for it to cure, and the tiny
-    # model keeps its parameters and the tests their meaning. The caption whitened and before the
-    # first self-attention: without both the tiny model ignores the caption's direction (README)
+    # model keeps its parameters and the tests their meaning.
     "tiny": dict(latent_channels=16, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
-                 diffloss_w=256, text_dim=384, text_len=32, qk_norm=False, text_whitening=True,
-                 text_first=True, text_pooled=True),
+                 diffloss_w=256, text_dim=384, text_len=32, qk_norm=False),
 }
 
 
@@ -215,19 +203,16 @@ class KVCache:
 
 
 class TextContext(NamedTuple):
-    """A caption as the model sees it: per layer the keys and values of its tokens (the same
-    at every sampling step, so computed once), its mask (B, S), True = a real token, and the
-    mean of its projected tokens (B, n_embd) (text_pooled)."""
+    """A caption as cross-attention sees it: per layer the keys and values of its tokens (the
+    same at every sampling step, so computed once), and its mask (B, S), True = a real token."""
     kv: list
     mask: torch.Tensor
-    pooled: torch.Tensor
 
     def cat(self, other):
         """This context's rows, then other's (CFG: the conditional rows, then the null text's)."""
         kv = [(torch.cat([k, other_k]), torch.cat([v, other_v]))
               for (k, v), (other_k, other_v) in zip(self.kv, other.kv)]
-        return TextContext(kv, torch.cat([self.mask, other.mask]),
-                           torch.cat([self.pooled, other.pooled]))
+        return TextContext(kv, torch.cat([self.mask, other.mask]))
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -303,14 +288,10 @@ class Block(nn.Module):
         hidden = int(config.mlp_ratio * config.n_embd)
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, hidden), nn.GELU(),
                                  nn.Linear(hidden, config.n_embd))
-        self.text_first = config.text_first
 
     def forward(self, x, rope, attn_mask, text_kv, text_mask, cache=None, layer=None):
-        if self.text_first:
-            x = x + self.cross_attn(self.ln_2(x), *text_kv, text_mask)
         x = x + self.attn(self.ln_1(x), rope, attn_mask, cache, layer)
-        if not self.text_first:
-            x = x + self.cross_attn(self.ln_2(x), *text_kv, text_mask)
+        x = x + self.cross_attn(self.ln_2(x), *text_kv, text_mask)
         return x + self.mlp(self.ln_3(x))
 
 
@@ -323,9 +304,6 @@ class VideoMAR(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, config.n_embd))
         self.text_proj = nn.Linear(config.text_dim, config.n_embd)
         self.null_text = nn.Parameter(torch.zeros(1, config.text_len, config.n_embd))
-        if config.text_whitening:  # set from the training captions by fit_text_whitening
-            self.register_buffer("text_mean", torch.zeros(config.text_dim))
-            self.register_buffer("text_whitener", torch.eye(config.text_dim))
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.diffloss = DiffLoss(config.token_dim, config.n_embd, config.diffloss_d,
@@ -355,8 +333,6 @@ class VideoMAR(nn.Module):
         """The TextContext of text (B, S, text_dim) with its mask: the projected text's keys and
         values in every layer. Rows where `drop` is True get the learned null text
         (classifier-free guidance)."""
-        if self.config.text_whitening:
-            text = (text - self.text_mean) @ self.text_whitener
         text = self.text_proj(text)
         S = text.shape[1]
         if S > self.config.text_len:
@@ -364,34 +340,13 @@ class VideoMAR(nn.Module):
         if drop is not None:
             text = torch.where(drop[:, None, None], self.null_text[:, :S].to(text.dtype), text)
             text_mask = text_mask | drop[:, None]
-        return self.context_of(text, text_mask)
+        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], text_mask)
 
     def null_context(self, batch):
         """The unconditional branch of CFG: the learned null text, every position attended."""
         text = self.null_text.expand(batch, -1, -1)
         mask = torch.ones(batch, self.config.text_len, dtype=torch.bool, device=text.device)
-        return self.context_of(text, mask)
-
-    def context_of(self, text, mask):
-        """The TextContext of projected text (B, S, n_embd) with its mask."""
-        weights = mask[..., None].to(text.dtype)
-        pooled = (text * weights).sum(1) / weights.sum(1)
-        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask,
-                           pooled)
-
-    @torch.no_grad()
-    def fit_text_whitening(self, text, text_mask, eps=0.01):
-        """ZCA whitening of the text encoder's hidden states (text_whitening), fitted on the real
-        tokens of training captions (B, S, text_dim): centred, then each principal axis scaled to
-        unit variance (eps of the mean variance added, so that rare axes are not blown up), and
-        rotated back. A sentence encoder keeps apart what sentences mean, not every word: in
-        MiniLM "moves left" and "moves right" are nearly the same caption."""
-        states = text[text_mask].double()
-        mean = states.mean(0)
-        variances, axes = torch.linalg.eigh(torch.cov((states - mean).T))
-        variances = variances.clamp(min=0) + eps * variances.clamp(min=0).mean()
-        self.text_mean.copy_(mean)
-        self.text_whitener.copy_(axes @ torch.diag(variances.rsqrt()) @ axes.T)
+        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask)
 
     def rope(self, frame_offset, num_latent_frames, grid, device):
         return rope_frequencies(self.config.n_embd // self.config.n_head, num_latent_frames, *grid,
@@ -402,8 +357,6 @@ class VideoMAR(nn.Module):
     def transformer(self, x, rope, attn_mask, context, cache=None):
         """x (B, N, n_embd) -> z (B, N, n_embd). With a cache, x's keys and values are written
         after the cached ones and x attends to all of them."""
-        if self.config.text_pooled:
-            x = x + context.pooled[:, None].to(x.dtype)
         for layer, (block, text_kv) in enumerate(zip(self.blocks, context.kv)):
             x = block(x, rope, attn_mask, text_kv, context.mask, cache, layer)
         return self.ln_f(x)

@@ -687,65 +687,6 @@ def test_videomar_preset_has_1_4b_parameters():
     assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
 
 
-def test_text_whitening_gives_the_training_captions_unit_covariance():
-    """fit_text_whitening: the training tokens' states, whitened, have mean 0 and covariance I
-    (eps 0), by a symmetric (ZCA) map; text_context projects the whitened states, padding
-    excluded from the fit."""
-    model = tiny_model(text_whitening=True)
-    g = torch.Generator().manual_seed(3)
-    mixing = torch.randn(16, 16, generator=g) * torch.logspace(-2, 1, 16)  # very unequal axes
-    text = 5 + torch.randn(64, 6, 16, generator=g) @ mixing
-    mask = torch.rand(64, 6, generator=g) < 0.7
-    text_with_junk = torch.where(mask[..., None], text, torch.full_like(text, 1e4))
-    model.fit_text_whitening(text_with_junk, mask, eps=0.0)
-    white = (text[mask] - model.text_mean) @ model.text_whitener
-    assert white.mean(0).abs().max() < 1e-4
-    assert torch.allclose(torch.cov(white.T), torch.eye(16), atol=1e-3)
-    assert torch.allclose(model.text_whitener, model.text_whitener.T, atol=1e-5)
-    plain = tiny_model(text_whitening=False)
-    plain.load_state_dict(model.state_dict(), strict=False)
-    whitened_context = model.text_context(text[:2], mask[:2])
-    plain_context = plain.text_context((text[:2] - model.text_mean) @ model.text_whitener,
-                                       mask[:2])
-    for (k, v), (plain_k, plain_v) in zip(whitened_context.kv, plain_context.kv):
-        assert torch.allclose(k, plain_k, atol=1e-4) and torch.allclose(v, plain_v, atol=1e-4)
-    # eps: an axis of tiny variance is lifted to eps of the mean variance, not blown up to 1
-    model.fit_text_whitening(text, mask)
-    white = (text[mask] - model.text_mean) @ model.text_whitener
-    assert torch.linalg.eigvalsh(torch.cov(white.T)).min() < 0.5
-
-
-@pytest.mark.parametrize("text_first", [False, True])
-def test_text_first_puts_the_caption_before_the_first_self_attention(text_first):
-    """text_first: every block's self-attention sees the caption, through the cross-attention
-    before it; else the first block's self-attention is the same for any caption."""
-    model = tiny_model(text_first=text_first)
-    seen = []
-    model.blocks[0].attn.register_forward_hook(lambda module, args, out: seen.append(out))
-    tokens = torch.randn(2, 9, model.config.token_dim)
-    for seed in (1, 2):
-        context = model.text_context(*random_text(2, model.config, seed=seed))
-        model.transformer(model.embed(tokens), model.rope(0, 1, (3, 3), "cpu"), None, context)
-    assert torch.allclose(seen[0], seen[1]) != text_first
-
-
-def test_text_pooled_adds_the_mean_of_the_caption_to_every_token():
-    """text_pooled: the stack's input is every token plus the mean of the caption's projected
-    real tokens (padding left out), the null text's own mean for the null text."""
-    model = tiny_model(text_pooled=True)
-    inputs = []
-    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-    text, mask = random_text(2, model.config)
-    x = model.embed(torch.randn(2, 9, model.config.token_dim))
-    rope = model.rope(0, 1, (3, 3), "cpu")
-    model.transformer(x, rope, None, model.text_context(text, mask))
-    model.transformer(x, rope, None, model.null_context(2))
-    projected = model.text_proj(text)
-    pooled = torch.stack([projected[b][mask[b]].mean(0) for b in range(2)])
-    assert torch.allclose(inputs[0], x + pooled[:, None], atol=1e-6)
-    assert torch.allclose(inputs[1], x + model.null_text.mean(1)[:, None], atol=1e-6)
-
-
 # ----------------------------------------------------------------------------------------------
 # The method, rope3d.py: 3D RoPE (§4.3, Appendix A)
 

@@ -201,24 +201,10 @@ def curriculum(config, tokenizer):
 # -----------------------------------------------------------------------------
 # Pieces of the training loop
 
-def fitting_picks(dataset, config, num_clips=512):
-    """The clips the fitted parts are fitted on: the same on every rank (a fixed draw)."""
+def fit_tokenizer(tokenizer, dataset, config, verbose, num_clips=512):
+    """Fit a PCA tokenizer on clips of the longest stage, the same on every rank (a fixed draw)."""
     generator = torch.Generator().manual_seed(config.seed)
-    return torch.randperm(len(dataset), generator=generator)[:num_clips].tolist()
-
-
-def fit_text_whitening(model, text_encoder, dataset, config, verbose):
-    """Fit the model's text whitening on the captions of the clips the tokenizer is fitted on."""
-    text, text_mask = text_encoder([dataset[i][1] for i in fitting_picks(dataset, config)])
-    model.fit_text_whitening(text, text_mask)
-    if verbose:
-        print(f"text whitening: fitted on {int(text_mask.sum())} tokens of "
-              f"{len(text)} captions")
-
-
-def fit_tokenizer(tokenizer, dataset, config, verbose):
-    """Fit a PCA tokenizer on clips of the longest stage."""
-    picks = fitting_picks(dataset, config)
+    picks = torch.randperm(len(dataset), generator=generator)[:num_clips].tolist()
     picks_bar = tqdm(picks, desc="fit tokenizer", leave=False, disable=not verbose)
     kept = tokenizer.fit(torch.stack([dataset[i][0] for i in picks_bar]))
     if verbose:
@@ -401,8 +387,6 @@ def build(cli, model_cli, process):
     torch.manual_seed(config.seed)
     if source is None:
         model = model_from_config(model_config)
-        if model.config.text_whitening:
-            fit_text_whitening(model, text_encoder, datasets[-1], config, process.master)
         ema = deepcopy(model)
     else:  # the EMA restarts from the raw weights in a new run (--init_from)
         model = build_model({**source, "config": model_config}, use_ema=False).train()
