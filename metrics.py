@@ -107,6 +107,12 @@ def colour_masks(frames, rgb):
     return ((frames.float().cpu() + 1) / 2 - rgb).abs().amax(-3) < COLOUR_TOLERANCE
 
 
+def caption_way(o):
+    """The unit vector (x right, y down) of object o's direction (`SyntheticVideos.describe`)."""
+    way = torch.tensor(SyntheticVideos.DIRECTIONS[o["direction"]], dtype=torch.float32)
+    return way / way.norm()
+
+
 def centroids(masks):
     """(x, y) mean coordinates of the True pixels of masks (T, H, W): (T, 2), NaN where none are."""
     T, H, W = masks.shape
@@ -158,9 +164,8 @@ def object_scores(video, truth, clip):
         travel = b * math.hypot(*o["velocity"])  # the true distance, along the caption's way
         direction = None
         if travel >= o["size"] / 2:
-            way = torch.tensor(SyntheticVideos.DIRECTIONS[o["direction"]], dtype=torch.float32)
             moved = centre[b] - true_centre[0]
-            along = moved @ (way / way.norm())
+            along = moved @ caption_way(o)
             direction = bool(along >= 0.5 * travel
                              and along >= math.cos(math.pi / 4) * moved.norm())
         scores.append(dict(presence=present[1:], position_error=error[1:], direction=direction))
@@ -202,6 +207,15 @@ class EvalConfig:
     keep: int = 4  # clips whose truth and generated video come back in "grid"
 
 
+def held_out_batches(dataset, config):
+    """The first config.n clips of dataset, config.batch_size at a time: (indices, clips
+    (B, T, 3, H, W), captions)."""
+    for start in range(0, config.n, config.batch_size):
+        batch = range(start, min(config.n, start + config.batch_size))
+        clips, captions = zip(*(dataset[i] for i in batch))
+        yield batch, torch.stack(clips), list(captions)
+
+
 @torch.no_grad()
 def score_held_out_clips(model, tokenizer, text_encoder, config):
     """Image-to-video on the first config.n held-out clips, scored against the truth. Returns a
@@ -215,16 +229,14 @@ def score_held_out_clips(model, tokenizer, text_encoder, config):
     scores = {m: ([], []) for m in methods}  # per method and batch: squared errors, SSIMs (B, T-1)
     objects = {m: [] for m in methods}  # per method and clip: object_scores
     eval_videos, grid = EvalVideos(model, tokenizer, config), []
-    for start in range(0, config.n, config.batch_size):
-        batch = range(start, min(config.n, start + config.batch_size))
-        clips, captions = zip(*(dataset[i] for i in batch))
-        truth = torch.stack(clips).to(eval_videos.device)
-        videos = eval_videos(truth, text_encoder(list(captions)), methods)
+    for batch, truth, captions in held_out_batches(dataset, config):
+        truth = truth.to(eval_videos.device)
+        videos = eval_videos(truth, text_encoder(captions), methods)
         for m in methods:  # frame 0 is the given image: score the generated frames 1 .. T-1
             for scores_m, s in zip(scores[m], frame_scores(videos[m][:, 1:], truth[:, 1:])):
                 scores_m.append(s.cpu())
-            for i, (video, true) in enumerate(zip(videos[m], truth)):
-                objects[m].append(object_scores(video, true, dataset.describe(start + i)))
+            for i, video, true in zip(batch, videos[m], truth):
+                objects[m].append(object_scores(video, true, dataset.describe(i)))
         pairs = [row for pair in zip(truth, videos["model"]) for row in pair]
         grid += pairs[:2 * config.keep - len(grid)]
     result = dict(n=config.n, num_frames=config.num_frames, height=config.height,
@@ -302,15 +314,6 @@ class EvalVideos:
 STEERING_ROWS = ("truth", "tokenizer", "true caption", "reversed caption", "null text")
 
 
-def held_out_batches(dataset, config):
-    """The first config.n clips of dataset, config.batch_size at a time: (indices, clips
-    (B, T, 3, H, W), captions)."""
-    for start in range(0, config.n, config.batch_size):
-        batch = range(start, min(config.n, start + config.batch_size))
-        clips, captions = zip(*(dataset[i] for i in batch))
-        yield batch, torch.stack(clips), list(captions)
-
-
 def along_the_way(video, truth, clip, start, end):
     """Per object of a clip (`SyntheticVideos.describe`) seen in both frames: how far its colour's
     centroid in frame `end` of video lies from the true one in frame `start`, along the caption's
@@ -319,9 +322,8 @@ def along_the_way(video, truth, clip, start, end):
     for o in clip["objects"]:
         was = centroids(colour_masks(truth[start], o["rgb"])[None])[0]
         now = centroids(colour_masks(video[end], o["rgb"])[None])[0]
-        way = torch.tensor(SyntheticVideos.DIRECTIONS[o["direction"]], dtype=torch.float32)
         if not (was.isnan().any() or now.isnan().any()):
-            moves.append(((now - was) @ (way / way.norm())).item())
+            moves.append(((now - was) @ caption_way(o)).item())
     return moves
 
 
