@@ -299,12 +299,19 @@ class DiffLoss(nn.Module):
         self.train_diffusion = create_diffusion(timestep_respacing="")
         self.gen_diffusion = create_diffusion(timestep_respacing=str(num_sampling_steps))
 
-    def forward(self, target, z, mask=None):
+    def forward(self, target, z, mask=None, generator=None):
         """Mean diffusion loss of tokens `target` (N, C) given conditions `z` (N, z_channels),
-        each with its own random timestep; `mask` (N,) weights the rows."""
-        t = torch.randint(0, self.train_diffusion.num_timesteps, (target.shape[0],),
-                          device=target.device)
-        loss = self.train_diffusion.training_losses(self.net, target, t, dict(c=z))["loss"]
+        each with its own random timestep; `mask` (N,) weights the rows. A `generator` draws the
+        timesteps and the noise, so that two calls can share them (metrics.caption_likelihood)."""
+        num_timesteps, noise = self.train_diffusion.num_timesteps, None
+        if generator is None:
+            t = torch.randint(0, num_timesteps, (target.shape[0],), device=target.device)
+        else:
+            t = torch.randint(0, num_timesteps, (target.shape[0],), generator=generator,
+                              device=generator.device).to(target.device)
+            noise = torch.randn(target.shape, generator=generator,
+                                device=generator.device).to(target)
+        loss = self.train_diffusion.training_losses(self.net, target, t, dict(c=z), noise)["loss"]
         if mask is None:
             return loss.mean()
         return (loss * mask).sum() / mask.sum()

@@ -8,7 +8,9 @@ generated. Probes of the model are built here, on top of the method (mean_of_sam
 caption steering (metrics.caption_steering): how far the caption moves each object along its way
 in the first generated step of image-to-video and, beside it, in the authors' released setting
 (two given latent frames), with the true caption, every direction reversed and the null text; and
-how often text-to-image draws the caption's colour.
+how often text-to-image draws the caption's colour; and, sampling-free, the head's loss on that
+first step with each caption (metrics.caption_likelihood): a model blind to the direction scores
+the reversed caption exactly as the true one.
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/...
@@ -81,6 +83,12 @@ def steering_table(steering, temporal):
     lines.append(f"text-to-image (frame 0 from the caption alone): the caption's colour drawn for "
                  f"{colour['true caption']:.0%} of objects, {colour['colours swapped']:.0%} with "
                  f"the caption's colours swapped")
+    loss = steering["likelihood"]
+    lines.append(f"the head's loss on the first generated step (every token masked, the same "
+                 f"noise for each caption): true caption {loss['true caption']:.5f}, reversed "
+                 f"{loss['reversed caption']:.5f} "
+                 f"({loss['reversed caption'] - loss['true caption']:+.5f}), null text "
+                 f"{loss['null text']:.5f}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,8 @@ frame after the true given ones, drawn with the true caption, with every directi
 with the null text; per object, how far its colour moved along the caption's way. A model that
 follows the caption moves it the caption's way, and the other way for the reversed caption; one
 that ignores the direction scores the same for both. `caption_colour`: does the caption's colour
-reach text-to-image?
+reach text-to-image? `caption_likelihood`, without sampling: is the head's loss on that first step
+lower with the true caption than with the reversed one?
 
 Usage:
     config = EvalConfig(n=16, num_frames=25)
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from data import SyntheticVideos, reword
-from model import frame_temperature
+from model import frame_temperature, patchify
 
 METHODS = ("model", "teacher_forced", "null_text", "copy", "tokenizer")
 MAX_PSNR = 50.0  # dB: what a zero error counts as, rather than infinity
@@ -382,6 +383,40 @@ def caption_colour(draw, config):
     return {row: sum(d) / len(d) for row, d in drawn.items()}
 
 
+@torch.no_grad()
+def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
+    """Does the model's distribution of the first generated latent frame depend on the caption's
+    direction? Sampling-free: on the first config.n held-out clips, the head's diffusion loss
+    (what training minimises) on every token of latent frame 1, all of them masked, given the true
+    latent frame 0, with the true caption, with every direction reversed and with the null text.
+    Each token gets `draws` timesteps and noises, the same for the three captions, so that a model
+    whose z ignores the direction scores the reversed caption exactly as the true one, and one
+    that follows it scores the reversed caption worse. Returns {row: mean loss}."""
+    p = model.config.patch_size
+    dataset = SyntheticVideos(tokenizer.pixel_frames(2), config.height, config.width,
+                              split="test")
+    device = next(model.parameters()).device
+    losses = {row: [] for row in STEERING_ROWS[2:]}
+    for batch, truth, captions in held_out_batches(dataset, config):
+        latents = tokenizer.encode(truth.to(device))
+        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
+        tokens = patchify(latents, p)  # (B, 2, L, token_dim)
+        B, _, L, _ = tokens.shape
+        mask = torch.zeros(B, 2 * L, dtype=torch.bool, device=device)
+        mask[:, L:] = True
+        target = tokens[:, 1].flatten(0, 1).float().repeat(draws, 1)
+        texts = {"true caption": captions, "null text": None,
+                 "reversed caption": [reword(c, SyntheticVideos.REVERSED) for c in captions]}
+        for row, text in texts.items():
+            context = (model.null_context(B) if text is None else
+                       model.text_context(*text_encoder(text)))
+            z = model.forward_frames(tokens.flatten(1, 2), mask, 0, grid, context)[:, L:]
+            generator = torch.Generator(device).manual_seed(config.seed + batch[0])
+            losses[row].append(model.diffloss(target, z.flatten(0, 1).repeat(draws, 1),
+                                              generator=generator) * len(batch))
+    return {row: (sum(l) / config.n).item() for row, l in losses.items()}
+
+
 def model_draw(model, tokenizer, text_encoder, config):
     """caption_steering's `draw` for a model: the given frames encoded, the next latent frames
     generated as score_held_out_clips generates them (EvalVideos.image_to_video), decoded."""
@@ -401,11 +436,13 @@ def model_draw(model, tokenizer, text_encoder, config):
 def score_steering(model, tokenizer, text_encoder, config):
     """eval.py's caption steering: image-to-video's first generated step ("first_step"), the
     authors' released setting of two given latent frames ("two_given"), and text-to-image's
-    colour ("text_to_image")."""
+    colour ("text_to_image"); and sampling-free, the head's loss on the first generated step
+    ("likelihood")."""
     draw = model_draw(model, tokenizer, text_encoder, config)
     return dict(first_step=caption_steering(draw, tokenizer, config, given=1),
                 two_given=caption_steering(draw, tokenizer, config, given=2),
-                text_to_image=caption_colour(draw, config))
+                text_to_image=caption_colour(draw, config),
+                likelihood=caption_likelihood(model, tokenizer, text_encoder, config))
 
 
 def summary(result, steering):

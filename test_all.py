@@ -19,6 +19,7 @@ import shlex
 import subprocess
 import sys
 import warnings
+import zlib
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -1974,6 +1975,57 @@ def test_caption_colour_counts_objects_whose_true_colour_text_to_image_draws():
                                                            "colours swapped": 1.0}
 
 
+class CaptionText:
+    """A text encoder of the tiny model's width whose embedding is a function of the caption."""
+
+    def __call__(self, captions):
+        rows = [torch.randn(6, 16, generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
+                for c in captions]
+        return torch.stack(rows), torch.ones(len(captions), 6, dtype=torch.bool)
+
+
+def test_caption_likelihood_is_the_heads_loss_on_frame_1_given_frame_0():
+    """metrics.caption_likelihood: per caption, the head's loss on every token of latent frame 1,
+    all masked, given the true latent frame 0 (computed here through target_frame_z, Eq. 4.1's
+    z for one t), with the timesteps and noise of one generator per batch, shared by the
+    captions; the mean over clips."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels)
+    config, text, draws = metrics.EvalConfig(n=3, batch_size=2, seed=5), CaptionText(), 3
+    result = metrics.caption_likelihood(model, tokenizer, text, config, draws)
+    dataset = SyntheticVideos(5, 16, 16, split="test")
+    expected = {row: 0.0 for row in result}
+    for batch in ([0, 1], [2]):
+        clips, captions = zip(*(dataset[i] for i in batch))
+        tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
+        mask = torch.ones(len(batch), 16, dtype=torch.bool)
+        reversed_ = [reword(c, SyntheticVideos.REVERSED) for c in captions]
+        for row, context in (("true caption", model.text_context(*text(list(captions)))),
+                             ("reversed caption", model.text_context(*text(reversed_))),
+                             ("null text", model.null_context(len(batch)))):
+            with torch.no_grad():
+                z = model.target_frame_z(tokens, 1, mask, (4, 4), context).flatten(0, 1)
+                loss = model.diffloss(tokens[:, 1].flatten(0, 1).repeat(draws, 1),
+                                      z.repeat(draws, 1), generator=torch.Generator().manual_seed(
+                                          5 + batch[0]))
+            expected[row] += loss.item() * len(batch) / 3
+    assert result == pytest.approx(expected, rel=1e-5)
+    assert len(set(result.values())) == 3
+
+
+def test_caption_likelihood_of_a_model_blind_to_the_caption_is_the_same_for_both_captions():
+    """A model whose z ignores the caption's words (its text projection zeroed) scores the reversed
+    caption exactly as the true one: the noise is shared; the null text is another z."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels)
+    with torch.no_grad():
+        model.text_proj.weight.zero_()
+        model.text_proj.bias.zero_()
+    result = metrics.caption_likelihood(model, tokenizer, CaptionText(),
+                                        metrics.EvalConfig(n=2, batch_size=2), draws=2)
+    assert result["true caption"] == result["reversed caption"] != result["null text"]
+
+
 def test_model_draw_continues_the_true_frames_and_draws_text_to_image():
     """metrics.model_draw, the model behind caption_steering: the given frames come back as they
     were (an exact tokenizer), the rest generated; none given is text-to-image of frame 0."""
@@ -2579,7 +2631,9 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert "text-to-image (frame 0 from the caption alone): the caption's colour drawn" in printed
     result = json.loads((out / "eval.json").read_text())
     steering = result["steering"]
-    assert steering.keys() == {"first_step", "two_given", "text_to_image"}
+    assert steering.keys() == {"first_step", "two_given", "text_to_image", "likelihood"}
+    assert steering["likelihood"].keys() == set(metrics.STEERING_ROWS[2:])
+    assert "the head's loss on the first generated step (every token masked" in printed
     assert steering["first_step"].keys() == steering["two_given"].keys() == set(
         metrics.STEERING_ROWS)
     assert steering["text_to_image"].keys() == {"true caption", "colours swapped"}
