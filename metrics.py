@@ -33,6 +33,8 @@ Usage:
     draw = model_draw(model, tokenizer, text_encoder, config)
     steering = caption_steering(draw, tokenizer, config)  # image-to-video's first generated step
     steering["reversed caption"]["along"]              # px along the true caption's way
+    loss = caption_likelihood(model, tokenizer, text_encoder, config)  # sampling-free
+    loss["reversed caption"] - loss["true caption"]    # 0 for a model blind to the direction
     print(summary(result, steering))                   # one line
 """
 import math
