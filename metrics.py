@@ -317,6 +317,13 @@ class EvalVideos:
 STEERING_ROWS = ("truth", "tokenizer", "true caption", "reversed caption", "null text")
 
 
+def steering_captions(captions):
+    """The captions each steering row draws with: as they are, every direction reversed
+    (SyntheticVideos.REVERSED), and None, the null text."""
+    return {"true caption": captions, "null text": None,
+            "reversed caption": [reword(c, SyntheticVideos.REVERSED) for c in captions]}
+
+
 def along_the_way(video, truth, clip, start, end):
     """Per object of a clip (`SyntheticVideos.describe`) seen in both frames: how far its colour's
     centroid in frame `end` of video lies from the true one in frame `start`, along the caption's
@@ -349,8 +356,7 @@ def caption_steering(draw, tokenizer, config, given=1, rows=STEERING_ROWS):
     dataset = SyntheticVideos(num_frames, config.height, config.width, split="test")
     moves, objects = {row: [] for row in rows}, 0
     for batch, truth, captions in held_out_batches(dataset, config):
-        texts = {"true caption": captions, "null text": None,
-                 "reversed caption": [reword(c, SyntheticVideos.REVERSED) for c in captions]}
+        texts = steering_captions(captions)
         for row in rows:
             if row == "truth":
                 videos = truth
@@ -390,7 +396,7 @@ def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
     """Does the model's distribution of the first generated latent frame depend on the caption's
     direction? Sampling-free: on the first config.n held-out clips, the head's diffusion loss
     (what training minimises) on every token of latent frame 1, all of them masked, given the true
-    latent frame 0, with the true caption, with every direction reversed and with the null text.
+    latent frame 0 (target_frame_z: Eq. 4.1's z for t = 1), with the true caption, with every direction reversed and with the null text.
     Each token gets `draws` timesteps and noises, the same for the three captions, so that a model
     whose z ignores the direction scores the reversed caption exactly as the true one, and one
     that follows it scores the reversed caption worse. Returns {row: mean loss}."""
@@ -404,15 +410,12 @@ def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
         grid = (latents.shape[-2] // p, latents.shape[-1] // p)
         tokens = patchify(latents, p)  # (B, 2, L, token_dim)
         B, _, L, _ = tokens.shape
-        mask = torch.zeros(B, 2 * L, dtype=torch.bool, device=device)
-        mask[:, L:] = True
+        every_token = torch.ones(B, L, dtype=torch.bool, device=device)
         target = tokens[:, 1].flatten(0, 1).float().repeat(draws, 1)
-        texts = {"true caption": captions, "null text": None,
-                 "reversed caption": [reword(c, SyntheticVideos.REVERSED) for c in captions]}
-        for row, text in texts.items():
+        for row, text in steering_captions(captions).items():
             context = (model.null_context(B) if text is None else
                        model.text_context(*text_encoder(text)))
-            z = model.forward_frames(tokens.flatten(1, 2), mask, 0, grid, context)[:, L:]
+            z = model.target_frame_z(tokens, 1, every_token, grid, context)
             generator = torch.Generator(device).manual_seed(config.seed + batch[0])
             losses[row].append(model.diffloss(target, z.flatten(0, 1).repeat(draws, 1),
                                               generator=generator) * len(batch))

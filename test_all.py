@@ -1986,9 +1986,8 @@ class CaptionText:
 
 def test_caption_likelihood_is_the_heads_loss_on_frame_1_given_frame_0():
     """metrics.caption_likelihood: per caption, the head's loss on every token of latent frame 1,
-    all masked, given the true latent frame 0 (computed here through target_frame_z, Eq. 4.1's
-    z for one t), with the timesteps and noise of one generator per batch, shared by the
-    captions; the mean over clips."""
+    all masked, given the true latent frame 0, with the timesteps and noise of one generator per
+    batch, shared by the captions; the mean over clips."""
     tokenizer = load_tokenizer("patch:4x4x4")
     model = tiny_model(latent_channels=tokenizer.channels)
     config, text, draws = metrics.EvalConfig(n=3, batch_size=2, seed=5), CaptionText(), 3
