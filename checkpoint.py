@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from data import TextEncoder, load_tokenizer
+from data import load_text_encoder, load_tokenizer
 from errors import BadInput, first_line
 from model import VideoMAR, VideoMARConfig
 
@@ -166,6 +166,6 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
           f"at a time: KV cache {gigabytes(cache)}")
     model = build_model(ckpt).to(device)
-    text_encoder = TextEncoder(train_config["text_encoder"], max_length=model.config.text_len,
-                               device=device)
+    text_encoder = load_text_encoder(train_config["text_encoder"],
+                                     max_length=model.config.text_len, device=device)
     return model, tokenizer, text_encoder, train_config, (num_frames, height, width)

@@ -5,11 +5,12 @@ Everything that turns clips into latent tokens and captions into text embeddings
 back into clips (video and image files: videoio.py). Videos are float tensors (T, 3, H, W) in
 [-1, 1] (batched: (B, T, 3, H, W)); latents are (B, T', C, h, w).
 
-    from data import load_tokenizer, TextEncoder, SyntheticVideos, VideoFolder
+    from data import load_tokenizer, load_text_encoder, TextEncoder, SyntheticVideos, VideoFolder
     tokenizer = load_tokenizer("patch:4x4x4")      # or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"
     latents = tokenizer.encode(video[None])                  # (1, 7, 192, H/4, W/4)
     video = tokenizer.decode(latents)[0]                     # (25, 3, H, W)
     text, text_mask = TextEncoder()(["a red square moves left slowly"])   # (1, 32, 384), (1, 32)
+    text_encoder = load_text_encoder("onehot")   # or "minilm", or a Hugging Face name or path
     clip, caption = SyntheticVideos(num_frames=25)[0]        # built-in moving shapes
     clip, caption = VideoFolder("videos", num_frames=25, height=64, width=64)[0]
 
@@ -271,6 +272,50 @@ class TextEncoder:
             length = len(states[caption])
             text[row, :length], mask[row, :length] = states[caption], True
         return text.to(self.device), mask.to(self.device)
+
+
+class OneHotCaptions:
+    """The synthetic set's captions as a code (beyond the paper): one token per object, the
+    one-hot code of its colour, shape, direction and speed words (20 values), each word 4, so that
+    a token's norm (8) is that of MiniLM's hidden states (8.2). A sentence encoder keeps apart what
+    sentences mean, not every word: in MiniLM "moves left" and "moves right" are nearly one caption
+    (RESULTS.md, caption steering). Reads only captions of SyntheticVideos' form; the empty caption
+    is one zero token, so that cross-attention has a key. Same interface as TextEncoder."""
+
+    WORD = 4.0
+    EXAMPLE = "a red square moves left slowly and a blue circle moves up-right quickly"
+
+    def __init__(self, max_length=32, device="cpu"):
+        groups = [list(g) for g in (SyntheticVideos.COLOURS, SyntheticVideos.SHAPES,
+                                    SyntheticVideos.DIRECTIONS, SyntheticVideos.SPEEDS)]
+        self.words = [word for group in groups for word in group]
+        self.phrase = re.compile("a ({}) ({}) moves ({}) ({})".format(
+            *("|".join(map(re.escape, group)) for group in groups)))
+        self.dim, self.max_length, self.device = len(self.words), max_length, device
+
+    def __call__(self, captions):
+        text = torch.zeros(len(captions), self.max_length, self.dim)
+        mask = torch.zeros(len(captions), self.max_length, dtype=torch.bool)
+        mask[:, 0] = True
+        for row, caption in enumerate(captions):
+            phrases = " ".join(caption.lower().split()).split(" and ") if caption.strip() else []
+            matches = [self.phrase.fullmatch(phrase) for phrase in phrases]
+            if None in matches or len(phrases) > self.max_length:
+                raise BadInput(f"the one-hot caption code reads captions of the synthetic set's "
+                               f"form, at most {self.max_length} objects (\"{self.EXAMPLE}\"), "
+                               f"not {caption[:80]!r}: use a text encoder for other captions")
+            for j, match in enumerate(matches):
+                text[row, j, [self.words.index(word) for word in match.groups()]] = self.WORD
+                mask[row, j] = True
+        return text.to(self.device), mask.to(self.device)
+
+
+def load_text_encoder(spec=None, max_length=32, device="cpu"):
+    """A text encoder from its spec: "onehot" (OneHotCaptions, the synthetic captions), None or
+    "minilm" (the packaged all-MiniLM-L6-v2), else a Hugging Face name or path (TextEncoder)."""
+    if spec == "onehot":
+        return OneHotCaptions(max_length, device)
+    return TextEncoder(None if spec == "minilm" else spec, max_length, device)
 
 # -----------------------------------------------------------------------------
 # Data sets: (T, 3, H, W) in [-1, 1] and a caption

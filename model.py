@@ -51,6 +51,10 @@ class VideoMARConfig:
     text_len: int = field(default=32, metadata=dict(help="S_max, a caption's tokens at most"))
     text_drop_prob: float = field(default=0.1, metadata=dict(
         help="classifier-free guidance: drop the caption for 10% of clips"))
+    text_pooled: bool = field(default=False, metadata=dict(
+        help="beyond the paper: the caption, pooled (the mean of its projected tokens), added to "
+             "every token before the first block, so that the first self-attention already "
+             "knows it (in the paper's block the caption arrives after it)"))
     # masking (MAR): training mask ratio ~ truncated normal, centre 1.0, std 0.25, on [0.7, 1.0]
     mask_ratio_min: float = field(default=0.7, metadata=dict(
         help="training masks hide this share of a frame's tokens at least (MAR's truncated "
@@ -91,11 +95,13 @@ PRESETS = {
                      all_frames=False),
     # what trains on a 2-core CPU in minutes: the 16 channels of the default tokenizer
     # pca:4x4x4:16, MiniLM text (384); train.py takes both sizes from the tokenizer and the text
-    # encoder it is given. The synthetic captions (21 MiniLM tokens at most) fit whole. The plain
+    # encoder it is given (for the synthetic data the one-hot caption code, 20 values). The
+    # synthetic captions (21 MiniLM tokens at most) fit whole. The plain
     # block (no QK-norm): at toy scale in fp32 there is no instability for it to cure, and the tiny
-    # model keeps its parameters and the tests their meaning.
+    # model keeps its parameters and the tests their meaning. The pooled caption added first: without
+    # it the tiny model ignores the caption's direction (RESULTS.md, caption steering).
     "tiny": dict(latent_channels=16, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
-                 diffloss_w=256, text_dim=384, text_len=32, qk_norm=False),
+                 diffloss_w=256, text_dim=384, text_len=32, qk_norm=False, text_pooled=True),
 }
 
 
@@ -203,16 +209,19 @@ class KVCache:
 
 
 class TextContext(NamedTuple):
-    """A caption as cross-attention sees it: per layer the keys and values of its tokens (the
-    same at every sampling step, so computed once), and its mask (B, S), True = a real token."""
+    """A caption as the model sees it: per layer the keys and values of its tokens (the same at
+    every sampling step, so computed once), its mask (B, S), True = a real token, and the mean of
+    its projected tokens (B, n_embd) (text_pooled)."""
     kv: list
     mask: torch.Tensor
+    pooled: torch.Tensor
 
     def cat(self, other):
         """This context's rows, then other's (CFG: the conditional rows, then the null text's)."""
         kv = [(torch.cat([k, other_k]), torch.cat([v, other_v]))
               for (k, v), (other_k, other_v) in zip(self.kv, other.kv)]
-        return TextContext(kv, torch.cat([self.mask, other.mask]))
+        return TextContext(kv, torch.cat([self.mask, other.mask]),
+                           torch.cat([self.pooled, other.pooled]))
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -340,13 +349,20 @@ class VideoMAR(nn.Module):
         if drop is not None:
             text = torch.where(drop[:, None, None], self.null_text[:, :S].to(text.dtype), text)
             text_mask = text_mask | drop[:, None]
-        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], text_mask)
+        return self.context_of(text, text_mask)
 
     def null_context(self, batch):
         """The unconditional branch of CFG: the learned null text, every position attended."""
         text = self.null_text.expand(batch, -1, -1)
         mask = torch.ones(batch, self.config.text_len, dtype=torch.bool, device=text.device)
-        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask)
+        return self.context_of(text, mask)
+
+    def context_of(self, text, mask):
+        """The TextContext of projected text (B, S, n_embd) with its mask."""
+        weights = mask[..., None].to(text.dtype)
+        pooled = (text * weights).sum(1) / weights.sum(1)
+        return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask,
+                           pooled)
 
     def rope(self, frame_offset, num_latent_frames, grid, device):
         return rope_frequencies(self.config.n_embd // self.config.n_head, num_latent_frames, *grid,
@@ -357,6 +373,8 @@ class VideoMAR(nn.Module):
     def transformer(self, x, rope, attn_mask, context, cache=None):
         """x (B, N, n_embd) -> z (B, N, n_embd). With a cache, x's keys and values are written
         after the cached ones and x attends to all of them."""
+        if self.config.text_pooled:
+            x = x + context.pooled[:, None].to(x.dtype)
         for layer, (block, text_kv) in enumerate(zip(self.blocks, context.kv)):
             x = block(x, rope, attn_mask, text_kv, context.mask, cache, layer)
         return self.ln_f(x)

@@ -31,7 +31,7 @@ from PIL import Image
 
 from checkpoint import build_model, check_memory, gigabytes, load_checkpoint, save_checkpoint
 from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder, VideoFolder,
-                  load_tokenizer, reword)
+                  load_text_encoder, load_tokenizer, reword)
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
@@ -686,6 +686,26 @@ def test_videomar_preset_has_1_4b_parameters():
     # a null text of 300 tokens (the authors' fake_latent), QK-norm everywhere
     assert model.null_text.shape == (1, 300, 1536) and model.config.text_len == 300
     assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
+
+
+@pytest.mark.parametrize("text_pooled", [False, True])
+def test_text_pooled_adds_the_mean_of_the_caption_to_every_token(text_pooled):
+    """text_pooled: the stack's input is every token plus the mean of the caption's projected
+    real tokens (padding left out), the null text's own mean for the null text; without it the
+    tokens alone, so the first self-attention cannot see the caption."""
+    model = tiny_model(text_pooled=text_pooled)
+    inputs = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    text, mask = random_text(2, model.config)
+    x = model.embed(torch.randn(2, 9, model.config.token_dim))
+    rope = model.rope(0, 1, (3, 3), "cpu")
+    model.transformer(x, rope, None, model.text_context(text, mask))
+    model.transformer(x, rope, None, model.null_context(2))
+    projected = model.text_proj(text)
+    pooled = torch.stack([projected[b][mask[b]].mean(0) for b in range(2)])
+    null = model.null_text.mean(1)[:, None]
+    assert torch.allclose(inputs[0], x + pooled[:, None] if text_pooled else x, atol=1e-6)
+    assert torch.allclose(inputs[1], x + null if text_pooled else x, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1699,6 +1719,38 @@ def test_text_encoder_loads_any_local_model(tmp_path):
             TextEncoder(bad)
 
 
+def test_onehot_captions_code_each_objects_words():
+    """OneHotCaptions: one token per object, each of its four words 4 at its own place; reversing
+    the directions moves only the direction's 4; the empty caption is one zero token; other
+    captions, and the code for a folder's captions, are bad input."""
+    encoder = load_text_encoder("onehot", max_length=4)
+    captions = ["a red square moves up-left slowly and a blue circle moves up quickly",
+                reword("a red square moves up-left slowly", SyntheticVideos.REVERSED), ""]
+    text, mask = encoder(captions)
+    assert text.shape == (3, 4, 20) and encoder.dim == 20
+    assert mask.tolist() == [[True, True, False, False], [True, False, False, False],
+                             [True, False, False, False]]
+    words = encoder.words
+    for row, token, expected in [(0, 0, "red square up-left slowly"),
+                                 (0, 1, "blue circle up quickly"),
+                                 (1, 0, "red square down-right slowly")]:
+        assert sorted(text[row, token].nonzero().flatten().tolist()) == \
+            sorted(words.index(w) for w in expected.split())
+        assert text[row, token].sum() == 16 and text[row, token].norm() == 8
+    assert not text[0, 2:].any() and not text[2].any()
+    assert encoder(["  A red square   moves left SLOWLY"])[0][0, 0].sum() == 16  # spacing, case
+    for bad in ("a red square", "a dog runs", "a red square moves left slowly and"):
+        with pytest.raises(BadInput, match="one-hot caption code"):
+            encoder([bad])
+    with pytest.raises(BadInput, match="at most 4 objects"):
+        encoder([" and ".join(["a red square moves left slowly"] * 5)])
+    assert isinstance(load_text_encoder(None, max_length=8), TextEncoder)
+    with pytest.raises(BadInput, match="onehot reads only the synthetic"):
+        train.make_config(dict(data="videos", text_encoder="onehot"))
+    assert train.make_config(dict(data="videos")).text_encoder == "minilm"
+    assert train.make_config({}).text_encoder == "onehot"
+
+
 # ----------------------------------------------------------------------------------------------
 # metrics.py: PSNR, SSIM, the object metrics, score_held_out_clips
 
@@ -2175,8 +2227,10 @@ def test_curriculum_switches_stage_at_the_right_step(tmp_path, capsys, monkeypat
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert (ckpt["stage"], ckpt["stage_step"], ckpt["step"]) == (1, 2, 5)
     config = ckpt["config"]
-    # 16 channels: the default tokenizer, 16 principal components of 4x4x4 patches
-    assert (config["n_embd"], config["latent_channels"], config["text_dim"]) == (32, 16, 384)
+    # 16 channels: the default tokenizer, 16 principal components of 4x4x4 patches; 20: the
+    # synthetic data's default text encoder, the one-hot code of the captions' words
+    assert (config["n_embd"], config["latent_channels"], config["text_dim"]) == (32, 16, 20)
+    assert ckpt["train"]["text_encoder"] == "onehot" and config["text_pooled"]
     assert ckpt["train"]["frames"] == [5, 9] and ckpt["train"]["stage_iters"] == [3, 2]
     assert (tmp_path / "sample.mp4").stat().st_size > 0 and (tmp_path / "sample.png").is_file()
     # no temporary left
@@ -2434,7 +2488,7 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
 
     def stop(*args, **kwargs):  # the data is read and reported: enough for this test
         raise DataRead
-    monkeypatch.setattr(train, "TextEncoder", stop)
+    monkeypatch.setattr(train, "load_text_encoder", stop)
     decoded = []  # once for both stages
     monkeypatch.setattr("data.read_video_at_size", lambda path, *size: decoded.append(
         path.name) or read_video_at_size(path, *size))
@@ -2493,7 +2547,8 @@ def test_sample_cli_image_to_video(tiny_checkpoint, tmp_path):
     """sample.py, image-to-video: the given frame comes back, samples side by side, a contact sheet
     beside them, same seed same video."""
     Image.new("RGB", (40, 30), "red").save(tmp_path / "x.png")  # resized and centre-cropped
-    image_to_video = ("--image", tmp_path / "x.png", "--prompt", "a red square", "--frames", 13,
+    image_to_video = ("--image", tmp_path / "x.png", "--prompt", "a red square moves left slowly",
+                      "--frames", 13,
                       "--num_samples", 2)
     assert sample_cli(tiny_checkpoint, tmp_path, *image_to_video) == 0
     video = read_video(tmp_path / "s.mp4")

@@ -48,7 +48,8 @@ from tqdm import tqdm
 from cli import (ArgumentParser, add_field_options, device_option, float_where, int_at_least,
                  non_negative_float, positive_float, positive_int)
 from checkpoint import build_model, load_checkpoint, model_from_config, save_checkpoint
-from data import PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder, load_tokenizer
+from data import (OneHotCaptions, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder,
+                  load_text_encoder, load_tokenizer)
 from errors import BadInput
 from metrics import EvalConfig, caption_steering, model_draw, score_held_out_clips, summary
 from model import PRESETS, VideoMARConfig, compile_model
@@ -76,7 +77,10 @@ class TrainConfig:
              'training (a linear stand-in for Cosmos\'s 16 channels); "patch:4x4x4" the raw 192 '
              'values; or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"'))
     text_encoder: str = field(default=None, metadata=dict(
-        help="None: the packaged all-MiniLM-L6-v2; else a Hugging Face name/path"))
+        help='"onehot": the synthetic captions as a one-hot code of their words, one token per '
+             'object (beyond the paper: MiniLM nearly hides the direction, RESULTS.md); "minilm": '
+             'the packaged all-MiniLM-L6-v2; else a Hugging Face name/path. None: "onehot" for '
+             'the synthetic data, "minilm" for a folder'))
     # §4.2 temporal short-to-long curriculum: one stage per clip length
     frames: list[int] = field(default_factory=lambda: [5, 13, 25], metadata=dict(
         help="pixel frames of each stage of §4.2's temporal short-to-long curriculum, in order"))
@@ -181,6 +185,11 @@ def make_config(cli, saved=None):
         raise BadInput("--preset videomar needs --tokenizer "
                        "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8 and --text_encoder "
                        "/path/to/Qwen2-1.5B")
+    if config.text_encoder is None:
+        config.text_encoder = "onehot" if config.data == "synthetic" else "minilm"
+    if config.text_encoder == "onehot" and config.data != "synthetic":
+        raise BadInput("--text_encoder onehot reads only the synthetic captions: for a folder's "
+                       "give minilm or a Hugging Face name or path")
     if config.resume and config.init_from:
         raise BadInput("--resume continues a run and --init_from starts a new one: give only one")
     return config
@@ -326,7 +335,7 @@ class Run(NamedTuple):
     config: TrainConfig
     out_dir: Path
     tokenizer: object
-    text_encoder: TextEncoder
+    text_encoder: TextEncoder | OneHotCaptions
     stages: list  # [(pixel frames, iterations)]
     datasets: list  # one per stage
     model: torch.nn.Module  # the raw model, not its DDP wrapper
@@ -376,8 +385,8 @@ def build(cli, model_cli, process):
         fit_tokenizer(tokenizer, datasets[-1], config, process.master)
     origin = f"the checkpoint {config.init_from or out_dir / 'ckpt.pt'}" if source else "the model"
     model_config = model_options(config, model_cli, source, tokenizer, origin)
-    text_encoder = TextEncoder(config.text_encoder, max_length=model_config["text_len"],
-                               device=process.device)
+    text_encoder = load_text_encoder(config.text_encoder, max_length=model_config["text_len"],
+                                     device=process.device)
     if source is None:
         model_config["text_dim"] = model_cli.get("text_dim", text_encoder.dim)
     if model_config["text_dim"] != text_encoder.dim:
