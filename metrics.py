@@ -396,7 +396,8 @@ def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
     """Does the model's distribution of the first generated latent frame depend on the caption's
     direction? Sampling-free: on the first config.n held-out clips, the head's diffusion loss
     (what training minimises) on every token of latent frame 1, all of them masked, given the true
-    latent frame 0 (target_frame_z: Eq. 4.1's z for t = 1), with the true caption, with every direction reversed and with the null text.
+    latent frame 0 (target_frame_z: Eq. 4.1's z for t = 1), with the true caption, with every
+    direction reversed and with the null text.
     Each token gets `draws` timesteps and noises, the same for the three captions, so that a model
     whose z ignores the direction scores the reversed caption exactly as the true one, and one
     that follows it scores the reversed caption worse. Returns {row: mean loss}."""

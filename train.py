@@ -188,8 +188,8 @@ def make_config(cli, saved=None):
     if config.text_encoder is None:
         config.text_encoder = "onehot" if config.data == "synthetic" else "minilm"
     if config.text_encoder == "onehot" and config.data != "synthetic":
-        raise BadInput("--text_encoder onehot reads only the synthetic captions: for a folder's "
-                       "give minilm or a Hugging Face name or path")
+        raise BadInput("--text_encoder onehot reads only the synthetic captions: for a folder, "
+                       "give --text_encoder minilm or a Hugging Face name or path")
     if config.resume and config.init_from:
         raise BadInput("--resume continues a run and --init_from starts a new one: give only one")
     return config
