@@ -10,7 +10,8 @@ in the first generated step of image-to-video and, beside it, in the authors' re
 (two given latent frames), with the true caption, every direction reversed and the null text; and
 how often text-to-image draws the caption's colour; and, sampling-free, the head's loss on that
 first step with each caption (metrics.caption_likelihood): a model blind to the direction scores
-the reversed caption exactly as the true one.
+the reversed caption exactly as the true one; and how near the head's mean of that step lies to
+the true latents (metrics.first_step_prediction), beside copying frame 0.
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/...
@@ -89,6 +90,11 @@ def steering_table(steering, temporal):
                  f"{loss['reversed caption']:.5f} "
                  f"({loss['reversed caption'] - loss['true caption']:+.5f}), null text "
                  f"{loss['null text']:.5f}")
+    guess = steering["prediction"]
+    lines.append(f"latent frame 1 from the true frame 0 (every token masked, the true caption): "
+                 f"squared error per value of the head's mean of 8 draws {guess['head_mean']:.3f}, "
+                 f"of copying frame 0 {guess['copy']:.3f}, of the frame's mean "
+                 f"{guess['variance']:.3f}")
     return "\n".join(lines)
 
 

@@ -24,7 +24,8 @@ with the null text; per object, how far its colour moved along the caption's way
 follows the caption moves it the caption's way, and the other way for the reversed caption; one
 that ignores the direction scores the same for both. `caption_colour`: does the caption's colour
 reach text-to-image? `caption_likelihood`, without sampling: is the head's loss on that first step
-lower with the true caption than with the reversed one?
+lower with the true caption than with the reversed one? `first_step_prediction`: how near the
+head's mean of that step lies to the true latents, a yardstick a plain regressor can be held to.
 
 Usage:
     config = EvalConfig(n=16, num_frames=25)
@@ -35,6 +36,7 @@ Usage:
     steering["reversed caption"]["along"]              # px along the true caption's way
     loss = caption_likelihood(model, tokenizer, text_encoder, config)  # sampling-free
     loss["reversed caption"] - loss["true caption"]    # 0 for a model blind to the direction
+    first_step_prediction(model, tokenizer, text_encoder, config)["head_mean"]  # vs ["copy"]
     print(summary(result, steering))                   # one line
 """
 import math
@@ -423,6 +425,41 @@ def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
     return {row: (sum(l) / config.n).item() for row, l in losses.items()}
 
 
+@torch.no_grad()
+def first_step_prediction(model, tokenizer, text_encoder, config, draws=8):
+    """How near the model's first generated latent frame lies to the truth, without the sampling
+    choices: on the first config.n held-out clips, every token of latent frame 1 masked, the true
+    latent frame 0 and the true caption given, the mean of `draws` samples of the head per token
+    (no guidance), and its squared error from the true latent frame 1, per latent value. Beside it
+    the error of copying frame 0 and of always drawing the mean of the frame (its variance over
+    the clips): a yardstick that a plain regressor on the same latents can be held to.
+    Returns dict(head_mean=, copy=, variance=)."""
+    p = model.config.patch_size
+    dataset = SyntheticVideos(tokenizer.pixel_frames(2), config.height, config.width,
+                              split="test")
+    device = next(model.parameters()).device
+    head_mean, copy, targets = [], [], []
+    for batch, truth, captions in held_out_batches(dataset, config):
+        latents = tokenizer.encode(truth.to(device))
+        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
+        tokens = patchify(latents, p)  # (B, 2, L, token_dim)
+        B, _, L, _ = tokens.shape
+        every_token = torch.ones(B, L, dtype=torch.bool, device=device)
+        context = model.text_context(*text_encoder(captions))
+        z = model.target_frame_z(tokens, 1, every_token, grid, context).flatten(0, 1)
+        generator = torch.Generator(device).manual_seed(config.seed + batch[0])
+        mean = sum(model.diffloss.sample(z, generator=generator, clip_range=tokenizer.clip_range)
+                   for _ in range(draws)) / draws
+        target = tokens[:, 1].flatten(0, 1).float()
+        head_mean.append((mean - target).pow(2).sum())
+        copy.append((tokens[:, 0].flatten(0, 1).float() - target).pow(2).sum())
+        targets.append(tokens[:, 1].float())
+    targets = torch.cat(targets)  # (n, L, token_dim)
+    values = targets.numel()
+    return dict(head_mean=(sum(head_mean) / values).item(), copy=(sum(copy) / values).item(),
+                variance=targets.var(0, unbiased=False).mean().item())
+
+
 def model_draw(model, tokenizer, text_encoder, config):
     """caption_steering's `draw` for a model: the given frames encoded, the next latent frames
     generated as score_held_out_clips generates them (EvalVideos.image_to_video), decoded."""
@@ -443,12 +480,13 @@ def score_steering(model, tokenizer, text_encoder, config):
     """eval.py's caption steering: image-to-video's first generated step ("first_step"), the
     authors' released setting of two given latent frames ("two_given"), and text-to-image's
     colour ("text_to_image"); and sampling-free, the head's loss on the first generated step
-    ("likelihood")."""
+    ("likelihood"), and how near the head's mean of that step lies to the truth ("prediction")."""
     draw = model_draw(model, tokenizer, text_encoder, config)
     return dict(first_step=caption_steering(draw, tokenizer, config, given=1),
                 two_given=caption_steering(draw, tokenizer, config, given=2),
                 text_to_image=caption_colour(draw, config),
-                likelihood=caption_likelihood(model, tokenizer, text_encoder, config))
+                likelihood=caption_likelihood(model, tokenizer, text_encoder, config),
+                prediction=first_step_prediction(model, tokenizer, text_encoder, config))
 
 
 def summary(result, steering):

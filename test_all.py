@@ -2064,6 +2064,37 @@ def test_caption_likelihood_is_the_heads_loss_on_frame_1_given_frame_0():
     assert len(set(result.values())) == 3
 
 
+def test_first_step_prediction_scores_the_heads_mean_of_frame_1_against_the_truth(monkeypatch):
+    """metrics.first_step_prediction: the head's samples for every token of latent frame 1, all
+    masked, given the true latent frame 0 and the true caption, averaged over the draws, against
+    the true frame 1; beside it copying frame 0 and the frame's variance over the clips. With a
+    head that returns its z's first channels plus noise of mean zero over the draws (+d, -d), the
+    mean is z's first channels, whose error is computed here by hand."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels, n_embd=2 * tokenizer.channels)
+    C, calls = tokenizer.channels, []
+
+    def head(z, temperature=1.0, cfg=1.0, generator=None, clip_range=None):
+        assert cfg == 1.0 and clip_range == tokenizer.clip_range
+        calls.append(1)
+        return z[:, :C] + (1.0 if len(calls) % 2 else -1.0)
+    monkeypatch.setattr(model.diffloss, "sample", head)
+    config, text = metrics.EvalConfig(n=3, batch_size=2), CaptionText()
+    result = metrics.first_step_prediction(model, tokenizer, text, config, draws=2)
+    clips, captions = zip(*(SyntheticVideos(5, 16, 16, split="test")[i] for i in range(3)))
+    tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
+    with torch.no_grad():
+        z = torch.cat([model.target_frame_z(tokens[a:b], 1, torch.ones(b - a, 16, dtype=torch.bool),
+                                            (4, 4), model.text_context(*text(list(captions[a:b]))))
+                       for a, b in ((0, 2), (2, 3))])
+    truth = tokens[:, 1]
+    assert result["head_mean"] == pytest.approx((z[..., :C] - truth).pow(2).mean().item(), rel=1e-5)
+    assert result["copy"] == pytest.approx((tokens[:, 0] - truth).pow(2).mean().item(), rel=1e-5)
+    assert result["variance"] == pytest.approx(truth.var(0, unbiased=False).mean().item(),
+                                               rel=1e-5)
+    assert len(calls) == 4  # two batches, two draws each
+
+
 def test_caption_likelihood_of_a_model_blind_to_the_caption_is_the_same_for_both_captions():
     """A model whose z ignores the caption's words (its text projection zeroed) scores the reversed
     caption exactly as the true one: the noise is shared; the null text is another z."""
@@ -2685,7 +2716,8 @@ def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
     assert "text-to-image (frame 0 from the caption alone): the caption's colour drawn" in printed
     result = json.loads((out / "eval.json").read_text())
     steering = result["steering"]
-    assert steering.keys() == {"first_step", "two_given", "text_to_image", "likelihood"}
+    assert steering.keys() == {"first_step", "two_given", "text_to_image", "likelihood",
+                               "prediction"}
     assert steering["likelihood"].keys() == set(metrics.STEERING_ROWS[2:])
     assert "the head's loss on the first generated step (every token masked" in printed
     assert steering["first_step"].keys() == steering["two_given"].keys() == set(
