@@ -41,6 +41,7 @@ Usage:
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -393,6 +394,25 @@ def caption_colour(draw, config):
     return {row: sum(d) / len(d) for row, d in drawn.items()}
 
 
+def first_step_batches(model, tokenizer, config):
+    """The first config.n held-out clips as the sampling-free probes of image-to-video's first
+    step read them, a batch at a time: (clip indices, captions, tokens (B, 2, L, token_dim) of the
+    true latent frames 0 and 1, frame_1_z), where frame_1_z(context) is z (B, L, n_embd) of latent
+    frame 1 with every token masked and the true frame 0 given (target_frame_z: Eq. 4.1's z for
+    t = 1)."""
+    p = model.config.patch_size
+    dataset = SyntheticVideos(tokenizer.pixel_frames(2), config.height, config.width,
+                              split="test")
+    device = next(model.parameters()).device
+    for batch, truth, captions in held_out_batches(dataset, config):
+        latents = tokenizer.encode(truth.to(device))
+        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
+        tokens = patchify(latents, p)
+        every_token = torch.ones(tokens.shape[0], tokens.shape[2], dtype=torch.bool,
+                                 device=device)
+        yield batch, captions, tokens, partial(model.target_frame_z, tokens, 1, every_token, grid)
+
+
 @torch.no_grad()
 def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
     """Does the model's distribution of the first generated latent frame depend on the caption's
@@ -403,22 +423,14 @@ def caption_likelihood(model, tokenizer, text_encoder, config, draws=8):
     Each token gets `draws` timesteps and noises, the same for the three captions, so that a model
     whose z ignores the direction scores the reversed caption exactly as the true one, and one
     that follows it scores the reversed caption worse. Returns {row: mean loss}."""
-    p = model.config.patch_size
-    dataset = SyntheticVideos(tokenizer.pixel_frames(2), config.height, config.width,
-                              split="test")
     device = next(model.parameters()).device
     losses = {row: [] for row in STEERING_ROWS[2:]}
-    for batch, truth, captions in held_out_batches(dataset, config):
-        latents = tokenizer.encode(truth.to(device))
-        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
-        tokens = patchify(latents, p)  # (B, 2, L, token_dim)
-        B, _, L, _ = tokens.shape
-        every_token = torch.ones(B, L, dtype=torch.bool, device=device)
+    for batch, captions, tokens, frame_1_z in first_step_batches(model, tokenizer, config):
         target = tokens[:, 1].flatten(0, 1).float().repeat(draws, 1)
         for row, text in steering_captions(captions).items():
-            context = (model.null_context(B) if text is None else
+            context = (model.null_context(len(batch)) if text is None else
                        model.text_context(*text_encoder(text)))
-            z = model.target_frame_z(tokens, 1, every_token, grid, context)
+            z = frame_1_z(context)
             generator = torch.Generator(device).manual_seed(config.seed + batch[0])
             losses[row].append(model.diffloss(target, z.flatten(0, 1).repeat(draws, 1),
                                               generator=generator) * len(batch))
@@ -434,19 +446,10 @@ def first_step_prediction(model, tokenizer, text_encoder, config, draws=8):
     the error of copying frame 0 and of always drawing the mean of the frame (its variance over
     the clips): a yardstick that a plain regressor on the same latents can be held to.
     Returns dict(head_mean=, copy=, variance=)."""
-    p = model.config.patch_size
-    dataset = SyntheticVideos(tokenizer.pixel_frames(2), config.height, config.width,
-                              split="test")
     device = next(model.parameters()).device
     head_mean, copy, targets = [], [], []
-    for batch, truth, captions in held_out_batches(dataset, config):
-        latents = tokenizer.encode(truth.to(device))
-        grid = (latents.shape[-2] // p, latents.shape[-1] // p)
-        tokens = patchify(latents, p)  # (B, 2, L, token_dim)
-        B, _, L, _ = tokens.shape
-        every_token = torch.ones(B, L, dtype=torch.bool, device=device)
-        context = model.text_context(*text_encoder(captions))
-        z = model.target_frame_z(tokens, 1, every_token, grid, context).flatten(0, 1)
+    for batch, captions, tokens, frame_1_z in first_step_batches(model, tokenizer, config):
+        z = frame_1_z(model.text_context(*text_encoder(captions))).flatten(0, 1)
         generator = torch.Generator(device).manual_seed(config.seed + batch[0])
         mean = sum(model.diffloss.sample(z, generator=generator, clip_range=tokenizer.clip_range)
                    for _ in range(draws)) / draws
