@@ -548,6 +548,41 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     assert seen["z"].shape == (4 * int(n_masked.sum()), model.config.n_embd)
 
 
+def test_token_regression_adds_the_readouts_mse_of_the_masked_tokens():
+    """token_regression w adds w times the MSE of a linear readout of z against each masked token
+    (visible tokens carry no loss) to the same diffusion loss: with the same random draws the
+    losses at w = 0.5 and w = 0 differ by half the MSE computed by hand. The default, 0, builds
+    no readout: the paper's model, its parameters unchanged."""
+    assert tiny_model().token_readout is None
+    model = tiny_model(token_regression=0.5)
+    g = torch.Generator().manual_seed(0)
+    tokens, z = torch.randn(2, 3, 16, 8, generator=g), torch.randn(2, 3, 16, 48, generator=g)
+    mask = torch.rand(2, 3, 16, generator=g) < 0.7
+    losses = {}
+    for w in (0.0, 0.5):
+        model.config.token_regression = w
+        torch.manual_seed(0)
+        losses[w] = model.diffusion_loss(tokens, z, mask)
+    expected = 0.5 * (model.token_readout(z[mask]) - tokens[mask]).pow(2).mean()
+    on_every_token = 0.5 * (model.token_readout(z) - tokens).pow(2).mean()
+    assert torch.allclose(losses[0.5] - losses[0.0], expected, atol=1e-6)
+    assert not torch.allclose(expected, on_every_token, atol=1e-3)
+
+
+def test_token_regression_shapes_training_only():
+    """The readout is a training loss: generation never reads it, so samples are the same
+    whatever its weights."""
+    model = tiny_model(token_regression=1.0)
+    cond, text = given_frames(model)
+    videos = []
+    for scale in (1.0, 0.0):
+        with torch.no_grad():
+            model.token_readout.weight.mul_(scale)
+        videos.append(model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
+                                     generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(*videos)
+
+
 def test_training_drops_the_caption_of_one_clip_in_ten():
     """Classifier-free guidance (MAR; §5.1 samples with CFG 3.0) is trained by replacing a clip's
     whole caption with the learned null text with probability text_drop_prob = 0.1, each clip on
