@@ -447,20 +447,20 @@ def first_step_prediction(model, tokenizer, text_encoder, config, draws=8):
     the clips): a yardstick that a plain regressor on the same latents can be held to.
     Returns dict(head_mean=, copy=, variance=)."""
     device = next(model.parameters()).device
-    head_mean, copy, targets = [], [], []
+    means, frames = [], []
     for batch, captions, tokens, frame_1_z in first_step_batches(model, tokenizer, config):
-        z = frame_1_z(model.text_context(*text_encoder(captions))).flatten(0, 1)
+        z = frame_1_z(model.text_context(*text_encoder(captions)))
         generator = torch.Generator(device).manual_seed(config.seed + batch[0])
-        mean = sum(model.diffloss.sample(z, generator=generator, clip_range=tokenizer.clip_range)
+        mean = sum(model.diffloss.sample(z.flatten(0, 1), generator=generator,
+                                         clip_range=tokenizer.clip_range)
                    for _ in range(draws)) / draws
-        target = tokens[:, 1].flatten(0, 1).float()
-        head_mean.append((mean - target).pow(2).sum())
-        copy.append((tokens[:, 0].flatten(0, 1).float() - target).pow(2).sum())
-        targets.append(tokens[:, 1].float())
-    targets = torch.cat(targets)  # (n, L, token_dim)
-    values = targets.numel()
-    return dict(head_mean=(sum(head_mean) / values).item(), copy=(sum(copy) / values).item(),
-                variance=targets.var(0, unbiased=False).mean().item())
+        means.append(mean.view(tokens[:, 1].shape))
+        frames.append(tokens.float())
+    frames = torch.cat(frames)  # (n, 2, L, token_dim): the true latent frames 0 and 1
+    truth = frames[:, 1]
+    return dict(head_mean=(torch.cat(means) - truth).pow(2).mean().item(),
+                copy=(frames[:, 0] - truth).pow(2).mean().item(),
+                variance=truth.var(0, unbiased=False).mean().item())
 
 
 def model_draw(model, tokenizer, text_encoder, config):

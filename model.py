@@ -71,9 +71,7 @@ class VideoMARConfig:
     token_regression: float = field(default=0.0, metadata=dict(
         help="beyond the paper: the weight of an auxiliary loss, the MSE of each masked token "
              "regressed from z by a linear readout, added to the diffusion loss (the diffusion "
-             "loss alone teaches z a token's mean slowly, RESULTS.md); 0: none, the paper's. "
-             "1.0 with --stage_iters 2000 500 310 goes the caption's way more often in two "
-             "training seeds of four"))
+             "loss alone teaches z a token's mean slowly, RESULTS.md); 0: none, the paper's"))
     # ablations of Table 4
     causal: bool = field(default=True, metadata=dict(
         help="frame-wise causal attention (Table 4; else every token sees every frame)"))
