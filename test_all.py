@@ -548,25 +548,36 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     assert seen["z"].shape == (4 * int(n_masked.sum()), model.config.n_embd)
 
 
-def test_token_regression_adds_the_readouts_mse_of_the_masked_tokens():
+def test_token_regression_adds_the_readouts_mse_of_the_masked_tokens_after_frame_0():
     """token_regression w adds w times the MSE of a linear readout of z against each masked token
-    (visible tokens carry no loss) to the same diffusion loss: with the same random draws the
-    losses at w = 0.5 and w = 0 differ by half the MSE computed by hand. The default, 0, builds
-    no readout: the paper's model, its parameters unchanged."""
+    of the frames after the first (visible tokens and frame 0's text-to-image tokens carry no
+    regression) to the same diffusion loss: with the same random draws, the training losses at
+    w = 0.5 and w = 0 differ by half the MSE computed by hand on those tokens. The default, 0,
+    builds no readout: the paper's model, its parameters unchanged."""
     assert tiny_model().token_readout is None
     model = tiny_model(token_regression=0.5)
-    g = torch.Generator().manual_seed(0)
-    tokens, z = torch.randn(2, 3, 16, 8, generator=g), torch.randn(2, 3, 16, 48, generator=g)
-    mask = torch.rand(2, 3, 16, generator=g) < 0.7
+    B, T, grid = 2, 3, (2, 2)
+    latents = torch.randn(B, T, 8, *grid, generator=torch.Generator().manual_seed(0))
+    text = random_text(B, model.config)
+    seen = {}
+    all_frames_z = model.all_frames_z
+    def record(tokens, masks, grid, context):
+        seen.update(tokens=tokens, masks=masks, z=all_frames_z(tokens, masks, grid, context))
+        return seen["z"]
+    model.all_frames_z = record
     losses = {}
     for w in (0.0, 0.5):
         model.config.token_regression = w
         torch.manual_seed(0)
-        losses[w] = model.diffusion_loss(tokens, z, mask)
-    expected = 0.5 * (model.token_readout(z[mask]) - tokens[mask]).pow(2).mean()
-    on_every_token = 0.5 * (model.token_readout(z) - tokens).pow(2).mean()
+        losses[w] = model.train()(latents, *text)
+    tokens, masks, z = seen["tokens"], seen["masks"], seen["z"]
+    later = masks.clone()
+    later[:, 0] = False
+    assert masks[:, 0].any() and later.any()
+    expected = 0.5 * (model.token_readout(z[later]) - tokens[later]).pow(2).mean()
+    with_frame_0 = 0.5 * (model.token_readout(z[masks]) - tokens[masks]).pow(2).mean()
     assert torch.allclose(losses[0.5] - losses[0.0], expected, atol=1e-6)
-    assert not torch.allclose(expected, on_every_token, atol=1e-3)
+    assert not torch.allclose(expected, with_frame_0, atol=1e-3)
 
 
 def test_token_regression_shapes_training_only():
@@ -659,7 +670,7 @@ def test_all_frames_pass_gives_every_frames_one_t_z_and_loss():
             losses = []
             for z_t in (z[:, t], one_t):
                 torch.manual_seed(t)
-                losses.append(model.diffusion_loss(tokens[:, t], z_t, masks[:, t]))
+                losses.append(model.diffusion_loss(tokens[:, t], z_t, masks[:, t], masks[:, t]))
             assert torch.allclose(*losses, atol=1e-5)
     # the pass trains every frame: its loss sees the masked tokens of all T frames
     seen = {}
