@@ -106,9 +106,11 @@ PRESETS = {
     # parameters and the tests their meaning. The pooled caption added first: without it the
     # tiny model ignores the caption's direction; and a head of width 128, not 256: a narrower
     # head leaves more of each token to z, and z learns the direction faster (RESULTS.md,
-    # caption steering).
+    # caption steering). And the auxiliary regression of the tokens after frame 0 from z: the
+    # diffusion loss alone teaches z where the object goes too slowly for a run of minutes.
     "tiny": dict(latent_channels=16, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
-                 diffloss_w=128, text_dim=384, text_len=32, qk_norm=False, text_pooled=True),
+                 diffloss_w=128, text_dim=384, text_len=32, qk_norm=False, text_pooled=True,
+                 token_regression=1.0),
 }
 
 
