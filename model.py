@@ -483,9 +483,9 @@ class VideoMAR(nn.Module):
         """The diffusion loss on the masked tokens only, each repeated 4 times with independent
         noise and timesteps (MAR's diffusion_batch_mul); the mean over all of them. With
         token_regression, plus the readout's MSE on the `regressed` tokens: the masked tokens of
-        the frames after the first, where only the caption says which way the object went
-        (regressing frame 0's text-to-image tokens too left the direction unlearned in two
-        training seeds of four, RESULTS.md)."""
+        the frames after the first. Frame 0's, drawn from the caption alone, regress to a blur
+        of every picture the caption allows; regressing them too left the caption's direction
+        unlearned in two training seeds of four (RESULTS.md)."""
         repeats = self.config.diffusion_batch_mul
         loss = self.diffloss(tokens[mask].float().repeat(repeats, 1), z[mask].repeat(repeats, 1))
         if self.token_readout is None or not regressed.any():
