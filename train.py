@@ -84,7 +84,7 @@ class TrainConfig:
     # §4.2 temporal short-to-long curriculum: one stage per clip length
     frames: list[int] = field(default_factory=lambda: [5, 13, 25], metadata=dict(
         help="pixel frames of each stage of §4.2's temporal short-to-long curriculum, in order"))
-    stage_iters: list[int] = field(default_factory=lambda: [2000, 500, 310], metadata=dict(
+    stage_iters: list[int] = field(default_factory=lambda: [2000, 1000, 620], metadata=dict(
         help="iterations of each stage (tiny's: minutes on a 2-core CPU; the 5-frame stage, "
              "where only the caption says where the object goes next, gets the most, "
              "RESULTS.md)"))
