@@ -139,13 +139,14 @@ def check_memory(config, rows, tokens, device):
     return need
 
 
-def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=3.0,
+def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=None,
                   given=0):
     """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
     encoder, the options it was trained with, and the video's size (num_frames pixel frames of
     height x width: the ones given, or else the last training stage's). The size is checked
     before the model is built: it must leave frames to generate after `given` latent frames, and
-    the KV cache of `batch` videos (twice the rows with CFG) must fit in memory."""
+    the KV cache of `batch` videos (twice the rows with CFG: `cfg`, or else the checkpoint's
+    sample_cfg, != 1) must fit in memory."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
@@ -161,6 +162,7 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     grid = (height // tokenizer.spatial // config.patch_size,
             width // tokenizer.spatial // config.patch_size)
     tokens = num_latent_frames * grid[0] * grid[1]
+    cfg = train_config["sample_cfg"] if cfg is None else cfg
     rows = batch * (2 if cfg != 1 else 1)  # CFG: every video also with the null text
     cache = check_memory(config, rows, tokens, device)
     print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "

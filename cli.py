@@ -135,8 +135,9 @@ def add_generation_options(parser):
     parser.add_argument("--num_iter", type=positive_int,
                         help="masked generation steps per frame (default: the checkpoint's "
                              "sample_num_iter; the paper's 64 for 1,024 tokens a frame)")
-    parser.add_argument("--cfg", type=non_negative_float, default=3.0,
-                        help="guidance scale; 1: none")
+    parser.add_argument("--cfg", type=non_negative_float,
+                        help="guidance scale; 1: none (default: the checkpoint's sample_cfg, "
+                             "tiny's 2 or the paper's 3)")
     parser.add_argument("--temperature", type=temperature_option, default="progressive",
                         help="progressive or a positive number")
     parser.add_argument("--seed", type=int, default=0)

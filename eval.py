@@ -229,6 +229,7 @@ def evaluate(args):
         args.ckpt, args.device, args.frames, args.height, args.width,
         batch=min(args.n, args.batch_size), cfg=args.cfg, given=1)
     num_iter = args.num_iter or train_config["sample_num_iter"]
+    cfg = train_config["sample_cfg"] if args.cfg is None else args.cfg
     if args.teacher_forced and not model.config.next_frame_loss:
         raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")
@@ -236,7 +237,7 @@ def evaluate(args):
 
     config = EvalConfig(
         n=args.n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,
-        cfg=args.cfg, temperature=args.temperature, sampler=sampler, seed=args.seed,
+        cfg=cfg, temperature=args.temperature, sampler=sampler, seed=args.seed,
         batch_size=args.batch_size, teacher_forced=args.teacher_forced)
     result = score_held_out_clips(model, tokenizer, text_encoder, config)
     if args.steering:
@@ -261,7 +262,7 @@ def evaluate(args):
                 f"objects present per frame, {args.n} held-out clips ({trained})", "present (%)",
                 cap=math.inf, y_range=(0, 100, 20))
     print(f"{args.ckpt}: {args.n} held-out clips, {num_frames} frames of {height}x{width} "
-          f"({trained}), num_iter {num_iter}, cfg {args.cfg}, "
+          f"({trained}), num_iter {num_iter}, cfg {cfg}, "
           f"temperature {args.temperature}, seed {args.seed}"
           + (f", each token the mean of {args.mean_of} draws" if args.mean_of > 1 else ""))
     print(table(result))

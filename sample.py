@@ -73,7 +73,8 @@ def sample(args):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         latents = model.generate_as_trained(
             cond, caption, num_latent_frames, use_kv_cache=not args.no_kv_cache,
-            num_iter=args.num_iter or train_config["sample_num_iter"], cfg=args.cfg,
+            num_iter=args.num_iter or train_config["sample_num_iter"],
+            cfg=train_config["sample_cfg"] if args.cfg is None else args.cfg,
             temperature=args.temperature, generator=generator, clip_range=tokenizer.clip_range)
     video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
     write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side

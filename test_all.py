@@ -2716,6 +2716,45 @@ def test_sample_cli_says_what_it_will_generate(tiny_checkpoint, tmp_path, capsys
     assert need == 2 * 36 * 2 * 1536 * 4096 * 4 and gigabytes(need) == "3.62 GB"
 
 
+def test_sample_and_eval_guide_with_the_checkpoints_sample_cfg(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+    """Without --cfg, sample.py and eval.py guide as the checkpoint's sample_cfg says (tiny's 2, the
+    videomar preset's 3); --cfg overrides it. The KV cache is sized for that scale: twice the rows
+    unless it is 1."""
+    class Stop(Exception):
+        pass
+
+    def stop_with(record, key):
+        def recorder(*args, **kwargs):
+            record.append(kwargs["cfg"] if key is None else getattr(args[key], "cfg"))
+            raise Stop
+        return recorder
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt["train"]["sample_cfg"] == 2.0 == train.TrainConfig().sample_cfg
+    assert train.TRAIN_PRESETS["videomar"]["sample_cfg"] == 3.0
+    for cfg in (3.0, 1.0):
+        torch.save({**ckpt, "train": {**ckpt["train"], "sample_cfg": cfg}}, tmp_path / f"{cfg}.pt")
+    sampled, scored = [], []
+    monkeypatch.setattr(VideoMAR, "generate_as_trained", stop_with(sampled, None))
+    monkeypatch.setattr(evaluation, "score_held_out_clips", stop_with(scored, 3))
+    for ckpt_path, given in [(tiny_checkpoint, []), (tmp_path / "3.0.pt", []),
+                             (tmp_path / "3.0.pt", ["--cfg", "1.5"])]:
+        with pytest.raises(Stop):
+            sample_cli(ckpt_path, tmp_path, *given)
+        with pytest.raises(Stop):
+            evaluation.main(["--ckpt", str(ckpt_path), "--n", "2", "--out", str(tmp_path / "e"),
+                             *given])
+    assert sampled == scored == [2.0, 3.0, 1.5]
+    rows, check_memory = [], sys.modules["checkpoint"].check_memory
+    monkeypatch.setattr(sys.modules["checkpoint"], "check_memory",
+                        lambda config, n, *a: rows.append(n) or check_memory(config, n, *a))
+    for cfg in (3.0, 1.0):  # the KV cache estimate: 2 videos, twice the rows with guidance
+        with pytest.raises(Stop):
+            sample_cli(tmp_path / f"{cfg}.pt", tmp_path, "--num_samples", 2)
+    assert rows == [4, 2]
+
+
 @pytest.mark.parametrize("args", [["--ckpt", "{tmp}/none.pt"], ["--num_samples", "0"]])
 def test_sample_script_exits_2_without_traceback(tmp_path, args):
     """sample.py run as a script: bad input is one line on stderr and exit code 2, no traceback."""
