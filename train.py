@@ -117,8 +117,8 @@ class TrainConfig:
              "tokens"))
     sample_cfg: float = field(default=2.0, metadata=dict(
         help="its guidance scale, and sample.py's and eval.py's unless given: tiny's 2, better "
-             "than §5.1's 3 on every measure of the tiny model in three training seeds "
-             "(RESULTS.md)"))
+             "than §5.1's 3 on every free-run measure of the tiny model in three training "
+             "seeds (RESULTS.md)"))
 
 
 TRAIN_PRESETS = {
