@@ -9,7 +9,7 @@ torch's paragraph.
 Usage:
     save_checkpoint("out/ckpt.pt", dict(config=asdict(model.config), model=..., ema=..., ...))
     model = build_model(load_checkpoint("out/ckpt.pt"))       # the EMA weights, in eval mode
-    model, tokenizer, text_encoder, train_config, size = trained_model("out/ckpt.pt", "cpu")
+    model, tokenizer, text_encoder, train_config, size, cfg = trained_model("out/ckpt.pt", "cpu")
 """
 import os
 import pickle
@@ -142,11 +142,11 @@ def check_memory(config, rows, tokens, device):
 def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=None,
                   given=0):
     """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
-    encoder, the options it was trained with, and the video's size (num_frames pixel frames of
-    height x width: the ones given, or else the last training stage's). The size is checked
-    before the model is built: it must leave frames to generate after `given` latent frames, and
-    the KV cache of `batch` videos (twice the rows with CFG: `cfg`, or else the checkpoint's
-    sample_cfg, != 1) must fit in memory."""
+    encoder, the options it was trained with, the video's size (num_frames pixel frames of
+    height x width: the ones given, or else the last training stage's) and the guidance scale
+    (`cfg`, or else the checkpoint's sample_cfg). The size is checked before the model is built:
+    it must leave frames to generate after `given` latent frames, and the KV cache of `batch`
+    videos (twice the rows with CFG) must fit in memory."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
     train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
@@ -170,4 +170,4 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     model = build_model(ckpt).to(device)
     text_encoder = load_text_encoder(train_config["text_encoder"],
                                      max_length=model.config.text_len, device=device)
-    return model, tokenizer, text_encoder, train_config, (num_frames, height, width)
+    return model, tokenizer, text_encoder, train_config, (num_frames, height, width), cfg

@@ -225,11 +225,11 @@ def parse_args(argv=None):
 def evaluate(args):
     check_writable(args.out, directory=True)
     # image-to-video: one given latent frame, clips in batches
-    model, tokenizer, text_encoder, train_config, (num_frames, height, width) = trained_model(
+    model, tokenizer, text_encoder, train_config, size, cfg = trained_model(
         args.ckpt, args.device, args.frames, args.height, args.width,
         batch=min(args.n, args.batch_size), cfg=args.cfg, given=1)
+    num_frames, height, width = size
     num_iter = args.num_iter or train_config["sample_num_iter"]
-    cfg = train_config["sample_cfg"] if args.cfg is None else args.cfg
     if args.teacher_forced and not model.config.next_frame_loss:
         raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")

@@ -61,9 +61,10 @@ def sample(args):
     for path in (args.out, Path(args.out).with_suffix(".png")):
         check_writable(path)
     given = 1 if args.image else args.cond_frames if args.video else 0
-    model, tokenizer, text_encoder, train_config, (num_frames, height, width) = trained_model(
+    model, tokenizer, text_encoder, train_config, size, cfg = trained_model(
         args.ckpt, args.device, args.frames, args.height, args.width, batch=args.num_samples,
         cfg=args.cfg, given=given)
+    num_frames, height, width = size
     device = torch.device(args.device)
     num_latent_frames = tokenizer.latent_frames(num_frames)
     cond = conditioning_latents(args, tokenizer, height, width, device)
@@ -73,8 +74,7 @@ def sample(args):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         latents = model.generate_as_trained(
             cond, caption, num_latent_frames, use_kv_cache=not args.no_kv_cache,
-            num_iter=args.num_iter or train_config["sample_num_iter"],
-            cfg=train_config["sample_cfg"] if args.cfg is None else args.cfg,
+            num_iter=args.num_iter or train_config["sample_num_iter"], cfg=cfg,
             temperature=args.temperature, generator=generator, clip_range=tokenizer.clip_range)
     video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
     write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side
