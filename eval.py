@@ -11,7 +11,10 @@ in the first generated step of image-to-video and, beside it, in the authors' re
 how often text-to-image draws the caption's colour; and, sampling-free, the head's loss on that
 first step with each caption (metrics.caption_likelihood): a model blind to the direction scores
 the reversed caption exactly as the true one; and how near the head's mean of that step lies to
-the true latents (metrics.first_step_prediction), beside copying frame 0.
+the true latents (metrics.first_step_prediction), beside copying frame 0. Last, §4.3's
+accumulated error taken apart: per latent step, how many objects stay and how many lost ones
+come back (metrics.latent_step_shares), and the repair probe (`repair`): the next latent frame
+after a true, faded, speckled or erased one.
 
 Usage:
     python eval.py --ckpt out/ckpt.pt                          # 64 clips: table, out/eval/...
@@ -23,7 +26,7 @@ Usage:
     python eval.py --ckpt out/ckpt.pt --frames 49              # App. D: more frames than trained
     python eval.py --ckpt out/ckpt.pt --height 32 --width 32   # App. D: a larger grid
     python eval.py --ckpt out/ckpt.pt --seed 1 --out out/eval_seed1
-    python eval.py --ckpt out/ckpt.pt --steering false        # without the caption steering
+    python eval.py --ckpt out/ckpt.pt --steering false --repair false    # the table only
     # the learning curve: runs of one recipe at several budgets, each scored, then plotted
     python eval.py --learning_curve out/q/eval/eval.json out/eval/eval.json --out assets
     # no checkpoint: held-out clip 1 to start sample.py from (out/held_out_1.png, its first frame,
@@ -49,7 +52,8 @@ from cli import (ArgumentParser, add_generation_options, boolean, check_writable
                  positive_int)
 from data import SyntheticVideos
 from errors import BadInput, first_line
-from metrics import (MAX_PSNR, METHODS, STEERING_ROWS, EvalConfig, score_held_out_clips,
+from metrics import (MAX_PSNR, METHODS, STEERING_ROWS, EvalConfig, colour_masks,
+                     held_out_batches, model_draw, object_scores, score_held_out_clips,
                      score_steering)
 from videoio import save_image_grid, write_video
 
@@ -95,6 +99,34 @@ def steering_table(steering, temporal):
                  f"squared error per value of the head's mean of 8 draws {guess['head_mean']:.3f}, "
                  f"of copying frame 0 {guess['copy']:.3f}, of the frame's mean "
                  f"{guess['variance']:.3f}")
+    return "\n".join(lines)
+
+
+def latent_steps_table(result):
+    """Per latent step, the shares of objects kept and brought back (metrics.latent_step_shares),
+    for every sampled row and the tokenizer."""
+    methods = [m for m in ("model", "teacher_forced", "null_text", "tokenizer") if m in result]
+    steps = len(result[methods[0]]["latent_steps"]["stay"])
+    shares = lambda xs: " / ".join("-" if math.isnan(x) else f"{x:.0%}" for x in xs)
+    lines = [f"per latent step (1 -> 2, ..., {steps} -> {steps + 1}): of the objects present in "
+             f"a latent frame the share present in the next, of the absent ones the share back",
+             "| method | present stay | absent come back |", "| --- " * 3 + "|"]
+    for m in methods:
+        kept = result[m]["latent_steps"]
+        lines.append(f"| {m} | {shares(kept['stay'])} | {shares(kept['back'])} |")
+    return "\n".join(lines)
+
+
+def repair_table(repair):
+    """The repair probe's table: latent frame 2 after each kind of latent frame 1."""
+    true = repair["true"]["presence"]
+    lines = ["repair: latent frame 2 drawn after the true frame 0 and latent frame 1 given as "
+             "below, with the true caption",
+             "| latent frame 1 | objects present | of the true context's | position error (px) |",
+             "| --- " * 4 + "|"]
+    for row, r in repair.items():
+        share = "" if row == "tokenizer" else f"{r['presence'] / true:.0%}"
+        lines.append(f"| {row} | {r['presence']:.1%} | {share} | {r['position_error']:.2f} |")
     return "\n".join(lines)
 
 
@@ -192,6 +224,63 @@ def mean_of_samples(sampler, k):
 
 
 # ----------------------------------------------------------------------------------------------
+# A probe of §4.3's accumulated error: does the model repair a damaged context frame?
+
+DAMAGES = ("true", "faded", "speckled", "erased")
+
+
+def damage(clip, description, kind, frames, generator):
+    """clip (T, 3, H, W) in [-1, 1] with its objects damaged in pixel frames `frames`: "faded",
+    every object pixel halfway to the background; "speckled", half of them, at random, set to the
+    background; "erased", all of them; "true", none."""
+    clip = clip.clone()
+    background = torch.tensor(description["background"]).view(3, 1, 1) * 2 - 1
+    for o in description["objects"]:
+        for t in frames:
+            where = colour_masks(clip[t], o["rgb"])
+            if kind == "faded":
+                clip[t] = torch.where(where, (clip[t] + background) / 2, clip[t])
+            elif kind == "speckled":
+                where &= torch.rand(where.shape, generator=generator) < 0.5
+                clip[t] = torch.where(where, background, clip[t])
+            elif kind == "erased":
+                clip[t] = torch.where(where, background, clip[t])
+    return clip
+
+
+@torch.no_grad()
+def repair(draw, tokenizer, config):
+    """Running free, each frame is drawn from the model's own; where one of them lost part of an
+    object, does the next frame bring it back from frame 0 and the caption, or carry the loss on?
+    On the first config.n held-out clips: the true frame 0 and a latent frame 1 given true, faded,
+    speckled or erased (`damage`), then latent frame 2 drawn with the true caption (`draw` as
+    metrics.caption_steering's). Per row, of latent frame 2's pixel frames, how often each object
+    is present and how far from its true place (metrics.object_scores); the row "tokenizer" is
+    the truth encoded and decoded, the ceiling. A model that repairs keeps the damaged rows near
+    "true"; one that copies its last frame keeps the damage, and nothing of the erased objects."""
+    given, num_frames = tokenizer.pixel_frames(2), tokenizer.pixel_frames(3)
+    dataset = SyntheticVideos(num_frames, config.height, config.width, split="test")
+    generator = torch.Generator().manual_seed(config.seed)
+    scores = {row: ([], []) for row in ("tokenizer",) + DAMAGES}  # presence, position error
+    for batch, truth, captions in held_out_batches(dataset, config):
+        for row, (presence, error) in scores.items():
+            if row == "tokenizer":
+                videos = tokenizer.decode(tokenizer.encode(truth)).clamp(-1, 1)
+            else:
+                context = torch.stack([damage(clip[:given], dataset.describe(i), row,
+                                              range(1, given), generator)
+                                       for i, clip in zip(batch, truth)])
+                videos = draw(context, captions, num_frames, f"repair: {row}")
+            for i, video, true in zip(batch, videos.cpu(), truth):
+                for o in object_scores(video, true, dataset.describe(i)):
+                    presence.append(o["presence"][given - 1:])  # pixel frames given .. end
+                    error.append(o["position_error"][given - 1:])
+    return {row: dict(presence=torch.cat(p).nanmean().item(),
+                      position_error=torch.cat(e).nanmean().item())
+            for row, (p, e) in scores.items()}
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 def parse_args(argv=None):
@@ -208,6 +297,10 @@ def parse_args(argv=None):
                         metavar="true|false",
                         help="the caption-steering table: how far the true, reversed and null "
                              "caption move objects in the first generated step")
+    parser.add_argument("--repair", type=boolean, nargs="?", const=True, default=True,
+                        metavar="true|false",
+                        help="the repair probe: the next latent frame after a true, faded, "
+                             "speckled or erased one (the objects kept or brought back)")
     parser.add_argument("--learning_curve", nargs="+", metavar="EVAL_JSON",
                         help="no evaluation: plot the eval.json of runs of one recipe at several "
                              "budgets against their training iterations (--out/learning_curve.png)")
@@ -242,6 +335,9 @@ def evaluate(args):
     result = score_held_out_clips(model, tokenizer, text_encoder, config)
     if args.steering:
         result["steering"] = score_steering(model, tokenizer, text_encoder, config)
+    if args.repair:
+        result["repair"] = repair(model_draw(model, tokenizer, text_encoder, config), tokenizer,
+                                  config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid = [video.cpu() for video in result.pop("grid")]
@@ -266,8 +362,11 @@ def evaluate(args):
           f"temperature {args.temperature}, seed {args.seed}"
           + (f", each token the mean of {args.mean_of} draws" if args.mean_of > 1 else ""))
     print(table(result))
+    print(latent_steps_table(result))
     if args.steering:
         print(steering_table(result["steering"], tokenizer.temporal))
+    if args.repair:
+        print(repair_table(result["repair"]))
     print(f"wrote {out / 'eval.json'}, {out / 'psnr.png'}, {out / 'presence.png'}, "
           f"{out / 'grid.png'} and {out / 'truth_vs_generated.gif'}")
 

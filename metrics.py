@@ -178,8 +178,23 @@ def object_scores(video, truth, clip):
     return scores
 
 
-def summarise_objects(per_clip, last_third):
-    """Means over clips, objects and frames of the object scores of many clips."""
+def latent_step_shares(presence, temporal):
+    """How objects are kept and lost from one generated latent frame to the next. presence
+    (objects, T - 1) over the generated pixel frames, `temporal` of them a latent frame; an object
+    is present in a latent frame when it is in at least half of the pixel frames where the truth
+    shows it. Per latent step k -> k + 1 (k = 1, 2, ...): "stay", the share of the objects present
+    in k that are present in k + 1, and "back", the share of the absent ones that are (NaN where
+    none were). A model that draws each object from its last frame brings none back."""
+    per_latent = presence.unflatten(1, (-1, temporal)).nanmean(2) >= 0.5  # NaN >= 0.5 is False
+    shown = ~presence.unflatten(1, (-1, temporal)).isnan().all(2)
+    now, then, judged = per_latent[:, :-1], per_latent[:, 1:], shown[:, :-1] & shown[:, 1:]
+    share = lambda was: ((then & was & judged).sum(0) / (was & judged).sum(0)).tolist()
+    return dict(stay=share(now), back=share(~now))
+
+
+def summarise_objects(per_clip, last_third, temporal):
+    """Means over clips, objects and frames of the object scores of many clips, and the per
+    latent step shares of objects kept and brought back (latent_step_shares)."""
     presence = torch.stack([o["presence"] for clip in per_clip for o in clip])  # (objects, T - 1)
     errors = torch.stack([o["position_error"] for clip in per_clip for o in clip])
     judged = [o["direction"] for clip in per_clip for o in clip if o["direction"] is not None]
@@ -187,7 +202,8 @@ def summarise_objects(per_clip, last_third):
                 presence_last_third=presence[:, last_third].nanmean().item(),
                 position_error=errors.nanmean().item(),
                 direction=sum(judged) / len(judged) if judged else math.nan,
-                direction_judged=len(judged), presence_per_frame=presence.nanmean(0).tolist())
+                direction_judged=len(judged), presence_per_frame=presence.nanmean(0).tolist(),
+                latent_steps=latent_step_shares(presence, temporal))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +272,7 @@ def score_held_out_clips(model, tokenizer, text_encoder, config):
                          psnr_last_third=psnr(e[:, last_third].mean()).item(),
                          ssim_last_third=s[:, last_third].mean().item(),
                          psnr_per_frame=psnr(e.mean(0)).tolist(), ssim_per_frame=s.mean(0).tolist(),
-                         **summarise_objects(objects[m], last_third))
+                         **summarise_objects(objects[m], last_third, tokenizer.temporal))
     return result
 
 

@@ -1918,6 +1918,45 @@ def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():
     assert expected[4] != result["copy"]["psnr_per_frame"][4]  # the two rows differ
 
 
+def test_latent_step_shares_count_objects_kept_and_brought_back():
+    """Per latent step, of the objects present in latent frame k (at least half of its pixel
+    frames), the share present in k + 1, and of the absent ones the share back; frames the truth
+    hides do not count."""
+    nan = math.nan
+    presence = torch.tensor([  # 3 objects, 3 latent frames of 2 pixel frames
+        [1, 1, 1, 0, 0, 0],  # present, present (half), absent: kept, then lost
+        [0, 0, 1, 1, 0, 1],  # absent, present, present (half): back, then kept
+        [0, 0, nan, nan, 1, 1]])  # hidden in latent frame 2: neither step counts
+    shares = metrics.latent_step_shares(presence, temporal=2)
+    assert shares["stay"] == [1.0, 0.5] and shares["back"][0] == 1.0
+    assert math.isnan(shares["back"][1])  # no object judged absent in latent frame 2
+    lost = metrics.latent_step_shares(torch.tensor([[1.0, 1, 0, 0, 0, 0]]), temporal=2)
+    assert lost["stay"][0] == 0 and lost["back"][1] == 0
+
+
+def test_repair_probe_tells_a_model_that_copies_its_last_frame_from_one_that_repairs():
+    """A model that continues its last context frame carries the damage on and brings no erased
+    object back; one that draws the clip from frame 0 and the caption repairs every damage."""
+    config = metrics.EvalConfig(n=6, batch_size=4)
+    clips = SyntheticVideos(9, 16, 16, split="test")
+    truth = [clips[i][0] for i in range(config.n)]
+
+    def copy_last(frames, captions, num_frames, row):
+        return torch.cat([frames, frames[:, -1:].expand(-1, num_frames - frames.shape[1],
+                                                        -1, -1, -1)], dim=1)
+
+    def from_frame_0(frames, captions, num_frames, row):  # the true clip of each frame 0
+        return torch.stack([next(t for t in truth if torch.equal(t[0], f[0])) for f in frames])
+
+    tokenizer = load_tokenizer("patch:4x4x4")
+    copied = evaluation.repair(copy_last, tokenizer, config)
+    assert copied["true"]["presence"] == 1 and copied["erased"]["presence"] == 0
+    assert copied["faded"]["presence"] < 1 and copied["speckled"]["presence"] < 1
+    repaired = evaluation.repair(from_frame_0, tokenizer, config)
+    for row in evaluation.DAMAGES + ("tokenizer",):
+        assert repaired[row] == dict(presence=1.0, position_error=0.0)
+
+
 @pytest.mark.parametrize("size", [16, 32])
 def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(size):
     """The toy VBench-I2V: the truth is present everywhere, where it should be, and moves the way
@@ -1935,12 +1974,13 @@ def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(siz
                             ("background", background.expand_as(clip)), ("speckle", speckle)):
             per_clip[name].append(metrics.object_scores(video, clip, data.describe(i)))
     last_third = slice(-8, None)
-    truth, copy = (metrics.summarise_objects(per_clip[k], last_third) for k in ("truth", "copy"))
+    truth, copy = (metrics.summarise_objects(per_clip[k], last_third, 4)
+                   for k in ("truth", "copy"))
     assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
     assert truth["direction"] == 1 and truth["direction_judged"] >= 20
     assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
-    assert metrics.summarise_objects(per_clip["background"], last_third)["presence"] == 0
-    assert metrics.summarise_objects(per_clip["speckle"], last_third)["presence"] < 0.05
+    assert metrics.summarise_objects(per_clip["background"], last_third, 4)["presence"] == 0
+    assert metrics.summarise_objects(per_clip["speckle"], last_third, 4)["presence"] < 0.05
     # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
     o = data.describe(0)["objects"][0]
     clip = SyntheticVideos(25, size, size, split="test")[0][0]
