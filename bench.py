@@ -27,18 +27,18 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import ArgumentParser, check_writable, device_option, int_at_least, positive_int
+from cli import (ArgumentParser, autocast, check_writable, compute_dtype, default_device,
+                 device_option, int_at_least, positive_int)
 from errors import BadInput
 from model import PRESETS, KVCache, VideoMAR, VideoMARConfig, compile_model
 
 BENCH_MODEL = dict(latent_channels=48, n_layer=12, n_embd=512, n_head=8, diffloss_d=3,
-                   diffloss_w=256, text_dim=384, text_len=16)
+                   diffloss_w=256, text_dim=384, text_len=16, qk_norm=False, all_frames=True)
 # Quick, the default, about a minute on 2 CPU cores: 3 generated frames (a bound of 3x) of 16
 # masking steps; the spatial bench at 16 x 16 tokens, 16 decided a step as the paper's 1,024 in 64
 # steps. The head decides 4 of the 64 tokens a step (--full: 1), so its share of a step is larger:
@@ -138,8 +138,6 @@ def matmul_flops(device, dtype, size=1024, repeats=5):
 def bench_training(model, args, device):
     config = model.config
     model.train()
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     latents = torch.randn(args.batch_size, args.latent_frames, config.latent_channels, args.grid,
                           args.grid, device=device)
     text = torch.randn(args.batch_size, config.text_len, config.text_dim, device=device)
@@ -147,7 +145,7 @@ def bench_training(model, args, device):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():  # every frame a target at once (all_frames): every step does the same work
-        with autocast:
+        with autocast(device):
             loss = model(latents, text, text_mask)
         loss.backward()
         optimizer.step()
@@ -157,7 +155,7 @@ def bench_training(model, args, device):
         step()
     flops = counter.get_total_flops()
     seconds = median_time(step, device, args.repeats)
-    peak = matmul_flops(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    peak = matmul_flops(device, compute_dtype(device))
     model.eval()
     tokens = args.batch_size * args.latent_frames * args.grid * args.grid
     return dict(step_s=seconds, tokens_per_s=tokens / seconds, step_gflop=flops / 1e9,
@@ -272,8 +270,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--full", action="store_true",
                         help="the long run (the README's table) instead of the quick one")
-    parser.add_argument("--device", type=device_option,
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_option, default=default_device())
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
     sizes = lambda name: f"(default: {RUNS['quick'][name]}; --full: {RUNS['full'][name]})"
     parser.add_argument("--repeats", type=positive_int,

@@ -9,7 +9,7 @@ torch's paragraph.
 Usage:
     save_checkpoint("out/ckpt.pt", dict(config=asdict(model.config), model=..., ema=..., ...))
     model = build_model(load_checkpoint("out/ckpt.pt"))       # the EMA weights, in eval mode
-    model, tokenizer, text_encoder, train_config, size, cfg = trained_model("out/ckpt.pt", "cpu")
+    trained = trained_model("out/ckpt.pt", "cpu")   # .model, .tokenizer, ..., .cfg, .num_iter
 """
 import os
 import pickle
@@ -17,12 +17,14 @@ import re
 import warnings
 from dataclasses import fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from cli import compute_dtype
 from data import load_text_encoder, load_tokenizer
 from errors import BadInput, first_line
-from model import VideoMAR, VideoMARConfig
+from model import VideoMAR, VideoMARConfig, rows_per_video
 
 
 def save_checkpoint(path, ckpt):
@@ -76,18 +78,25 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+# A field missing from a checkpoint's config was added to VideoMARConfig after the checkpoint
+# was written, so the model was trained without what the field adds: the field takes its
+# default, or here the value that turns it off where the default is on.
+BEFORE_THE_FIELD = dict(qk_norm=False)
+
+
 def config_from_dict(config):
-    """A VideoMARConfig from a plain dict holding exactly its fields."""
+    """A VideoMARConfig from a plain dict of its fields; a field it lacks is one added since it
+    was written (BEFORE_THE_FIELD), a key that is no field is refused."""
     names = {f.name for f in fields(VideoMARConfig)}
-    if config.keys() != names:
+    if config.keys() - names:
         raise BadInput(f"the checkpoint's config does not fit this model code: unknown keys "
-                       f"{sorted(config.keys() - names)}, "
-                       f"missing keys {sorted(names - config.keys())}")
-    return VideoMARConfig(**config)
+                       f"{sorted(config.keys() - names)}")
+    missing = {name: value for name, value in BEFORE_THE_FIELD.items() if name not in config}
+    return VideoMARConfig(**missing, **config)
 
 
 def model_from_config(config):
-    """A fresh VideoMAR from a plain dict holding exactly the fields of VideoMARConfig."""
+    """A fresh VideoMAR from a plain dict of the fields of VideoMARConfig (config_from_dict)."""
     model_config = config_from_dict(config)
     try:
         return VideoMAR(model_config)
@@ -127,9 +136,9 @@ def gigabytes(n):
 
 def check_memory(config, rows, tokens, device):
     """The KV cache of generating `tokens` tokens for `rows` rows (CFG doubles them): keys and
-    values of every layer, bf16 under CUDA autocast, else fp32. Refused when it exceeds the
-    device's memory, which no waiting could help; returns the estimate in bytes."""
-    element = 2 if device.type == "cuda" else 4
+    values of every layer, in the dtype the model computes in on `device`. Refused when it
+    exceeds the device's memory, which no waiting could help; returns the estimate in bytes."""
+    element = compute_dtype(device).itemsize
     need = 2 * config.n_layer * rows * config.n_embd * tokens * element
     have = memory_bytes(device)
     if have is not None and need > have:
@@ -139,17 +148,34 @@ def check_memory(config, rows, tokens, device):
     return need
 
 
+class TrainedModel(NamedTuple):
+    """Everything sampling from a checkpoint needs, every default resolved (trained_model)."""
+    model: VideoMAR  # the EMA weights, in eval mode, on the device
+    tokenizer: object
+    text_encoder: object
+    train_config: dict  # the TrainConfig it was trained with, as a dict
+    num_frames: int  # pixel frames of the video
+    height: int
+    width: int
+    cfg: float  # the guidance scale
+    num_iter: int  # masked-generation steps a frame
+
+
+# a checkpoint written before the guidance scale travelled with it was sampled at §5.1's 3
+PAPER_CFG = 3.0
+
+
 def trained_model(path, device, num_frames=None, height=None, width=None, batch=1, cfg=None,
-                  given=0):
-    """What sampling from a checkpoint needs: its EMA model on `device`, its tokenizer and text
-    encoder, the options it was trained with, the video's size (num_frames pixel frames of
-    height x width: the ones given, or else the last training stage's) and the guidance scale
-    (`cfg`, or else the checkpoint's sample_cfg). The size is checked before the model is built:
-    it must leave frames to generate after `given` latent frames, and the KV cache of `batch`
-    videos (twice the rows with CFG) must fit in memory."""
+                  num_iter=None, given=0):
+    """What sampling from a checkpoint needs (TrainedModel): its EMA model on `device`, its
+    tokenizer and text encoder, the options it was trained with, and each setting given, or else
+    the checkpoint's: the video's size (num_frames pixel frames of height x width; the last
+    training stage's), the guidance scale (its sample_cfg) and the masked-generation steps (its
+    sample_num_iter). The size is checked before the model is built: it must leave frames to
+    generate after `given` latent frames, and the KV cache of `batch` videos must fit in memory."""
     device = torch.device(device)
     ckpt = load_checkpoint(path)
-    train_config = ckpt["train"]  # the TrainConfig it was trained with, as a dict
+    train_config = ckpt["train"]
     tokenizer = load_tokenizer(train_config["tokenizer"], device, ckpt.get("tokenizer"))
     height, width = height or train_config["height"], width or train_config["width"]
     tokenizer.check_size(height, width)
@@ -162,12 +188,13 @@ def trained_model(path, device, num_frames=None, height=None, width=None, batch=
     grid = (height // tokenizer.spatial // config.patch_size,
             width // tokenizer.spatial // config.patch_size)
     tokens = num_latent_frames * grid[0] * grid[1]
-    cfg = train_config["sample_cfg"] if cfg is None else cfg
-    rows = batch * (2 if cfg != 1 else 1)  # CFG: every video also with the null text
-    cache = check_memory(config, rows, tokens, device)
+    cfg = train_config.get("sample_cfg", PAPER_CFG) if cfg is None else cfg
+    num_iter = num_iter or train_config["sample_num_iter"]
+    cache = check_memory(config, batch * rows_per_video(cfg), tokens, device)
     print(f"{num_latent_frames} latent frames ({num_frames} frames of {height}x{width}), {batch} "
           f"at a time: KV cache {gigabytes(cache)}")
     model = build_model(ckpt).to(device)
     text_encoder = load_text_encoder(train_config["text_encoder"],
                                      max_length=model.config.text_len, device=device)
-    return model, tokenizer, text_encoder, train_config, (num_frames, height, width), cfg
+    return TrainedModel(model, tokenizer, text_encoder, train_config, num_frames, height, width,
+                        cfg, num_iter)

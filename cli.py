@@ -1,8 +1,8 @@
 """
-What the scripts (train, sample, eval, bench) share at the command line: an argparse parser whose
-mistakes are one line, the option types that check every value as it is parsed, the output check,
-the generation options of sample.py and eval.py, and train.py's options made from the fields of
-its config dataclasses.
+What the scripts (train, sample, eval, bench) share at the command line: the device and the
+precision they run in, an argparse parser whose mistakes are one line, the option types that
+check every value as it is parsed, the output check, the generation options of sample.py and
+eval.py, and train.py's options made from the fields of its config dataclasses.
 
 Usage:
     parser = ArgumentParser(description="...")
@@ -14,12 +14,35 @@ import math
 import re
 import tempfile
 import typing
+from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from errors import BadInput, first_line
+
+# -----------------------------------------------------------------------------
+# Where the model runs, and in what precision: the one choice every script makes
+
+def default_device():
+    """The device the scripts run on unless told: a GPU if there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(device):
+    """What the model computes in on `device`: bf16 on GPUs (autocast: half the memory and
+    bandwidth of fp32), fp32 on CPUs, where bf16 is slower."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def autocast(device):
+    """The context to train and sample in on `device`: bf16 autocast on GPUs, none on CPUs."""
+    dtype = compute_dtype(device)
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
 
 # -----------------------------------------------------------------------------
 # Options: every value the scripts take is checked as it is parsed, before any work
@@ -141,8 +164,7 @@ def add_generation_options(parser):
     parser.add_argument("--temperature", type=temperature_option, default="progressive",
                         help="progressive or a positive number")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=device_option,
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_option, default=default_device())
 
 
 # -----------------------------------------------------------------------------
@@ -188,13 +210,14 @@ def add_field_options(parser, cls, presets, checks, sized_by):
     annotation and checked by `checks` (field: option type). Its help is the field's metadata
     "help", then the default (the tiny preset's value, or `sized_by`'s words for a field that
     something else sizes) and the value of any other preset that differs."""
-    tiny = {**asdict(cls()), **presets["tiny"]}
+    full = {preset: {**asdict(cls()), **values} for preset, values in presets.items()}
+    tiny = full["tiny"]
     group = parser.add_argument_group(cls.__name__)
     for f in fields(cls):
         name = f.name
         values = [sized_by.get(name, shown(tiny[name]))] + [
-            f"{preset}: {shown(v[name])}" for preset, v in presets.items()
-            if name in v and name not in sized_by and v[name] != tiny[name]]
+            f"{preset}: {shown(v[name])}" for preset, v in full.items()
+            if name not in sized_by and v[name] != tiny[name]]
         text = f"{f.metadata.get('help', '')} (default: {'; '.join(values)})".strip()
         kind, parts = typing.get_origin(f.type), typing.get_args(f.type)
         element = parts[0] if parts else f.type

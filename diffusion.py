@@ -16,6 +16,7 @@ Usage:
     x = head.sample(torch.cat([z_cond, z_uncond]), temperature=0.95, cfg=3.0)   # (N, 16)
 """
 import math
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -342,3 +343,8 @@ class DiffLoss(nn.Module):
 
         return diffusion.p_sample_loop(guided_denoiser, (n, self.in_channels), noise, temperature,
                                        generator, clip_range)
+
+    def sampler(self, clip_range=None):
+        """`sample` with every predicted x_0 held in `clip_range` (lo, hi), the tokenizer's latent
+        range: the sampler VideoMAR.generate draws tokens with (its `sampler`)."""
+        return partial(self.sample, clip_range=clip_range)

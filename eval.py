@@ -124,8 +124,8 @@ def repair_table(repair):
              "below, with the true caption",
              "| latent frame 1 | objects present | of the true context's | position error (px) |",
              "| --- " * 4 + "|"]
-    for row, r in repair.items():
-        share = "" if row == "tokenizer" else f"{r['presence'] / true:.0%}"
+    for row, r in repair.items():  # a share of none ("-") where the true context keeps none
+        share = "" if row == "tokenizer" else f"{r['presence'] / true:.0%}" if true else "-"
         lines.append(f"| {row} | {r['presence']:.1%} | {share} | {r['position_error']:.2f} |")
     return "\n".join(lines)
 
@@ -216,9 +216,8 @@ def mean_of_samples(sampler, k):
     under this probe, z holds them and the sampling scatters them; if not, z itself does not.
     (Deterministic DDIM, eta 0, is no such probe: from random noise it draws from the same
     per-token distribution as the ancestral sampler, neither its mode nor its mean.)"""
-    def probe(z, temperature, cfg, generator=None, clip_range=None):
-        draws = [sampler(z, temperature, cfg, generator=generator, clip_range=clip_range)
-                 for _ in range(k)]
+    def probe(z, temperature, cfg, generator=None):
+        draws = [sampler(z, temperature, cfg, generator=generator) for _ in range(k)]
         return torch.stack(draws).mean(0)
     return probe
 
@@ -318,15 +317,18 @@ def parse_args(argv=None):
 def evaluate(args):
     check_writable(args.out, directory=True)
     # image-to-video: one given latent frame, clips in batches
-    model, tokenizer, text_encoder, train_config, size, cfg = trained_model(
-        args.ckpt, args.device, args.frames, args.height, args.width,
-        batch=min(args.n, args.batch_size), cfg=args.cfg, given=1)
-    num_frames, height, width = size
-    num_iter = args.num_iter or train_config["sample_num_iter"]
+    trained = trained_model(args.ckpt, args.device, args.frames, args.height, args.width,
+                            batch=min(args.n, args.batch_size), cfg=args.cfg,
+                            num_iter=args.num_iter, given=1)
+    model, tokenizer, text_encoder = trained.model, trained.tokenizer, trained.text_encoder
+    num_frames, height, width = trained.num_frames, trained.height, trained.width
+    train_config, num_iter, cfg = trained.train_config, trained.num_iter, trained.cfg
     if args.teacher_forced and not model.config.next_frame_loss:
         raise BadInput("--teacher_forced needs a model trained frame by frame; this one has the "
                        "total-mask loss (--next_frame_loss false), sampled as a whole video")
-    sampler = mean_of_samples(model.diffloss.sample, args.mean_of) if args.mean_of > 1 else None
+    sampler = None
+    if args.mean_of > 1:
+        sampler = mean_of_samples(model.diffloss.sampler(tokenizer.clip_range), args.mean_of)
 
     config = EvalConfig(
         n=args.n, num_frames=num_frames, height=height, width=width, num_iter=num_iter,

@@ -220,7 +220,7 @@ class EvalConfig:
     num_iter: int = 4
     cfg: float = 3.0
     temperature: str | float = "progressive"
-    sampler: Callable = None  # the head's; None: DiffLoss.sample
+    sampler: Callable = None  # the head's, clip included; None: DiffLoss.sampler(clip range)
     seed: int = 0
     batch_size: int = 16  # clips at a time
     # what is scored and kept
@@ -315,8 +315,8 @@ class EvalVideos:
         return self.model.generate_as_trained(
             cond, caption, num_latent_frames, num_iter=config.num_iter, cfg=config.cfg,
             temperature=config.temperature if temperature is None else temperature,
-            generator=self.generator(row), clip_range=self.tokenizer.clip_range,
-            sampler=config.sampler)
+            generator=self.generator(row),
+            sampler=config.sampler or self.model.diffloss.sampler(self.tokenizer.clip_range))
 
     def teacher_forcing(self, true_latents, caption):
         """Each latent frame t generated from the true frames before it, at the temperature frame

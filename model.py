@@ -10,7 +10,7 @@ sampling (`VideoMAR.generate`, §4.3) runs frame by frame with a KV cache, the t
 frame in parallel by masked generation.
 
 Usage:
-    model = VideoMAR(VideoMARConfig(**PRESETS["tiny"]))
+    model = VideoMAR(VideoMARConfig(**PRESETS["tiny"]))   # VideoMARConfig(): the paper's 1.4B
     loss = model(latents, text, text_mask)        # latents (B, T, C, h, w), text (B, S, text_dim)
     video = model.generate(first_latent_frame, (text, text_mask), num_latent_frames=7)
 """
@@ -28,6 +28,7 @@ from rope3d import apply_rope, rope_frequencies
 
 @dataclass
 class VideoMARConfig:
+    # The defaults are §5.1's 1.4B model; PRESETS["tiny"] is the model that trains on a CPU.
     # Every field is an option of train.py; its metadata's "help" is what `--help` says of it.
     # tokens: latent channels C of the tokenizer, patched p x p into tokens of size C p p
     latent_channels: int = field(default=16, metadata=dict(help="latent channels C"))
@@ -38,23 +39,18 @@ class VideoMARConfig:
     n_embd: int = 1536
     n_head: int = 24
     mlp_ratio: float = 4.0
-    qk_norm: bool = field(default=False, metadata=dict(
-        help="RMSNorm of each head's queries and keys, before RoPE, in self- and cross-attention: "
-             "not in the paper; as in Step-Video's attention blocks (upstream code)"))
+    qk_norm: bool = field(default=True, metadata=dict(
+        help="RMSNorm of each head's queries and keys before RoPE, as the authors' Step-Video "
+             "blocks (the paper is silent): it keeps attention logits bounded at scale"))
     rope_theta: float = field(default=10000.0, metadata=dict(
-        help="3D RoPE's base (rope3d.py): RoPE's usual 10000 (the paper gives none). An axis's "
-             "frequencies are theta^(-2i/d) radians a position: with tiny's 8 channels an axis "
-             "(1, 0.1, 0.01, 0.001) only the first tells apart positions a few tokens apart, and "
-             "it comes round after 6.3; a smaller base spreads them over a small grid"))
+        help="3D RoPE's base (the paper gives none: RoPE's usual 10000); a smaller one tells "
+             "apart nearby positions of a small grid (RESULTS.md)"))
     # text condition (§5.1: Qwen2-1.5B hidden states, cross-attention)
     text_dim: int = field(default=1536, metadata=dict(help="width of the text's hidden states"))
-    text_len: int = field(default=32, metadata=dict(help="S_max, a caption's tokens at most"))
+    text_len: int = field(default=300, metadata=dict(
+        help="S_max, a caption's tokens at most (300: the authors' released null text)"))
     text_drop_prob: float = field(default=0.1, metadata=dict(
         help="classifier-free guidance: drop the caption for 10% of clips"))
-    text_pooled: bool = field(default=False, metadata=dict(
-        help="beyond the paper: the caption, pooled (the mean of its projected tokens), added to "
-             "every token before the first block, so that the first self-attention already "
-             "knows it (in the paper's block the caption arrives after it)"))
     # masking (MAR): training mask ratio ~ truncated normal, centre 1.0, std 0.25, on [0.7, 1.0]
     mask_ratio_min: float = field(default=0.7, metadata=dict(
         help="training masks hide this share of a frame's tokens at least (MAR's truncated "
@@ -68,21 +64,21 @@ class VideoMARConfig:
         help="diffusion steps when sampling, of the 1000 of training (ADM's respacing)"))
     diffusion_batch_mul: int = field(default=4, metadata=dict(
         help="noise draws per token in the loss (MAR's)"))
-    token_regression: float = field(default=0.0, metadata=dict(
-        help="beyond the paper: the weight of an auxiliary loss, the MSE of each masked token "
-             "of the frames after the first regressed from z by a linear readout, added to the "
-             "diffusion loss (the diffusion loss alone teaches z a token's mean slowly, "
-             "RESULTS.md); 0: none, the paper's"))
     # ablations of Table 4
     causal: bool = field(default=True, metadata=dict(
         help="frame-wise causal attention (Table 4; else every token sees every frame)"))
     next_frame_loss: bool = field(default=True, metadata=dict(
         help="the next-frame loss of Eq. 4.1 (Table 4; else \"total mask\", Eq. 3.1)"))
-    all_frames: bool = field(default=True, metadata=dict(
-        help="Eq. 4.1's expectation over the target frame t evaluated for every t in each pass "
-             "(the same objective, T times the signal; all_frames_z), rather than one t drawn per "
-             "batch. For causal next-frame training only: the ablations of Table 4 keep the one-t "
-             "draw"))
+    # -- beyond the paper: off by default; each adds work only when on (RESULTS.md: effects) ----
+    all_frames: bool = field(default=False, metadata=dict(
+        help="beyond the paper: Eq. 4.1 for every target frame t in one pass (all_frames_z), "
+             "not one t a batch: the same objective, T times the signal a step"))
+    text_pooled: bool = field(default=False, metadata=dict(
+        help="beyond the paper: the caption's mean added to every token before the first block, "
+             "so the first self-attention already sees the caption"))
+    token_regression: float = field(default=0.0, metadata=dict(
+        help="beyond the paper: weight of an MSE of the masked tokens after frame 0 read "
+             "linearly from z, added to the diffusion loss to teach z a token's mean sooner"))
 
     @property
     def token_dim(self):
@@ -90,27 +86,16 @@ class VideoMARConfig:
 
 
 PRESETS = {
-    # §5.1: the paper's 1.4B model; Cosmos CV4x8x8 latents (16 channels), Qwen2-1.5B text (1536).
-    # Where the paper is silent: captions of up to 300 tokens, as the authors' released null text
-    # `fake_latent` (1, 300, dim) takes; QK-norm, as Step-Video's attention blocks (upstream).
-    # The paper's one-t draw of Eq. 4.1: §2 sets VideoMAR against MAGI's doubled sequence, which
-    # the all-frames pass is (--all_frames true turns it on).
-    "videomar": dict(latent_channels=16, n_layer=36, n_embd=1536, n_head=24, diffloss_d=3,
-                     diffloss_w=1280, text_dim=1536, text_len=300, qk_norm=True,
-                     all_frames=False),
-    # what trains on a 2-core CPU in minutes: the 16 channels of the default tokenizer
-    # pca:4x4x4:16, MiniLM text (384); train.py takes both sizes from the tokenizer and the text
-    # encoder it is given (for the synthetic data the one-hot caption code, 20 values). The
-    # synthetic captions (21 MiniLM tokens at most) fit whole. The plain block (no QK-norm): at
-    # toy scale in fp32 there is no instability for it to cure, and the tiny model keeps its
-    # parameters and the tests their meaning. The pooled caption added first: without it the
-    # tiny model ignores the caption's direction; and a head of width 128, not 256: a narrower
-    # head leaves more of each token to z, and z learns the direction faster (RESULTS.md,
-    # caption steering). And the auxiliary regression of the tokens after frame 0 from z: the
-    # diffusion loss alone teaches z where the object goes too slowly for a run of minutes.
+    # §5.1: the paper's 1.4B model, the defaults above; Cosmos CV4x8x8 latents (16 channels),
+    # Qwen2-1.5B text (1536)
+    "videomar": {},
+    # what trains on a 2-core CPU in minutes: latents of the default tokenizer pca:4x4x4:16 and
+    # MiniLM text (train.py sizes both from the tokenizer and text encoder it is given); no
+    # QK-norm (no instability to cure at this size in fp32); a narrow head, which leaves more of
+    # each token to z; and the three beyond-paper knobs on (RESULTS.md: why each)
     "tiny": dict(latent_channels=16, n_layer=4, n_embd=192, n_head=6, diffloss_d=3,
-                 diffloss_w=128, text_dim=384, text_len=32, qk_norm=False, text_pooled=True,
-                 token_regression=1.0),
+                 diffloss_w=128, text_dim=384, text_len=32, qk_norm=False, all_frames=True,
+                 text_pooled=True, token_regression=1.0),
 }
 
 
@@ -186,6 +171,12 @@ def frame_temperature(temperature, i):
     return float(temperature)
 
 
+def rows_per_video(cfg):
+    """Rows a video takes when sampling: with classifier-free guidance (cfg != 1) two, its
+    caption's and the null text's, which both get the same tokens; else one."""
+    return 2 if cfg != 1.0 else 1
+
+
 def linear_cfg(cfg, num_masked, total):
     """MAR's linear CFG schedule: the guidance scale grows from 1 to cfg with the share of the
     `total` tokens that are no longer masked; 1 stays 1 (no guidance)."""
@@ -219,18 +210,18 @@ class KVCache:
 
 class TextContext(NamedTuple):
     """A caption as the model sees it: per layer the keys and values of its tokens (the same at
-    every sampling step, so computed once), its mask (B, S), True = a real token, and the mean of
-    its projected tokens (B, n_embd) (text_pooled)."""
+    every sampling step, so computed once), its mask (B, S), True = a real token, and with
+    text_pooled the mean of its projected tokens (B, n_embd), else None."""
     kv: list
     mask: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
 
     def cat(self, other):
         """This context's rows, then other's (CFG: the conditional rows, then the null text's)."""
         kv = [(torch.cat([k, other_k]), torch.cat([v, other_v]))
               for (k, v), (other_k, other_v) in zip(self.kv, other.kv)]
-        return TextContext(kv, torch.cat([self.mask, other.mask]),
-                           torch.cat([self.pooled, other.pooled]))
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return TextContext(kv, torch.cat([self.mask, other.mask]), pooled)
 
 
 class HeadRMSNorm(nn.RMSNorm):
@@ -352,14 +343,17 @@ class VideoMAR(nn.Module):
 
     def text_context(self, text, text_mask, drop=None):
         """The TextContext of text (B, S, text_dim) with its mask: the projected text's keys and
-        values in every layer. Rows where `drop` is True get the learned null text
-        (classifier-free guidance)."""
+        values in every layer. Rows where `drop` is True get the learned null text, all of it and
+        every position attended, exactly as CFG's unconditional branch sees it when sampling
+        (null_context): the text is padded to text_len first."""
         text = self.text_proj(text)
         S = text.shape[1]
         if S > self.config.text_len:
             raise ValueError(f"text has {S} tokens, more than text_len={self.config.text_len}")
         if drop is not None:
-            text = torch.where(drop[:, None, None], self.null_text[:, :S].to(text.dtype), text)
+            padding = self.config.text_len - S  # none for the encoders, which pad to text_len
+            text, text_mask = F.pad(text, (0, 0, 0, padding)), F.pad(text_mask, (0, padding))
+            text = torch.where(drop[:, None, None], self.null_text.to(text.dtype), text)
             text_mask = text_mask | drop[:, None]
         return self.context_of(text, text_mask)
 
@@ -371,8 +365,10 @@ class VideoMAR(nn.Module):
 
     def context_of(self, text, mask):
         """The TextContext of projected text (B, S, n_embd) with its mask."""
-        weights = mask[..., None].to(text.dtype)
-        pooled = (text * weights).sum(1) / weights.sum(1)
+        pooled = None
+        if self.config.text_pooled:  # the mean of the real tokens
+            weights = mask[..., None].to(text.dtype)
+            pooled = (text * weights).sum(1) / weights.sum(1)
         return TextContext([block.cross_attn.text_kv(text) for block in self.blocks], mask,
                            pooled)
 
@@ -447,8 +443,8 @@ class VideoMAR(nn.Module):
 
     def forward(self, latents, text, text_mask):
         """The training loss of latent clips (B, T, C, h, w) with their captions: §4.1's
-        next-frame diffusion loss (Eq. 4.1), for every frame at once (`all_frames`) or for one
-        frame t drawn per batch; or the "total mask" loss of Eq. 3.1 (Table 4)."""
+        next-frame diffusion loss (Eq. 4.1) for one frame t drawn per batch, or for every frame at
+        once (`all_frames`); or the "total mask" loss of Eq. 3.1 (Table 4)."""
         config, device = self.config, latents.device
         p = config.patch_size
         B, T, C, h, w = latents.shape
@@ -463,49 +459,54 @@ class VideoMAR(nn.Module):
                                         device)
             masks = random_masks(B * T, L, ratios, device).view(B, T, L)
             z = self.all_frames_z(tokens, masks, grid, context)
-            regressed = masks.clone()
-            regressed[:, 0] = False
-            return self.diffusion_loss(tokens, z, masks, regressed)
+            return self.diffusion_loss(tokens, z, masks, first_frame=0)
         ratios = sample_mask_ratios(B, config.mask_ratio_min, config.mask_ratio_std, device)
         if config.next_frame_loss:  # one target frame t, uniform over all (t = 0: text-to-image)
             target = int(torch.randint(T, (1,)))
             mask = random_masks(B, L, ratios, device)
             z = self.target_frame_z(tokens, target, mask, grid, context)
-            return self.diffusion_loss(tokens[:, target], z, mask, mask & (target > 0))
+            return self.diffusion_loss(tokens[:, target:target + 1], z[:, None], mask[:, None],
+                                       first_frame=target)
         # Eq. 3.1, the "total mask" baseline of Table 4: tokens masked anywhere in the video
         mask = random_masks(B, T * L, ratios, device)
         z = self.forward_frames(tokens.flatten(1, 2), mask, 0, grid, context)
-        regressed = mask.clone()
-        regressed[:, :L] = False
-        return self.diffusion_loss(tokens.flatten(1, 2), z, mask, regressed)
+        return self.diffusion_loss(tokens, z.view(B, T, L, -1), mask.view(B, T, L), first_frame=0)
 
-    def diffusion_loss(self, tokens, z, mask, regressed):
-        """The diffusion loss on the masked tokens only, each repeated 4 times with independent
-        noise and timesteps (MAR's diffusion_batch_mul); the mean over all of them. With
-        token_regression, plus the readout's MSE on the `regressed` tokens: the masked tokens of
-        the frames after the first. Frame 0's, drawn from the caption alone, regress to a blur
-        of every picture the caption allows; regressing them too left the caption's direction
-        unlearned in two training seeds of four (RESULTS.md)."""
+    def diffusion_loss(self, tokens, z, mask, first_frame):
+        """The loss of the frames `tokens` (B, n, L, token_dim), frames first_frame onwards, given
+        their z (B, n, L, n_embd): the diffusion loss on the tokens masked in `mask` (B, n, L)
+        only, each repeated 4 times with independent noise and timesteps (MAR's
+        diffusion_batch_mul), the mean over all of them; plus, with token_regression only,
+        regression_loss."""
         repeats = self.config.diffusion_batch_mul
         loss = self.diffloss(tokens[mask].float().repeat(repeats, 1), z[mask].repeat(repeats, 1))
-        if self.token_readout is None or not regressed.any():
+        if self.token_readout is None:
             return loss
-        error = F.mse_loss(self.token_readout(z[regressed]), tokens[regressed].float())
-        return loss + self.config.token_regression * error
+        return loss + self.regression_loss(tokens, z, mask, first_frame)
+
+    def regression_loss(self, tokens, z, mask, first_frame):
+        """token_regression (beyond the paper) times the MSE of the linear readout of z against
+        the masked tokens of the frames after frame 0. Frame 0, drawn from the caption alone, is
+        left out: its best regression is a blur of every picture the caption allows."""
+        later = slice(1 if first_frame == 0 else 0, None)
+        tokens, z, mask = tokens[:, later], z[:, later], mask[:, later]
+        if not mask.any():
+            return 0.0
+        error = F.mse_loss(self.token_readout(z[mask]), tokens[mask].float())
+        return self.config.token_regression * error
 
     # -- §4.3 inference: frame by frame with the KV cache, each frame by masked generation -------
 
     @torch.no_grad()
     def generate(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
-                 temperature="progressive", use_kv_cache=True, generator=None, clip_range=None,
-                 sampler=None):
+                 temperature="progressive", use_kv_cache=True, generator=None, sampler=None):
         """Continue `cond_latents` (B, k, C, h, w), k >= 0 given latent frames, to
         `num_latent_frames` latent frames, one frame at a time. `caption` is the text encoder's
         (text (B, S, text_dim), text_mask (B, S)), or None for the null text; `cfg` the guidance
         scale (1: none). `use_kv_cache=False` is Table 2's "w/o KV cache": every step re-runs all
-        the frames so far. `clip_range` (lo, hi), the tokenizer's range, holds every x_0 the head
-        predicts inside it. `sampler(z, temperature, cfg, generator=..., clip_range=...)` draws
-        one token per row of z: DiffLoss.sample, MAR's ancestral sampler, unless another is given.
+        the frames so far. `sampler(z, temperature, cfg, generator=...)` draws one token per row
+        of z: DiffLoss.sample, MAR's ancestral sampler, unless another is given;
+        `self.diffloss.sampler(clip_range)` holds every x_0 it predicts in the tokenizer's range.
         Returns (B, num_latent_frames, C, h, w), the given frames bit-exact."""
         if use_kv_cache and not self.config.causal:
             raise ValueError("a model without frame-wise causal attention cannot use the KV cache")
@@ -517,24 +518,25 @@ class VideoMAR(nn.Module):
             self.forward_frames(tokens[:, :k].flatten(1, 2), None, 0, grid, context, cache,
                                 commit=True)
         for f in range(k, num_latent_frames):
-            self.generate_frame(tokens, f, grid, context, cache, num_iter, cfg,
-                                frame_temperature(temperature, f - k), generator, clip_range,
-                                sampler or self.diffloss.sample)
+            self.generate_frame(tokens, f, grid=grid, context=context, cache=cache,
+                                num_iter=num_iter, cfg=cfg,
+                                temperature=frame_temperature(temperature, f - k),
+                                generator=generator, sampler=sampler or self.diffloss.sample)
             if use_kv_cache and f < num_latent_frames - 1:
                 # commit: the finished frame once more, fully visible, into the cache; the last
                 # frame's keys and values would be read by nothing (the authors skip it too)
                 self.forward_frames(tokens[:, f], None, f, grid, context, cache, commit=True)
         return unpatchify(tokens[:B], self.config.patch_size, *cond_latents.shape[-2:])
 
-    def generate_frame(self, tokens, f, grid, context, cache, num_iter, cfg, temperature,
-                       generator, clip_range, sampler):
+    def generate_frame(self, tokens, f, *, grid, context, cache, num_iter, cfg, temperature,
+                       generator, sampler):
         """Frame f of `tokens` by MAR's masked generation, written into it: all L tokens start
         masked, in a random order; at each of num_iter steps the model gives the frame's z (with
         the cache, of this frame after the cached ones; without, of every frame up to f), and the
         tokens that leave the mask on the cosine schedule are drawn by the head at the frame's
         temperature, with MAR's linear CFG schedule. With CFG the rows are the videos, then the
         same videos with the null text, and both get the same tokens."""
-        rows, L, copies = tokens.shape[0], tokens.shape[2], 2 if cfg != 1.0 else 1
+        rows, L, copies = tokens.shape[0], tokens.shape[2], rows_per_video(cfg)
         num_iter = min(num_iter, L)
         order = torch.rand(rows // copies, L, generator=generator, device=tokens.device)
         order = order.argsort(dim=1).repeat(copies, 1)
@@ -547,14 +549,13 @@ class VideoMAR(nn.Module):
             following, mask_len = next_mask(mask, order, step, num_iter, L)
             to_predict = mask & ~following
             x = sampler(z[to_predict], temperature, linear_cfg(cfg, mask_len, L),
-                        generator=generator, clip_range=clip_range)
+                        generator=generator)
             tokens[:, f][to_predict] = x.repeat(copies, 1).to(tokens.dtype)
             mask = following
 
     @torch.no_grad()
     def generate_total_mask(self, cond_latents, caption, num_latent_frames, num_iter=64, cfg=3.0,
-                            temperature="progressive", generator=None, clip_range=None,
-                            sampler=None):
+                            temperature="progressive", generator=None, sampler=None):
         """The sampler of the "total mask" baseline of Table 4 (Eq. 3.1): MAR's masked generation
         over the whole video at once. Every token after the given frames starts masked, in one
         random order; `num_iter` steps per generated frame in all (the passes of `generate`
@@ -563,7 +564,7 @@ class VideoMAR(nn.Module):
         tokens, grid, context, cfg = self.generation_inputs(cond_latents, caption,
                                                             num_latent_frames, cfg)
         (B, k), L = cond_latents.shape[:2], tokens.shape[2]
-        copies, sampler = len(tokens) // B, sampler or self.diffloss.sample
+        copies, sampler = rows_per_video(cfg), sampler or self.diffloss.sample
         video = tokens.flatten(1, 2)  # a view: the whole video as one sequence
         N = (num_latent_frames - k) * L  # the tokens to generate
         steps = min(num_iter * (num_latent_frames - k), N)
@@ -580,7 +581,7 @@ class VideoMAR(nn.Module):
             for f in frame_of[to_predict.any(0)].unique().tolist():  # each frame its temperature
                 rows = to_predict & (frame_of == f)
                 x = sampler(z[rows], frame_temperature(temperature, f - k), cfg_step,
-                            generator=generator, clip_range=clip_range)
+                            generator=generator)
                 video[rows] = x.repeat(copies, 1).to(video.dtype)
             mask = following
         return unpatchify(tokens[:B], self.config.patch_size, *cond_latents.shape[-2:])
@@ -608,7 +609,7 @@ class VideoMAR(nn.Module):
         grid = (h // p, w // p)
         context = self.null_context(B) if caption is None else self.text_context(*caption)
         cfg = cfg if caption is not None else 1.0
-        copies = 2 if cfg != 1.0 else 1
+        copies = rows_per_video(cfg)
         if copies == 2:
             context = context.cat(self.null_context(B))
         tokens = torch.zeros(copies * B, num_latent_frames, grid[0] * grid[1],

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import trained_model
-from cli import ArgumentParser, add_generation_options, check_writable, positive_int
+from cli import ArgumentParser, add_generation_options, autocast, check_writable, positive_int
 from errors import BadInput
 from videoio import read_image, read_video, resize_center_crop, save_image_grid, write_video
 
@@ -61,26 +61,27 @@ def sample(args):
     for path in (args.out, Path(args.out).with_suffix(".png")):
         check_writable(path)
     given = 1 if args.image else args.cond_frames if args.video else 0
-    model, tokenizer, text_encoder, train_config, size, cfg = trained_model(
-        args.ckpt, args.device, args.frames, args.height, args.width, batch=args.num_samples,
-        cfg=args.cfg, given=given)
-    num_frames, height, width = size
+    trained = trained_model(args.ckpt, args.device, args.frames, args.height, args.width,
+                            batch=args.num_samples, cfg=args.cfg, num_iter=args.num_iter,
+                            given=given)
+    model, tokenizer = trained.model, trained.tokenizer
     device = torch.device(args.device)
-    num_latent_frames = tokenizer.latent_frames(num_frames)
-    cond = conditioning_latents(args, tokenizer, height, width, device)
-    caption = text_encoder([args.prompt] * args.num_samples)
+    cond = conditioning_latents(args, tokenizer, trained.height, trained.width, device)
+    caption = trained.text_encoder([args.prompt] * args.num_samples)
 
     generator = torch.Generator(device).manual_seed(args.seed)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         latents = model.generate_as_trained(
-            cond, caption, num_latent_frames, use_kv_cache=not args.no_kv_cache,
-            num_iter=args.num_iter or train_config["sample_num_iter"], cfg=cfg,
-            temperature=args.temperature, generator=generator, clip_range=tokenizer.clip_range)
+            cond, caption, tokenizer.latent_frames(trained.num_frames),
+            use_kv_cache=not args.no_kv_cache, num_iter=trained.num_iter, cfg=trained.cfg,
+            temperature=args.temperature, generator=generator,
+            sampler=model.diffloss.sampler(tokenizer.clip_range))
     video = tokenizer.decode(latents).clamp(-1, 1).cpu()  # (num_samples, T, 3, H, W)
     write_video(args.out, torch.cat(list(video), dim=-1))  # samples side by side
     sheet = Path(args.out).with_suffix(".png")
     save_image_grid(sheet, list(video))
-    print(f"wrote {args.out} ({video.shape[1]} frames of {height}x{width}) and {sheet}")
+    print(f"wrote {args.out} ({video.shape[1]} frames of {trained.height}x{trained.width}) and "
+          f"{sheet}")
 
 
 def main(argv=None):

@@ -51,14 +51,16 @@ import train
 # Helpers: a tiny model and its inputs
 
 def tiny_model(seed=0, randomised=True, **overrides):
-    """A tiny VideoMAR in eval mode: 2 layers of width 48 in 2 heads, a 2 x 32 diffusion head that
-    samples in 10 steps, latents of 8 channels, captions of 6 tokens of width 16; `overrides`
-    change its config. Randomised, every weight is random (also the zero-initialised ones, so
-    every output depends on every weight) and the head's output small (so samples stay in a sane
-    range); else it is as initialised."""
+    """A tiny VideoMAR in eval mode: 2 layers of width 48 in 2 heads without QK-norm, a 2 x 32
+    diffusion head that samples in 10 steps, latents of 8 channels, captions of 6 tokens of width
+    16 (FakeText's), trained on every frame at once; `overrides` change its config. Randomised,
+    every weight is random (also the zero-initialised ones, so every output depends on every
+    weight) and the head's output small (so samples stay in a sane range); else it is as
+    initialised."""
     torch.manual_seed(seed)
     config = dict(latent_channels=8, n_layer=2, n_embd=48, n_head=2, diffloss_d=2, diffloss_w=32,
-                  text_dim=16, text_len=6, num_sampling_steps="10")
+                  text_dim=16, text_len=6, num_sampling_steps="10", qk_norm=False,
+                  all_frames=True)
     model = VideoMAR(VideoMARConfig(**{**config, **overrides})).eval()
     if randomised:
         with torch.no_grad():
@@ -91,12 +93,12 @@ def frames_output(model, tokens, mask, grid):
         return model.forward_frames(tokens, mask, 0, grid, context)
 
 
-def recording_sampler(model):
+def recording_sampler(model, clip_range=None):
     """A sampler for generate that records (rows, temperature, cfg) of every call it gets and
-    samples with the model's diffusion head, with the clip range generate hands it."""
+    samples with the model's diffusion head in `clip_range`."""
     calls = []
 
-    def sampler(z, temperature, cfg, generator=None, clip_range=None):
+    def sampler(z, temperature, cfg, generator=None):
         calls.append((len(z), temperature, cfg))
         return model.diffloss.sample(z, temperature, cfg, generator=generator,
                                      clip_range=clip_range)
@@ -104,10 +106,13 @@ def recording_sampler(model):
 
 
 class FakeText:
-    """A text encoder of the tiny model's width: random embeddings of 6 tokens."""
+    """A text encoder of the tiny model's width (6 tokens of 16 values, none padding) whose
+    embedding of a caption is a function of the caption."""
 
     def __call__(self, captions):
-        return torch.randn(len(captions), 6, 16), torch.ones(len(captions), 6, dtype=torch.bool)
+        rows = [torch.randn(6, 16, generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
+                for c in captions]
+        return torch.stack(rows), torch.ones(len(captions), 6, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,34 +254,6 @@ def markdown_commands(name):
 
 # ----------------------------------------------------------------------------------------------
 # References: straight computations that the fast code must equal
-
-def reference_cfg_sampler(head, z, cfg, temperature, noise, generator):
-    """A straight port of MAR's DiffLoss.sample: forward_with_cfg on both halves, ADM's loop."""
-    d, n, C = head.gen_diffusion, noise.shape[0], head.in_channels
-    x = torch.cat([noise, noise])
-    for i in reversed(range(d.num_timesteps)):
-        half = x[:n]
-        out = head.net(torch.cat([half, half]), d.timesteps[i].expand(2 * n), z)
-        eps, rest = out[:, :C], out[:, C:]
-        guided = eps[n:] + cfg * (eps[:n] - eps[n:])
-        out = torch.cat([torch.cat([guided, guided]), rest], dim=1)
-        ac, ac_prev = d.alphas_cumprod[i].item(), d.alphas_cumprod_prev[i].item()
-        beta = d.betas[i].item()
-        x0 = (x - math.sqrt(1 - ac) * out[:, :C]) / math.sqrt(ac)
-        mean = (beta * math.sqrt(ac_prev) / (1 - ac) * x0
-                + (1 - ac_prev) * math.sqrt(1 - beta) / (1 - ac) * x)
-        post_var = [beta * (1 - ac_prev) / (1 - ac) for beta, ac, ac_prev in zip(
-            d.betas.tolist(), d.alphas_cumprod.tolist(), d.alphas_cumprod_prev.tolist())]
-        min_log = math.log(post_var[max(i, 1)])
-        frac = (out[:, C:] + 1) / 2
-        log_var = frac * math.log(beta) + (1 - frac) * min_log
-        if i > 0:
-            step_noise = torch.randn(n, C, generator=generator)
-            x = mean + torch.exp(0.5 * log_var) * temperature * torch.cat([step_noise, step_noise])
-        else:
-            x = mean
-    return x[:n]
-
 
 def reference_generate_loop(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
                             use_kv_cache, generator, clip_range):
@@ -793,7 +770,8 @@ def test_rope_split_gives_time_half_of_each_head():
     extrapolation, in the same proportions at other head sizes; every part even."""
     assert split_head_dim(128) == (64, 32, 32)
     for preset, head_dim in (("tiny", 32), ("videomar", 64)):
-        assert PRESETS[preset]["n_embd"] // PRESETS[preset]["n_head"] == head_dim
+        config = VideoMARConfig(**PRESETS[preset])
+        assert config.n_embd // config.n_head == head_dim
         assert split_head_dim(head_dim) == (head_dim // 2, head_dim // 4, head_dim // 4)
     for head_dim in range(8, 130, 2):  # any even head_dim: parts even, summing to it
         parts = split_head_dim(head_dim)
@@ -920,26 +898,53 @@ def test_diffloss_parameter_names_are_mars():
     assert not any("diffusion" in n for n in names)  # schedules are not weights
 
 
-def test_diffloss_sample_matches_reference_loop():
-    """The fast sampler (modulations precomputed, CFG on both halves) gives what a straight port of
-    MAR's DiffLoss.sample gives."""
+def test_p_mean_variance_is_the_posterior_of_the_predicted_x0():
+    """ADM's p(x_{t-1} | x_t) (MAR's sampling step), by hand from the closed forms: the predicted
+    x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); the mean that of the posterior
+    q(x_{t-1} | x_t, x_0); the log-variance frac log beta_t + (1 - frac) log of the posterior
+    variance (at step 0 step 1's), frac = (v + 1) / 2 from the variance output v."""
+    d = create_diffusion("20")
+    g = torch.Generator().manual_seed(0)
+    x, output = torch.randn(5, 3, generator=g), torch.randn(5, 6, generator=g)
+    eps, v = output[:, :3].double(), output[:, 3:].double()
+    betas, bars = d.betas.tolist(), d.alphas_cumprod.tolist()
+    previous = [1.0] + bars[:-1]
+    posterior_variance = [b * (1 - p) / (1 - a) for b, a, p in zip(betas, bars, previous)]
+    for i in (0, 1, 7, 19):
+        mean, log_variance = d.p_mean_variance(output, x, i)
+        beta, bar, prev = betas[i], bars[i], previous[i]
+        x0 = (x.double() - math.sqrt(1 - bar) * eps) / math.sqrt(bar)
+        expected = (beta * math.sqrt(prev) / (1 - bar) * x0
+                    + (1 - prev) * math.sqrt(1 - beta) / (1 - bar) * x.double())
+        frac = (v + 1) / 2
+        expected_log = frac * math.log(beta) + (1 - frac) * math.log(posterior_variance[max(i, 1)])
+        assert torch.allclose(mean.double(), expected, rtol=1e-4,
+                              atol=1e-5 * expected.abs().max().item())
+        assert torch.allclose(log_variance.double(), expected_log, rtol=1e-5, atol=1e-5)
+
+
+def test_diffloss_sample_gives_the_samples_of_mars_loop():
+    """The fast sampler (modulations precomputed, CFG on both halves) draws what bench.py's
+    straight port of MAR's DiffLoss.sample draws (ADM's loop, forward_with_cfg, modulations
+    recomputed every step) from the same x_T, given or drawn from the same generator; and the
+    guidance is applied: cfg 1 on the conditional rows alone gives another sample."""
     torch.manual_seed(0)
     head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(std=0.1)
-    z = torch.randn(8, 24)
-    noise = torch.randn(4, 6)
-    with torch.no_grad():
-        fast = head.sample(z, temperature=0.9, cfg=2.5, noise=noise,
+    z, noise = torch.randn(8, 24), torch.randn(4, 6)
+    for given in (noise, None):  # None: both draw x_T from the generator first
+        fast = head.sample(z, temperature=0.9, cfg=2.5, noise=given,
                            generator=torch.Generator().manual_seed(5))
-        slow = reference_cfg_sampler(head, z, 2.5, 0.9, noise, torch.Generator().manual_seed(5))
-    assert torch.allclose(fast, slow, rtol=1e-3, atol=1e-3 * slow.abs().max().item())
-    # the guidance is really applied: cfg = 1 on the conditional rows alone gives another sample
-    with torch.no_grad():
-        plain = head.sample(z[:4], temperature=0.9, noise=noise,
-                            generator=torch.Generator().manual_seed(5))
-    assert not torch.allclose(plain, fast, atol=1e-3)
+        plain = bench.mar_sample_loop(head, z, temperature=0.9, cfg=2.5, noise=given,
+                                      generator=torch.Generator().manual_seed(5))
+        assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-4 * fast.abs().max().item())
+    unguided = head.sample(z[:4], temperature=0.9, noise=noise,
+                           generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(unguided, head.sample(z, temperature=0.9, cfg=2.5, noise=noise,
+                                                    generator=torch.Generator().manual_seed(5)),
+                              atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1003,7 +1008,7 @@ def test_generation_under_bf16_autocast(qk_norm):
     dtypes = set()
     model.blocks[0].attn.qkv.register_forward_hook(lambda m, a, out: dtypes.add(out.dtype))
     run = lambda seed: model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
-                                      clip_range=(-1.0, 1.0),
+                                      sampler=model.diffloss.sampler((-1.0, 1.0)),
                                       generator=torch.Generator().manual_seed(seed))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = run(0)
@@ -1024,7 +1029,7 @@ def test_video_to_video_keeps_given_frames_and_extrapolates():
     cond, text = given_frames(model, batch=1, k=2, grid=(5, 7))  # grid and length unlike training
     run = lambda given, cached=True: model.generate(
         given, text, num_latent_frames=9, num_iter=2, cfg=2.0, use_kv_cache=cached,
-        clip_range=(-1.0, 1.0), generator=torch.Generator().manual_seed(0))
+        sampler=model.diffloss.sampler((-1.0, 1.0)), generator=torch.Generator().manual_seed(0))
     out = run(cond)
     assert out.shape == (1, 9, 8, 5, 7)
     assert torch.equal(out[:, :2], cond)
@@ -1039,12 +1044,13 @@ def test_text_to_video_and_clip_range():
     """Text-to-video (no given frame): the first frame comes from the caption alone (another
     caption, another video) and the cached path equals the uncached one. Without a caption (the
     null text) both CFG halves would be the same: the head is asked for single rows at cfg 1, the
-    video that of cfg 1. With the tokenizer's clip range every x_0 is clamped to it."""
+    video that of cfg 1. With the tokenizer's clip range (DiffLoss.sampler) every x_0 is clamped
+    to it."""
     model = tiny_model()
     cond, text = given_frames(model, k=0)
     run = lambda caption, cfg=3.0, clip=None, cached=True, sampler=None: model.generate(
         cond, caption, num_latent_frames=3, num_iter=2, cfg=cfg, use_kv_cache=cached,
-        clip_range=clip, sampler=sampler,
+        sampler=sampler or model.diffloss.sampler(clip),
         generator=torch.Generator().manual_seed(0))
     video = run(text)
     assert video.shape == (2, 3, 8, 3, 3)
@@ -1061,7 +1067,6 @@ def test_text_to_video_and_clip_range():
                                             generator=torch.Generator().manual_seed(0)))
     assert run(text).abs().max() > 0.05
     assert run(text, clip=(-0.05, 0.05)).abs().max() <= 0.05  # every predicted x_0 clamped
-    assert run(text, clip=(-0.05, 0.05), sampler=recording).abs().max() <= 0.05  # by any sampler
 
 
 @pytest.mark.parametrize("k, cfg, captioned, cached", [
@@ -1079,7 +1084,7 @@ def test_generate_matches_the_reference_loop_bit_for_bit(k, cfg, captioned, cach
     c = 0.5 * free[:, k:].abs().max().item()  # a range that binds
     for clip in (None, (-c, c)):
         video = model.generate(cond, caption, 4, num_iter=3, cfg=cfg, use_kv_cache=cached,
-                               generator=seeded(), clip_range=clip)
+                               generator=seeded(), sampler=model.diffloss.sampler(clip))
         reference = reference_generate_loop(model, cond, caption, 4, 3, cfg, cached, seeded(),
                                             clip)
         assert torch.equal(video, reference)
@@ -1153,9 +1158,8 @@ def test_generation_reveals_tokens_on_mars_cosine_schedule_with_linear_cfg(grid,
     model = tiny_model()
     cond, text = given_frames(model, batch=2, k=1, grid=grid)
     L = grid[0] * grid[1]
-    calls, sampler = recording_sampler(model)
+    calls, sampler = recording_sampler(model, (-1.0, 1.0))
     model.generate(cond, text, num_latent_frames=3, num_iter=num_iter, cfg=3.0, sampler=sampler,
-                   clip_range=(-1.0, 1.0),
                    generator=torch.Generator().manual_seed(0))
     rows = [r for r, _, _ in calls]
     assert rows == [2 * 2 * n for n in revealed] * 2  # CFG: 2 clips, conditional and not
@@ -1171,8 +1175,8 @@ def test_generation_gives_each_generated_frame_its_progressive_temperature():
     a number is every frame's temperature."""
     model = tiny_model()
     cond, text = given_frames(model, k=2)
-    calls, sampler = recording_sampler(model)
-    options = dict(num_iter=3, cfg=3.0, sampler=sampler, clip_range=(-1.0, 1.0),
+    calls, sampler = recording_sampler(model, (-1.0, 1.0))
+    options = dict(num_iter=3, cfg=3.0, sampler=sampler,
                    generator=torch.Generator().manual_seed(0))
     for cached in (True, False):
         calls.clear()
@@ -1729,7 +1733,7 @@ def test_text_encoder_says_once_which_captions_it_cuts(capsys):
     encoder.cache.clear()  # even computed again, a caption is reported once
     encoder([long, short])
     assert capsys.readouterr().err == ""
-    whole = TextEncoder(max_length=PRESETS["videomar"]["text_len"])
+    whole = TextEncoder(max_length=VideoMARConfig().text_len)
     _, mask = whole([long, short])
     assert mask[0].sum() == n and whole.truncated == set() and capsys.readouterr().err == ""
 
@@ -2113,22 +2117,13 @@ def test_caption_colour_counts_objects_whose_true_colour_text_to_image_draws():
                                                            "colours swapped": 1.0}
 
 
-class CaptionText:
-    """A text encoder of the tiny model's width whose embedding is a function of the caption."""
-
-    def __call__(self, captions):
-        rows = [torch.randn(6, 16, generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
-                for c in captions]
-        return torch.stack(rows), torch.ones(len(captions), 6, dtype=torch.bool)
-
-
 def test_caption_likelihood_is_the_heads_loss_on_frame_1_given_frame_0():
     """metrics.caption_likelihood: per caption, the head's loss on every token of latent frame 1,
     all masked, given the true latent frame 0, with the timesteps and noise of one generator per
     batch, shared by the captions; the mean over clips."""
     tokenizer = load_tokenizer("patch:4x4x4")
     model = tiny_model(latent_channels=tokenizer.channels)
-    config, text, draws = metrics.EvalConfig(n=3, batch_size=2, seed=5), CaptionText(), 3
+    config, text, draws = metrics.EvalConfig(n=3, batch_size=2, seed=5), FakeText(), 3
     result = metrics.caption_likelihood(model, tokenizer, text, config, draws)
     dataset = SyntheticVideos(5, 16, 16, split="test")
     expected = {row: 0.0 for row in result}
@@ -2165,7 +2160,7 @@ def test_first_step_prediction_scores_the_heads_mean_of_frame_1_against_the_trut
         calls.append(1)
         return z[:, :C] + (1.0 if len(calls) % 2 else -1.0)
     monkeypatch.setattr(model.diffloss, "sample", head)
-    config, text = metrics.EvalConfig(n=3, batch_size=2), CaptionText()
+    config, text = metrics.EvalConfig(n=3, batch_size=2), FakeText()
     result = metrics.first_step_prediction(model, tokenizer, text, config, draws=2)
     clips, captions = zip(*(SyntheticVideos(5, 16, 16, split="test")[i] for i in range(3)))
     tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
@@ -2189,7 +2184,7 @@ def test_caption_likelihood_of_a_model_blind_to_the_caption_is_the_same_for_both
     with torch.no_grad():
         model.text_proj.weight.zero_()
         model.text_proj.bias.zero_()
-    result = metrics.caption_likelihood(model, tokenizer, CaptionText(),
+    result = metrics.caption_likelihood(model, tokenizer, FakeText(),
                                         metrics.EvalConfig(n=2, batch_size=2), draws=2)
     assert result["true caption"] == result["reversed caption"] != result["null text"]
 
@@ -2631,7 +2626,7 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
 
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
     """Checkpoints are written atomically (a kill leaves the old file), and build_model refuses a
-    config the weights do not fit."""
+    config key it does not know and a config the weights do not fit."""
     model = tiny_model(randomised=False)
     ckpt = dict(config=asdict(model.config), model=model.state_dict(), ema=model.state_dict())
     path = tmp_path / "ckpt.pt"
@@ -2651,8 +2646,6 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.parameters(), model.parameters()))
     with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
         build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
-    with pytest.raises(BadInput, match="missing keys \\['causal'\\]"):
-        build_model({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k != "causal"}})
     with pytest.raises(BadInput, match="another shape, the first diffloss"):
         build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 64}})
 
@@ -2705,7 +2698,7 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
     (["--image", "{tmp}/not_an_image.png"], "cannot read image"),
     (["--ckpt", "{tmp}/none.pt"], "python train.py"),
     (["--ckpt", "{tmp}/other.pt"], "do not fit"),
-    (["--ckpt", "{tmp}/old.pt"], "missing keys ['causal']"),  # found before the KV cache estimate
+    (["--ckpt", "{tmp}/new.pt"], "unknown keys ['colour']"),  # found before the KV cache estimate
     (["--height", "18"], "not divisible"),
     (["--frames", "8"], "1 + 4k"),
     # every value checked before any model is loaded or frame generated
@@ -2738,8 +2731,7 @@ def test_sample_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, ar
     bad_files(tmp_path)
     ckpt = load_checkpoint(tiny_checkpoint)
     torch.save({**ckpt, "config": {**ckpt["config"], "n_embd": 64}}, tmp_path / "other.pt")
-    old_config = {k: v for k, v in ckpt["config"].items() if k != "causal"}
-    torch.save({**ckpt, "config": old_config}, tmp_path / "old.pt")
+    torch.save({**ckpt, "config": {**ckpt["config"], "colour": "red"}}, tmp_path / "new.pt")
     refuse_to_generate(monkeypatch)
     args = cli_args(args, tmp_path, tiny_checkpoint, tmp_path / "s.mp4")
     refused(sample.main, args, words, tmp_path, capsys)
@@ -2890,7 +2882,7 @@ def test_write_held_out_gives_a_clip_its_first_frame_and_caption_to_sample_from(
 def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
     """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
     draws given the same z (the head's mean, estimated), drawn in turn from the generator, each
-    with the clip range generate hands it."""
+    in the sampler's clip range."""
     torch.manual_seed(0)
     head = DiffLoss(6, 24, 2, 32, num_sampling_steps="10").eval()
     with torch.no_grad():
@@ -2900,10 +2892,11 @@ def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
     generator = torch.Generator().manual_seed(3)
     draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator, clip_range=(-0.3, 0.3))
                          for _ in range(4)])
-    probe = evaluation.mean_of_samples(head.sample, 4)
-    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3), clip_range=(-0.3, 0.3))
+    probe = evaluation.mean_of_samples(head.sampler((-0.3, 0.3)), 4)
+    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
     assert mean.shape == (4, 6) and torch.equal(mean, draws.mean(0))
-    unclipped = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    unclipped = evaluation.mean_of_samples(head.sample, 4)(
+        z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
     assert unclipped.abs().max() > 0.3  # so the clip range did bind
     assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
 
@@ -2987,9 +2980,10 @@ def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys,
         assert {m[:2] for m in methods} == {method}
         # latent frames of: the sample train.py writes, its score and caption steering (true and
         # reversed caption); eval.py's model and null-text rows, then its caption steering (three
-        # captions from one given latent frame, three from two) and text-to-image (two captions);
-        # sample.py's video
-        assert [m[2] for m in methods] == [2] * 4 + [2] * 2 + [2] * 3 + [3] * 3 + [1] * 2 + [2]
+        # captions from one given latent frame, three from two) and text-to-image (two captions),
+        # then the repair probe (frame 2 after four kinds of frame 1); sample.py's video
+        assert [m[2] for m in methods] == ([2] * 4 + [2] * 2 + [2] * 3 + [3] * 3 + [1] * 2
+                                           + [3] * 4 + [2])
     assert "quality on 16 held-out clips" in capsys.readouterr().out
     # a total-mask model samples the whole video at once: no frame to teacher-force
     assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2
@@ -2998,23 +2992,6 @@ def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys,
 
 # ----------------------------------------------------------------------------------------------
 # bench.py: its references, what it reports, its options
-
-def test_bench_mar_loop_gives_the_samples_of_diffloss_sample():
-    """The plain loop that bench.py times against DiffLoss.sample (MAR's, modulations
-    recomputed every step) draws the same samples from the same noise: the two do the same work."""
-    torch.manual_seed(0)
-    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="20").eval()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(std=0.1)
-    z, noise = torch.randn(8, 24), torch.randn(4, 6)
-    for given in (noise, None):  # None: both draw x_T from the generator first
-        fast = head.sample(z, temperature=0.9, cfg=2.5, noise=given,
-                           generator=torch.Generator().manual_seed(5))
-        plain = bench.mar_sample_loop(head, z, temperature=0.9, cfg=2.5, noise=given,
-                                      generator=torch.Generator().manual_seed(5))
-        assert torch.allclose(plain, fast, rtol=1e-4, atol=1e-4 * fast.abs().max().item())
-
 
 def test_bench_paper_head_share_is_the_flops_of_the_1_4b_model():
     """Table 2 at the paper's proportions: the diffusion head's share of a cached step of the

@@ -33,7 +33,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -45,8 +44,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from cli import (ArgumentParser, add_field_options, device_option, float_where, int_at_least,
-                 non_negative_float, positive_float, positive_int)
+from cli import (ArgumentParser, add_field_options, autocast, default_device, device_option,
+                 float_where, int_at_least, non_negative_float, positive_float, positive_int)
 from checkpoint import build_model, load_checkpoint, model_from_config, save_checkpoint
 from data import (OneHotCaptions, PCATokenizer, SyntheticVideos, TextEncoder, VideoFolder,
                   load_text_encoder, load_tokenizer)
@@ -78,16 +77,15 @@ class TrainConfig:
              'values; or "cosmos:/path/to/Cosmos-Tokenizer-CV4x8x8"'))
     text_encoder: str = field(default=None, metadata=dict(
         help='"onehot": the synthetic captions as a one-hot code of their words, one token per '
-             'object (beyond the paper: MiniLM nearly hides the direction, RESULTS.md); "minilm": '
-             'the packaged all-MiniLM-L6-v2; else a Hugging Face name/path. None: "onehot" for '
-             'the synthetic data, "minilm" for a folder'))
+             'object (beyond the paper: a word\'s meaning reaches the tiny model directly, '
+             'RESULTS.md); "minilm": the packaged all-MiniLM-L6-v2; else a Hugging Face '
+             'name/path. None: "onehot" for the synthetic data, "minilm" for a folder'))
     # §4.2 temporal short-to-long curriculum: one stage per clip length
     frames: list[int] = field(default_factory=lambda: [5, 13, 25], metadata=dict(
         help="pixel frames of each stage of §4.2's temporal short-to-long curriculum, in order"))
     stage_iters: list[int] = field(default_factory=lambda: [2000, 1000, 620], metadata=dict(
-        help="iterations of each stage (tiny's: minutes on a 2-core CPU; the 5-frame stage, "
-             "where only the caption says where the object goes next, gets the most, "
-             "RESULTS.md)"))
+        help="iterations of each stage (tiny's: minutes on a 2-core CPU, the most for the "
+             "first, where only the caption says where an object goes)"))
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
     batch_size: int = field(default=8, metadata=dict(help="per process"))
     lr: float = 2e-3
@@ -99,8 +97,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     compile: bool = field(default=False, metadata=dict(
         help="torch.compile the transformer blocks and the diffusion head (nanoGPT's --compile); "
-             "off for tiny: on a CPU the tiny run does not repay its compile time (RESULTS.md, "
-             "training speed)"))
+             "off for tiny, whose CPU run does not repay the compile time (RESULTS.md)"))
     # the run
     out_dir: str = "out"
     log_interval: int = 50
@@ -112,20 +109,17 @@ class TrainConfig:
     device: str = field(default=None, metadata=dict(help="None: cuda if available, else cpu"))
     # the sample written at the end
     sample_num_iter: int = field(default=4, metadata=dict(
-        help="masked-generation steps per frame of the sample written at the end: 4 for tiny's "
-             "16 tokens (2, 3, 5, 6 a step on the cosine schedule), 64 in the paper for 1,024 "
-             "tokens"))
+        help="masked-generation steps per frame of the sample written at the end, and sample.py's "
+             "and eval.py's unless given: 4 for tiny's 16 tokens, the paper's 64 for 1,024"))
     sample_cfg: float = field(default=2.0, metadata=dict(
-        help="its guidance scale, and sample.py's and eval.py's unless given: tiny's 2, better "
-             "than §5.1's 3 on every free-run measure of the tiny model in three training "
-             "seeds (RESULTS.md)"))
+        help="its guidance scale, sample.py's and eval.py's unless given: tiny's 2 (RESULTS.md: "
+             "better than §5.1's 3 for it), the paper's 3"))
 
 
 TRAIN_PRESETS = {
     # the TrainConfig defaults: trains on a 2-core CPU in minutes. 16x16 in 4x4x4 patches (16
-    # tokens a frame, cheap steps) reduced to 16 principal components, and lr 2e-3: of the
-    # screens in RESULTS.md, these drew the objects most often (against the raw 192 values, 24
-    # or 48 components, 2- and 1-frame patches, lr 1e-3)
+    # tokens a frame, cheap steps) reduced to 16 principal components, and lr 2e-3: the choices
+    # that drew the objects most often (RESULTS.md)
     "tiny": {},
     # §5.1: 256x256, Cosmos CV4x8x8, Qwen2-1.5B (both paths required), AdamW (0.9, 0.95), weight
     # decay 0.02, lr 1e-4 throughout. Not given by the paper, so MAR's: warm-up, clipping 3.0, EMA
@@ -300,7 +294,8 @@ def write_sample(ema, tokenizer, text_encoder, clip, caption, config, out_dir):
     num_latent_frames = tokenizer.latent_frames(len(clip))
     latents = ema.generate_as_trained(cond, text_encoder([caption]), num_latent_frames,
                                       num_iter=config.sample_num_iter, cfg=config.sample_cfg,
-                                      generator=generator, clip_range=tokenizer.clip_range)
+                                      generator=generator,
+                                      sampler=ema.diffloss.sampler(tokenizer.clip_range))
     video = tokenizer.decode(latents)[0].clamp(-1, 1).cpu()
     write_video(out_dir / "sample.mp4", video)
     save_image_grid(out_dir / "sample.png", [clip, video])
@@ -358,7 +353,7 @@ def set_up(cli):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     names = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
     rank, local_rank, world_size = (int(os.environ[k]) for k in names) if ddp else (0, 0, 1)
-    device = cli.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = cli.get("device") or default_device()
     if ddp and device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -498,13 +493,11 @@ def loop(run, process):
 
 def as_trained_here(model, process):
     """The model as this process trains it (in DDP's wrapper under torchrun), and the autocast
-    it trains under (bf16 on GPUs, fp32 on CPUs)."""
+    it trains under (cli.autocast)."""
     if process.ddp:
         device_ids = [process.local_rank] if process.device_type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
-    cuda = process.device_type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    return model, autocast
+    return model, autocast(process.device)
 
 
 def train_step(run, model, batch, autocast, process):
