@@ -137,16 +137,31 @@ COLOURS = {"model": (214, 39, 40), "teacher_forced": (255, 127, 14), "null_text"
            "copy": (127, 127, 127), "tokenizer": (44, 160, 44)}
 
 
+def legend_lines(names, font, width):
+    """The names in the lines of a legend at most `width` pixels wide, each entry a swatch of 20
+    pixels, the name and a gap."""
+    lines, used = [[]], 0
+    for name in names:
+        need = 26 + font.getlength(name) + 16
+        if lines[-1] and used + need > width:
+            lines.append([])
+            used = 0
+        lines[-1].append(name)
+        used += need
+    return lines
+
+
 def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), cap=MAX_PSNR,
                 y_range=None, x_label="frame"):
-    """A line plot of curves {name: [y per x]} against xs, with axes, ticks and a legend, as a PNG
-    at `path` (if given) and returned; values at `cap` or above run off the top. `y_range` (lo, hi,
-    tick step) fixes the y axis."""
+    """A line plot of curves {name: [y per x]} against xs, with axes, ticks and, below the x
+    axis, off the curves, a legend, as a PNG at `path` (if given) and returned; values at `cap` or
+    above run off the top. `y_range` (lo, hi, tick step) fixes the y axis."""
     W, H = size
-    left, right, top, bottom = 56, 16, 28, 44
+    font = ImageFont.load_default()
+    legend = legend_lines(curves, font, W - 56 - 16)
+    left, right, top, bottom = 56, 16, 28, 44 + 16 * len(legend)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
     values = [y for ys in curves.values() for y in ys]
     finite = [y for y in values if y < cap] or values  # exact copies (MAX_PSNR) run off the top
     lo, hi, y_step = y_range or (math.floor(min(finite)), math.ceil(max(finite)) + 1, None)
@@ -161,15 +176,19 @@ def plot_curves(path, xs, curves, title, y_label="PSNR (dB)", size=(560, 360), c
     for x in xs[::x_step]:
         draw.line([(px(x), H - bottom), (px(x), H - bottom + 4)], fill="black")
         draw.text((px(x), H - bottom + 6), str(x), fill="black", font=font, anchor="mt")
-    draw.text(((left + W - right) / 2, H - 14), x_label, fill="black", font=font, anchor="mm")
+    draw.text(((left + W - right) / 2, H - bottom + 30), x_label, fill="black", font=font,
+              anchor="mm")
     draw.text((8, top - 16), y_label, fill="black", font=font)
     draw.text((W / 2, 8), title, fill="black", font=font, anchor="mt")
-    for i, (name, ys) in enumerate(curves.items()):
-        colour = COLOURS.get(name, (0, 0, 0))
-        draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=colour, width=2)
-        legend_y = top + 6 + 14 * i
-        draw.line([(W - right - 110, legend_y), (W - right - 90, legend_y)], fill=colour, width=2)
-        draw.text((W - right - 84, legend_y), name, fill="black", font=font, anchor="lm")
+    for name, ys in curves.items():
+        draw.line([(px(x), py(y)) for x, y in zip(xs, ys)], fill=COLOURS.get(name, (0, 0, 0)),
+                  width=2)
+    for i, line in enumerate(legend):
+        x, y = left, H - bottom + 46 + 16 * i
+        for name in line:
+            draw.line([(x, y), (x + 20, y)], fill=COLOURS.get(name, (0, 0, 0)), width=2)
+            draw.text((x + 26, y), name, fill="black", font=font, anchor="lm")
+            x += 26 + font.getlength(name) + 16
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
