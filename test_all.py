@@ -5,9 +5,10 @@ Every test compares against something a wrong implementation would get wrong: va
 independently from closed forms, a straightforward reference loop, or an invariance of the method.
 Each test's docstring names the section of the paper or the claim it checks.
 
-In the order of the README's reading guide: helpers and references first; then the method's claims
-(model.py, rope3d.py, diffusion.py, generation); then data.py, videoio.py and metrics.py; then the
-command lines (train.py with checkpoint.py, sample.py, eval.py, bench.py) and the README.
+Helpers first (a tiny model and its inputs, references and stand-ins, files and runs of the
+CLIs), then the tests in the order of the paper and the files: the method (model.py, rope3d.py,
+diffusion.py, generation), data.py and videoio.py, train.py, checkpoint.py, the scripts sample.py
+and bench.py, metrics.py and eval.py, and last the README.
 """
 import argparse
 import hashlib
@@ -114,6 +115,125 @@ class FakeText:
         rows = [torch.randn(6, 16, generator=torch.Generator().manual_seed(zlib.crc32(c.encode())))
                 for c in captions]
         return torch.stack(rows), torch.ones(len(captions), 6, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers: references (straight computations the fast code must equal) and stand-ins
+
+def reference_generate_loop(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
+                            use_kv_cache, generator, clip_range):
+    """Generation as one plain loop, the reference VideoMAR.generate must equal to the bit: the
+    cached and uncached paths side by side in it, the batch doubled for CFG at each use, the clip
+    range handed down to the head (every predicted x_0 clamped) and the authors' clip of the
+    frames after the first generated one applied after it; progressive temperature."""
+    B, k, C, h, w = cond_latents.shape
+    L = h * w  # patch size 1
+    num_iter = min(num_iter, L)
+    guided = cfg != 1.0 and caption is not None
+    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
+    tokens = torch.zeros(B, num_latent_frames, L, model.config.token_dim)
+    tokens[:, :k] = patchify(cond_latents, 1)
+    context = model.null_context(B) if caption is None else model.text_context(*caption)
+    context = context.cat(model.null_context(B)) if guided else context
+    cache = KVCache(model.config, len(context.mask), num_latent_frames * L)
+    if use_kv_cache and k > 0:
+        model.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, (h, w), context, cache,
+                             commit=True)
+    for f in range(k, num_latent_frames):
+        order = torch.rand(B, L, generator=generator).argsort(dim=1)
+        mask = torch.ones(B, L, dtype=torch.bool)
+        for step in range(num_iter):
+            if use_kv_cache:
+                z = model.forward_frames(double(tokens[:, f]), double(mask), f, (h, w), context,
+                                         cache)
+            else:
+                z = model.target_frame_z(double(tokens), f, double(mask), (h, w), context)
+            following, mask_len = next_mask(mask, order, step, num_iter, L)
+            to_predict = mask & ~following
+            z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
+            cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
+            sampled = model.diffloss.sample(z_rows, frame_temperature("progressive", f - k),
+                                            cfg_step, generator=generator, clip_range=clip_range)
+            if clip_range is not None and f > k:
+                sampled = sampled.clamp(*clip_range)
+            tokens[:, f][to_predict] = sampled
+            mask = following
+        if use_kv_cache and f < num_latent_frames - 1:
+            model.forward_frames(double(tokens[:, f]), None, f, (h, w), context, cache, commit=True)
+    return unpatchify(tokens, 1, h, w)
+
+
+def ssim_at_one_position(x, y):
+    """SSIM of two (3, 11, 11) images in numpy: the Gaussian window covers them exactly once."""
+    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    C1, C2, values = 0.01 ** 2, 0.03 ** 2, []
+    for a, b in zip(x.astype(np.float64), y.astype(np.float64)):
+        mu_a, mu_b = (w * a).sum(), (w * b).sum()
+        var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
+        cov = (w * (a - mu_a) * (b - mu_b)).sum()
+        values.append((2 * mu_a * mu_b + C1) * (2 * cov + C2)
+                      / ((mu_a ** 2 + mu_b ** 2 + C1) * (var_a + var_b + C2)))
+    return np.mean(values)
+
+
+class StandInEncoder(torch.nn.Module):
+    """Cosmos-like: (B, 3, T, H, W) -> ((B, C, 1 + k, H/8, W/8),), causal first frame, 4x8x8
+    patches."""
+
+    def forward(self, x):
+        B, _, T, H, W = x.shape
+        x = torch.cat([x[:, :, :1].expand(B, 3, 4, H, W), x[:, :, 1:]], dim=2)
+        x = x.reshape(B, 3, x.shape[2] // 4, 4, H // 8, 8, W // 8, 8)
+        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return (x.reshape(B, 3 * 4 * 8 * 8, -1, H // 8, W // 8),)
+
+
+class StandInDecoder(torch.nn.Module):
+    def forward(self, z):
+        B, _, K, h, w = z.shape
+        x = z.reshape(B, 3, 4, 8, 8, K, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(B, 3, K * 4, h * 8, w * 8)
+        return torch.cat([x[:, :, :1], x[:, :, 4:]], dim=2)
+
+
+class Replayed(SyntheticVideos):
+    """The held-out clips of 16 x 16 at chosen times: frame f shows its clip at time times[f];
+    before time 0 the motion runs backwards, reflecting off the borders as it does forwards."""
+
+    def __init__(self, times):
+        super().__init__(len(times), 16, 16, split="test")
+        self.times = np.array(times)
+
+    def positions(self, start, velocity, room):
+        travelled = (start + velocity * self.times) % (2 * room)
+        return np.where(travelled > room, 2 * room - travelled, travelled)
+
+
+def steering_draw(behaviour, n):
+    """metrics.caption_steering's `draw` for a stand-in model that knows the first n held-out clips
+    (it tells them by their frame 0) and continues the k given frames as `behaviour` says:
+    "follows" the caption (the true motion for the true caption, the motion run backwards from the
+    last given frame for every direction reversed, nothing moves for the null text), "still"
+    (nothing moves, whatever the caption) or "true way" (the true motion, whatever the caption)."""
+    clips = [SyntheticVideos(1, 16, 16, split="test")[i] for i in range(n)]
+
+    def draw(frames, captions, num_frames, row):
+        k, videos = frames.shape[1], []
+        for b, given in enumerate(frames):
+            i = next(i for i, (first, _) in enumerate(clips) if torch.equal(first[0], given[0]))
+            true, caption = clips[i][1], None if captions is None else captions[b]
+            assert caption in (None, true, reword(true, SyntheticVideos.REVERSED))
+            times = list(range(num_frames))
+            if behaviour == "still" or (behaviour == "follows" and caption is None):
+                times = [min(t, k - 1) for t in times]
+            elif behaviour == "follows" and caption != true:  # mirrored about the last given frame
+                times = [min(t, 2 * (k - 1) - t) for t in times]
+            video = Replayed(times)[i][0]
+            assert torch.equal(video[:k], given)  # the given frames are the true ones
+            videos.append(video)
+        return torch.stack(videos)
+    return draw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +353,23 @@ def refused(main, argv, words, tmp_path, capsys):
     return out
 
 
+def cli_args(args, tmp_path, ckpt, out):
+    """args with {tmp} filled in, and `ckpt` and `out` given unless args name their own."""
+    args = with_tmp(args, tmp_path)
+    if "--ckpt" not in args:
+        args = ["--ckpt", str(ckpt)] + args
+    if "--out" not in args:
+        args += ["--out", str(out)]
+    return args
+
+
+def out_of_range(table):
+    """Bad-input cases [(args, words)] of a table {rule: ["--option value", ...]}: the line
+    argparse prints for each."""
+    return [([option, value], f"argument {option}: {rule}, not {value}")
+            for rule, cases in table.items() for option, value in map(str.split, cases)]
+
+
 def smooth_video(frames, height, width):
     """A diagonal gradient drifting one pixel per frame: easy for codecs, different in every
     frame."""
@@ -265,88 +402,71 @@ def markdown_commands(name):
     return commands
 
 
-# ----------------------------------------------------------------------------------------------
-# References: straight computations that the fast code must equal
+# run by torchrun in each process: train.py, recording what this rank trained on and ended with
+RECORDING_TRAINER = """
+import os, sys
+import torch
+sys.path.insert(0, {root!r})
+import model, train
 
-def reference_generate_loop(model, cond_latents, caption, num_latent_frames, num_iter, cfg,
-                            use_kv_cache, generator, clip_range):
-    """Generation as one plain loop, the reference VideoMAR.generate must equal to the bit: the
-    cached and uncached paths side by side in it, the batch doubled for CFG at each use, the clip
-    range handed down to the head (every predicted x_0 clamped) and the authors' clip of the
-    frames after the first generated one applied after it; progressive temperature."""
-    B, k, C, h, w = cond_latents.shape
-    L = h * w  # patch size 1
-    num_iter = min(num_iter, L)
-    guided = cfg != 1.0 and caption is not None
-    double = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)
-    tokens = torch.zeros(B, num_latent_frames, L, model.config.token_dim)
-    tokens[:, :k] = patchify(cond_latents, 1)
-    context = model.null_context(B) if caption is None else model.text_context(*caption)
-    context = context.cat(model.null_context(B)) if guided else context
-    cache = KVCache(model.config, len(context.mask), num_latent_frames * L)
-    if use_kv_cache and k > 0:
-        model.forward_frames(double(tokens[:, :k].flatten(1, 2)), None, 0, (h, w), context, cache,
-                             commit=True)
-    for f in range(k, num_latent_frames):
-        order = torch.rand(B, L, generator=generator).argsort(dim=1)
-        mask = torch.ones(B, L, dtype=torch.bool)
-        for step in range(num_iter):
-            if use_kv_cache:
-                z = model.forward_frames(double(tokens[:, f]), double(mask), f, (h, w), context,
-                                         cache)
-            else:
-                z = model.target_frame_z(double(tokens), f, double(mask), (h, w), context)
-            following, mask_len = next_mask(mask, order, step, num_iter, L)
-            to_predict = mask & ~following
-            z_rows = torch.cat([z[:B][to_predict], z[B:][to_predict]]) if guided else z[to_predict]
-            cfg_step = 1 + (cfg - 1) * (L - mask_len) / L if guided else 1.0
-            sampled = model.diffloss.sample(z_rows, frame_temperature("progressive", f - k),
-                                            cfg_step, generator=generator, clip_range=clip_range)
-            if clip_range is not None and f > k:
-                sampled = sampled.clamp(*clip_range)
-            tokens[:, f][to_predict] = sampled
-            mask = following
-        if use_kv_cache and f < num_latent_frames - 1:
-            model.forward_frames(double(tokens[:, f]), None, f, (h, w), context, cache, commit=True)
-    return unpatchify(tokens, 1, h, w)
+record = dict(latents=[], masks=[])
+forward, random_masks, loop = model.VideoMAR.forward, model.random_masks, train.loop
 
 
-def ssim_at_one_position(x, y):
-    """SSIM of two (3, 11, 11) images in numpy: the Gaussian window covers them exactly once."""
-    g = np.exp(-((np.arange(11) - 5.0) ** 2) / (2 * 1.5 ** 2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    C1, C2, values = 0.01 ** 2, 0.03 ** 2, []
-    for a, b in zip(x.astype(np.float64), y.astype(np.float64)):
-        mu_a, mu_b = (w * a).sum(), (w * b).sum()
-        var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
-        cov = (w * (a - mu_a) * (b - mu_b)).sum()
-        values.append((2 * mu_a * mu_b + C1) * (2 * cov + C2)
-                      / ((mu_a ** 2 + mu_b ** 2 + C1) * (var_a + var_b + C2)))
-    return np.mean(values)
+def recording_forward(self, latents, *args):
+    record["latents"].append(latents.clone())
+    return forward(self, latents, *args)
 
 
-class StandInEncoder(torch.nn.Module):
-    """Cosmos-like: (B, 3, T, H, W) -> ((B, C, 1 + k, H/8, W/8),), causal first frame, 4x8x8
-    patches."""
-
-    def forward(self, x):
-        B, _, T, H, W = x.shape
-        x = torch.cat([x[:, :, :1].expand(B, 3, 4, H, W), x[:, :, 1:]], dim=2)
-        x = x.reshape(B, 3, x.shape[2] // 4, 4, H // 8, 8, W // 8, 8)
-        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)
-        return (x.reshape(B, 3 * 4 * 8 * 8, -1, H // 8, W // 8),)
+def recording_masks(*args):
+    masks = random_masks(*args)
+    record["masks"].append(masks.clone())
+    return masks
 
 
-class StandInDecoder(torch.nn.Module):
-    def forward(self, z):
-        B, _, K, h, w = z.shape
-        x = z.reshape(B, 3, 4, 8, 8, K, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-        x = x.reshape(B, 3, K * 4, h * 8, w * 8)
-        return torch.cat([x[:, :, :1], x[:, :, 4:]], dim=2)
+def recording_loop(run, process):
+    record["initial"] = {{k: v.clone() for k, v in run.model.state_dict().items()}}
+    step = loop(run, process)
+    record["final"] = run.model.state_dict()
+    torch.save(record, os.path.join({records!r}, "rank" + os.environ["RANK"] + ".pt"))
+    return step
+
+
+model.VideoMAR.forward, model.random_masks, train.loop = (recording_forward, recording_masks,
+                                                          recording_loop)
+sys.exit(train.main())
+"""
 
 
 # ----------------------------------------------------------------------------------------------
-# The method, model.py: tokens, frame-wise causal attention, text, masks, next-frame loss (§4.1)
+# The method, model.py: the config, tokens, frame-wise causal attention, text, masks, the
+# next-frame loss (§4.1)
+
+def test_the_defaults_are_the_papers_1_4b_model_and_tiny_is_a_preset_of_them():
+    """§5.1: VideoMARConfig() is the paper's 1.4B model, the model of train.py --preset videomar:
+    36 layers of width 1536 in 24 heads, a 3 x 1280 head sampling in 100 steps, 4 noise draws a
+    token, the caption dropped for 10% of clips, Qwen2's text (1536 wide) of up to 300 tokens
+    (the authors' null text) with QK-norm, the frame-wise causal next-frame loss drawn for one t a
+    batch, and every beyond-paper knob off. Tiny changes only fields of the same config."""
+    paper = VideoMARConfig()
+    assert paper == VideoMARConfig(**PRESETS["videomar"])
+    assert (paper.n_layer, paper.n_embd, paper.n_head, paper.diffloss_d, paper.diffloss_w,
+            paper.num_sampling_steps, paper.diffusion_batch_mul, paper.text_drop_prob,
+            paper.text_dim, paper.text_len) == (36, 1536, 24, 3, 1280, "100", 4, 0.1, 1536, 300)
+    assert paper.qk_norm and paper.causal and paper.next_frame_loss
+    assert not (paper.all_frames or paper.text_pooled or paper.token_regression)
+    config = train.make_config(dict(preset="videomar", tokenizer="cosmos:x", text_encoder="q"))
+    cosmos = argparse.Namespace(channels=16)  # Cosmos CV4x8x8's latent channels
+    assert VideoMARConfig(**train.model_options(config, {}, None, cosmos, "")) == paper
+    assert set(PRESETS["tiny"]) < {f.name for f in fields(VideoMARConfig)}
+    with torch.device("meta"):
+        model = VideoMAR(paper)
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.3e9 <= n <= 1.5e9, n
+    # a null text of 300 tokens (the authors' fake_latent), QK-norm everywhere
+    assert model.null_text.shape == (1, 300, 1536)
+    assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
+
 
 def test_patchify_round_trip_and_raster_order():
     """§4.1 tokens: patchify is invertible and orders a frame's tokens in raster order."""
@@ -476,6 +596,28 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys(qk_norm)
         assert (after - before).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("text_pooled", [False, True])
+def test_text_pooled_adds_the_mean_of_the_caption_to_every_token(text_pooled):
+    """text_pooled: the stack's input is every token plus the mean of the caption's projected
+    real tokens (padding left out), the null text's own mean for the null text; without it the
+    tokens alone, so the first self-attention cannot see the caption."""
+    model = tiny_model(text_pooled=text_pooled)
+    inputs = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    text, mask = random_text(2, model.config)
+    x = model.embed(torch.randn(2, 9, model.config.token_dim))
+    rope = model.rope(0, 1, (3, 3), "cpu")
+    model.transformer(x, rope, None, model.text_context(text, mask))
+    model.transformer(x, rope, None, model.null_context(2))
+    projected = model.text_proj(text)
+    pooled = torch.stack([projected[b][mask[b]].mean(0) for b in range(2)])
+    null = model.null_text.mean(1)[:, None]
+    assert torch.allclose(inputs[0], x + pooled[:, None] if text_pooled else x, atol=1e-6)
+    assert torch.allclose(inputs[1], x + null if text_pooled else x, atol=1e-6)
+    # the mean is computed only when it is used
+    assert (model.text_context(text, mask).pooled is None) == (not text_pooled)
+
+
 def test_mask_ratio_is_marss_truncated_normal():
     """MAR's masking: the ratio follows N(1, 0.25^2) truncated to [0.7, 1], its mean from the closed
     form."""
@@ -538,52 +680,6 @@ def test_training_loss_only_on_masked_tokens_of_target_frame(monkeypatch):
     assert seen["z"].shape == (4 * int(n_masked.sum()), model.config.n_embd)
 
 
-def test_token_regression_adds_the_readouts_mse_of_the_masked_tokens_after_frame_0():
-    """token_regression w adds w times the MSE of a linear readout of z against each masked token
-    of the frames after the first (visible tokens and frame 0's text-to-image tokens carry no
-    regression) to the same diffusion loss: with the same random draws, the training losses at
-    w = 0.5 and w = 0 differ by half the MSE computed by hand on those tokens. The default, 0,
-    builds no readout: the paper's model, its parameters unchanged."""
-    assert tiny_model().token_readout is None
-    model = tiny_model(token_regression=0.5)
-    B, T, grid = 2, 3, (2, 2)
-    latents = torch.randn(B, T, 8, *grid, generator=torch.Generator().manual_seed(0))
-    text = random_text(B, model.config)
-    seen = {}
-    all_frames_z = model.all_frames_z
-    def record(tokens, masks, grid, context):
-        seen.update(tokens=tokens, masks=masks, z=all_frames_z(tokens, masks, grid, context))
-        return seen["z"]
-    model.all_frames_z = record
-    losses = {}
-    for w in (0.0, 0.5):
-        model.config.token_regression = w
-        torch.manual_seed(0)
-        losses[w] = model.train()(latents, *text)
-    tokens, masks, z = seen["tokens"], seen["masks"], seen["z"]
-    later = masks.clone()
-    later[:, 0] = False
-    assert masks[:, 0].any() and later.any()
-    expected = 0.5 * (model.token_readout(z[later]) - tokens[later]).pow(2).mean()
-    with_frame_0 = 0.5 * (model.token_readout(z[masks]) - tokens[masks]).pow(2).mean()
-    assert torch.allclose(losses[0.5] - losses[0.0], expected, atol=1e-6)
-    assert not torch.allclose(expected, with_frame_0, atol=1e-3)
-
-
-def test_token_regression_shapes_training_only():
-    """The readout is a training loss: generation never reads it, so samples are the same
-    whatever its weights."""
-    model = tiny_model(token_regression=1.0)
-    cond, text = given_frames(model)
-    videos = []
-    for scale in (1.0, 0.0):
-        with torch.no_grad():
-            model.token_readout.weight.mul_(scale)
-        videos.append(model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
-                                     generator=torch.Generator().manual_seed(0)))
-    assert torch.equal(*videos)
-
-
 def test_training_drops_the_caption_of_one_clip_in_ten():
     """Classifier-free guidance (MAR; §5.1 samples with CFG 3.0) is trained by replacing a clip's
     whole caption with the learned null text with probability text_drop_prob = 0.1, each clip on
@@ -613,6 +709,25 @@ def test_training_drops_the_caption_of_one_clip_in_ten():
     assert 315 <= dropped() <= 485
     model.eval()
     assert dropped() == 0
+
+
+@pytest.mark.parametrize("text_len, text_pooled", [(6, False), (6, True), (9, True)])
+def test_a_dropped_caption_is_the_null_text_that_cfg_samples_with(text_len, text_pooled):
+    """Classifier-free guidance: the unconditional branch sees in training (a dropped caption)
+    what it sees when sampling (null_context): in every layer the keys and values of the whole
+    learned null text, every position attended, and its mean, also when the captions are shorter
+    (6 tokens) than text_len."""
+    model = tiny_model(text_len=text_len, text_pooled=text_pooled, text_drop_prob=1.0).train()
+    contexts, transformer = [], model.transformer
+    model.transformer = lambda x, rope, mask, context, *a: contexts.append(context) or transformer(
+        x, rope, mask, context, *a)
+    model(torch.randn(2, 2, 8, 2, 2), *FakeText()(["a", "b"]))
+    trained, sampled = contexts[0], model.null_context(2)
+    assert torch.equal(trained.mask, sampled.mask) and trained.mask.shape == (2, text_len)
+    for (k, v), (null_k, null_v) in zip(trained.kv, sampled.kv, strict=True):
+        assert torch.allclose(k, null_k, atol=1e-6) and torch.allclose(v, null_v, atol=1e-6)
+    if text_pooled:
+        assert torch.allclose(trained.pooled, sampled.pooled, atol=1e-6)
 
 
 def test_one_t_training_draws_the_target_frame_uniformly_over_all_frames():
@@ -709,52 +824,78 @@ def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
             assert bool(allowed[q, k]) == expected, (q, k)
 
 
-def test_the_defaults_are_the_papers_1_4b_model_and_tiny_is_a_preset_of_them():
-    """§5.1: VideoMARConfig() is the paper's 1.4B model, the model of train.py --preset videomar:
-    36 layers of width 1536 in 24 heads, a 3 x 1280 head sampling in 100 steps, 4 noise draws a
-    token, the caption dropped for 10% of clips, Qwen2's text (1536 wide) of up to 300 tokens
-    (the authors' null text) with QK-norm, the frame-wise causal next-frame loss drawn for one t a
-    batch, and every beyond-paper knob off. Tiny changes only fields of the same config."""
-    paper = VideoMARConfig()
-    assert paper == VideoMARConfig(**PRESETS["videomar"])
-    assert (paper.n_layer, paper.n_embd, paper.n_head, paper.diffloss_d, paper.diffloss_w,
-            paper.num_sampling_steps, paper.diffusion_batch_mul, paper.text_drop_prob,
-            paper.text_dim, paper.text_len) == (36, 1536, 24, 3, 1280, "100", 4, 0.1, 1536, 300)
-    assert paper.qk_norm and paper.causal and paper.next_frame_loss
-    assert not (paper.all_frames or paper.text_pooled or paper.token_regression)
-    config = train.make_config(dict(preset="videomar", tokenizer="cosmos:x", text_encoder="q"))
-    cosmos = argparse.Namespace(channels=16)  # Cosmos CV4x8x8's latent channels
-    assert VideoMARConfig(**train.model_options(config, {}, None, cosmos, "")) == paper
-    assert set(PRESETS["tiny"]) < {f.name for f in fields(VideoMARConfig)}
-    with torch.device("meta"):
-        model = VideoMAR(paper)
-    n = sum(p.numel() for p in model.parameters())
-    assert 1.3e9 <= n <= 1.5e9, n
-    # a null text of 300 tokens (the authors' fake_latent), QK-norm everywhere
-    assert model.null_text.shape == (1, 300, 1536)
-    assert isinstance(model.blocks[35].cross_attn.k_norm, torch.nn.RMSNorm)
+def test_token_regression_adds_the_readouts_mse_of_the_masked_tokens_after_frame_0():
+    """token_regression w adds w times the MSE of a linear readout of z against each masked token
+    of the frames after the first (visible tokens and frame 0's text-to-image tokens carry no
+    regression) to the same diffusion loss: with the same random draws, the training losses at
+    w = 0.5 and w = 0 differ by half the MSE computed by hand on those tokens. The default, 0,
+    builds no readout: the paper's model, its parameters unchanged."""
+    assert tiny_model().token_readout is None
+    model = tiny_model(token_regression=0.5)
+    B, T, grid = 2, 3, (2, 2)
+    latents = torch.randn(B, T, 8, *grid, generator=torch.Generator().manual_seed(0))
+    text = random_text(B, model.config)
+    seen = {}
+    all_frames_z = model.all_frames_z
+    def record(tokens, masks, grid, context):
+        seen.update(tokens=tokens, masks=masks, z=all_frames_z(tokens, masks, grid, context))
+        return seen["z"]
+    model.all_frames_z = record
+    losses = {}
+    for w in (0.0, 0.5):
+        model.config.token_regression = w
+        torch.manual_seed(0)
+        losses[w] = model.train()(latents, *text)
+    tokens, masks, z = seen["tokens"], seen["masks"], seen["z"]
+    later = masks.clone()
+    later[:, 0] = False
+    assert masks[:, 0].any() and later.any()
+    expected = 0.5 * (model.token_readout(z[later]) - tokens[later]).pow(2).mean()
+    with_frame_0 = 0.5 * (model.token_readout(z[masks]) - tokens[masks]).pow(2).mean()
+    assert torch.allclose(losses[0.5] - losses[0.0], expected, atol=1e-6)
+    assert not torch.allclose(expected, with_frame_0, atol=1e-3)
 
 
-@pytest.mark.parametrize("text_pooled", [False, True])
-def test_text_pooled_adds_the_mean_of_the_caption_to_every_token(text_pooled):
-    """text_pooled: the stack's input is every token plus the mean of the caption's projected
-    real tokens (padding left out), the null text's own mean for the null text; without it the
-    tokens alone, so the first self-attention cannot see the caption."""
-    model = tiny_model(text_pooled=text_pooled)
-    inputs = []
-    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-    text, mask = random_text(2, model.config)
-    x = model.embed(torch.randn(2, 9, model.config.token_dim))
-    rope = model.rope(0, 1, (3, 3), "cpu")
-    model.transformer(x, rope, None, model.text_context(text, mask))
-    model.transformer(x, rope, None, model.null_context(2))
-    projected = model.text_proj(text)
-    pooled = torch.stack([projected[b][mask[b]].mean(0) for b in range(2)])
-    null = model.null_text.mean(1)[:, None]
-    assert torch.allclose(inputs[0], x + pooled[:, None] if text_pooled else x, atol=1e-6)
-    assert torch.allclose(inputs[1], x + null if text_pooled else x, atol=1e-6)
-    # the mean is computed only when it is used
-    assert (model.text_context(text, mask).pooled is None) == (not text_pooled)
+def test_token_regression_shapes_training_only():
+    """The readout is a training loss: generation never reads it, so samples are the same
+    whatever its weights."""
+    model = tiny_model(token_regression=1.0)
+    cond, text = given_frames(model)
+    videos = []
+    for scale in (1.0, 0.0):
+        with torch.no_grad():
+            model.token_readout.weight.mul_(scale)
+        videos.append(model.generate(cond, text, num_latent_frames=3, num_iter=2, cfg=3.0,
+                                     generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(*videos)
+
+
+@pytest.mark.parametrize("loss", ["all frames", "one t", "total mask"])
+def test_beyond_paper_knobs_compute_nothing_when_off(loss, monkeypatch):
+    """The paper's model computes nothing for the knobs beyond it: with token_regression 0 and
+    text_pooled off, every training loss (every frame at once, one t, Eq. 3.1's total mask) has
+    no readout and never computes the regression or a caption's mean; with them on it does."""
+    paths = {"all frames": dict(all_frames=True), "one t": dict(all_frames=False),
+             "total mask": dict(causal=False, next_frame_loss=False)}
+    regressions, pooled, mse = [], [], []
+    regression_loss, context_of, mse_loss = (VideoMAR.regression_loss, VideoMAR.context_of,
+                                             torch.nn.functional.mse_loss)
+    monkeypatch.setattr(VideoMAR, "regression_loss", lambda self, *a: regressions.append(1)
+                        or regression_loss(self, *a))
+    monkeypatch.setattr(VideoMAR, "context_of", lambda self, *a: pooled.append(
+        context_of(self, *a).pooled) or context_of(self, *a))
+    monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda *a, **kw: mse.append(1)
+                        or mse_loss(*a, **kw))
+    latents, text = torch.randn(2, 3, 8, 2, 2), FakeText()(["a", "b"])
+    for on in (False, True):
+        regressions.clear(), pooled.clear(), mse.clear()
+        knobs = dict(token_regression=1.0 if on else 0.0, text_pooled=on)
+        model = tiny_model(**paths[loss], **knobs).train()
+        torch.manual_seed(1)  # one t: frame 2, which the regression reads
+        model(latents, *text)
+        assert (model.token_readout is not None) == on
+        assert bool(regressions) == bool(mse) == on
+        assert pooled and all((p is not None) == on for p in pooled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1408,7 +1549,7 @@ def test_cosmos_tokenizer_through_a_torchscript_stand_in(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# data.py: video and image files
+# videoio.py: video and image files
 
 def test_written_videos_read_back(tmp_path):
     """Videos written as mp4 or gif (and webm, avi, mov) read back frame for frame; broken or
@@ -1718,6 +1859,22 @@ def test_synthetic_captions_match_their_motion():
     assert checked_frames > 500
 
 
+def test_reword_reverses_every_direction_and_swaps_every_colour():
+    """data.reword with SyntheticVideos' tables: every direction turns around (left <-> right,
+    up-left <-> down-right, ...), every colour becomes another one, each a different one (two
+    objects stay two colours); other words, and the "left" inside "up-left", stay."""
+    caption = "a red square moves up-left slowly and a white circle moves right quickly"
+    assert reword(caption, SyntheticVideos.REVERSED) == (
+        "a red square moves down-right slowly and a white circle moves left quickly")
+    assert reword(caption, SyntheticVideos.SWAPPED) == (
+        "a green square moves up-left slowly and a red circle moves right quickly")
+    for word, (x, y) in SyntheticVideos.DIRECTIONS.items():
+        assert SyntheticVideos.DIRECTIONS[SyntheticVideos.REVERSED[word]] == (-x, -y)
+    swapped = SyntheticVideos.SWAPPED
+    assert sorted(swapped) == sorted(swapped.values()) == sorted(SyntheticVideos.COLOURS)
+    assert all(colour != other for colour, other in swapped.items())
+
+
 # ----------------------------------------------------------------------------------------------
 # data.py: the text encoder
 
@@ -1828,409 +1985,8 @@ def test_onehot_captions_code_each_objects_words():
 
 
 # ----------------------------------------------------------------------------------------------
-# metrics.py: PSNR, SSIM, the object metrics, score_held_out_clips
-
-def test_psnr_of_a_known_noise_level():
-    """PSNR of noise of a known level; capped, not infinite, for an exact copy."""
-    torch.manual_seed(0)
-    x = 0.25 + 0.5 * torch.rand(3, 3, 16, 16)
-    for sigma in (0.1, 0.03):
-        # +-sigma everywhere: the MSE is exactly sigma^2
-        sign = torch.randint(0, 2, x.shape).float() * 2 - 1
-        got = metrics.psnr(metrics.mse(x + sigma * sign, x))
-        assert torch.allclose(got, torch.full((3,), -20 * math.log10(sigma)), atol=1e-3)
-    # capped, not inf
-    assert torch.equal(metrics.psnr(metrics.mse(x, x)), torch.full((3,), metrics.MAX_PSNR))
-
-
-def test_ssim_against_a_direct_computation():
-    """SSIM equals a direct numpy computation where the window covers the image once."""
-    torch.manual_seed(0)
-    x, y = torch.rand(2, 3, 11, 11), torch.rand(2, 3, 11, 11)
-    y[1] = 0.7 * x[1] + 0.3 * y[1]  # a correlated pair too
-    got = metrics.ssim(x, y)
-    for i in range(2):
-        assert abs(got[i].item() - ssim_at_one_position(x[i].numpy(), y[i].numpy())) < 1e-4
-    assert got[1] > got[0] + 0.3
-
-
-def test_ssim_properties():
-    """SSIM: 1 for equal images, symmetric, negative against the negative image, the luminance term
-    for constants, a mean over channels."""
-    torch.manual_seed(0)
-    x, y = torch.rand(4, 3, 24, 20), torch.rand(4, 3, 24, 20)
-    assert torch.allclose(metrics.ssim(x, x), torch.ones(4), atol=1e-5)
-    assert torch.allclose(metrics.ssim(x, y), metrics.ssim(y, x), atol=1e-6)
-    assert (metrics.ssim(x, 1 - x) < 0).all()  # an image against its negative: anti-correlated
-    # constant images a and b: no variance, so SSIM is the luminance term
-    # (2ab + C1) / (a^2 + b^2 + C1)
-    a, b, C1 = 0.3, 0.5, 0.01 ** 2
-    got = metrics.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
-    assert abs(got.item() - (2 * a * b + C1) / (a * a + b * b + C1)) < 1e-5
-    # averaged over channels: one channel wrong out of three
-    z = x.clone()
-    z[:, 0] = y[:, 0]
-    expected = (metrics.ssim(x[:, :1], y[:, :1]) + 2) / 3
-    assert torch.allclose(metrics.ssim(x, z), expected, atol=1e-5)
-
-
-def test_copy_baseline(monkeypatch):
-    """score_held_out_clips: the copy baseline's PSNR per frame is that of frame 0 against the
-    truth, exact where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
-    tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(randomised=False, latent_channels=tokenizer.channels,
-                       num_sampling_steps="3")
-    config = metrics.EvalConfig(n=3, num_frames=9, num_iter=1, batch_size=2)
-    score = lambda model, tokenizer, **changes: metrics.score_held_out_clips(
-        model, tokenizer, FakeText(), replace(config, **changes))
-    result = score(model, tokenizer)
-    # each sampled row draws from its own generator: a teacher-forced row leaves the others alone
-    with_tf = score(model, tokenizer, teacher_forced=True)
-    for row in ("model", "null_text"):
-        assert with_tf[row]["psnr_per_frame"] == result[row]["psnr_per_frame"]
-    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
-    truth = (clips + 1) / 2
-    # PSNR of the mean error
-    frame_1 = metrics.psnr(metrics.mse(truth[:, 0], truth[:, 1]).mean()).item()
-    assert result["frames"] == list(range(1, 9)) and len(result["model"]["psnr_per_frame"]) == 8
-    assert abs(result["copy"]["psnr_per_frame"][0] - frame_1) < 1e-4  # frame 1 against frame 0
-    # frames 6-8, as errors
-    last_third = np.mean([10 ** (-p / 10) for p in result["copy"]["psnr_per_frame"][-3:]])
-    assert abs(result["copy"]["psnr_last_third"] - -10 * math.log10(last_third)) < 1e-4
-    assert len(result["grid"]) == 6  # truth and generated of each of the 3 clips (keep=4)
-    # the ceiling row: raw patches are exactly invertible, so the tokenizer loses nothing
-    ceiling = result["tokenizer"]
-    assert ceiling["psnr"] == metrics.MAX_PSNR and ceiling["presence"] == 1.0
-    assert ceiling["position_error"] < 1e-6
-    # a lossy one's is not: 4 principal components drop most of a 4x4x4 patch
-    lossy = load_tokenizer("pca:4x4x4:4")
-    lossy.fit(clips)
-    result = score(tiny_model(latent_channels=4, num_sampling_steps="3"), lossy, batch_size=16)
-    assert result["tokenizer"]["psnr"] < 30
-
-    class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
-        def __getitem__(self, i):
-            clip, caption = super().__getitem__(i)
-            return clip[:1].expand_as(clip), caption
-    monkeypatch.setattr(metrics, "SyntheticVideos", Static)
-    result = score(model, tokenizer)
-    assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
-    assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
-
-
-def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():
-    """score_held_out_clips with teacher_forced and a model that repeats the last frame it is
-    given: free running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel
-    frames) late."""
-    class RepeatLast(torch.nn.Module):
-        config = VideoMARConfig(next_frame_loss=True, causal=True)
-
-        def __init__(self):
-            super().__init__()
-            self.diffloss = DiffLoss(4, 4, 1, 4)  # a head, never sampled
-
-        def generate_as_trained(self, cond, caption, num_latent_frames, **options):
-            repeats = num_latent_frames - cond.shape[1]
-            return torch.cat([cond, cond[:, -1:].expand(-1, repeats, -1, -1, -1)], dim=1)
-
-    tokenizer = load_tokenizer("patch:4x4x4")  # exact: latents are the pixels
-    result = metrics.score_held_out_clips(RepeatLast(), tokenizer, FakeText(), metrics.EvalConfig(
-        n=3, num_frames=13, batch_size=2, teacher_forced=True))
-    assert result["model"]["psnr_per_frame"] == result["copy"]["psnr_per_frame"]
-    truth = (torch.stack([SyntheticVideos(13, 16, 16, split="test")[i][0]
-                          for i in range(3)]) + 1) / 2
-    # pixel frame f (1..12) lies in latent frame k = (f + 3) // 4, position j = (f - 1) % 4; the
-    # true latent frame k - 1 holds frame 0 (k = 1) or frames 4 (k - 2) + 1 .. 4 (k - 1)
-    late = [0 if f <= 4 else f - 4 for f in range(1, 13)]
-    expected = [metrics.psnr(metrics.mse(truth[:, f], truth[:, g]).mean()).item()
-                for f, g in zip(range(1, 13), late)]
-    assert np.allclose(result["teacher_forced"]["psnr_per_frame"], expected, atol=1e-4)
-    assert expected[4] != result["copy"]["psnr_per_frame"][4]  # the two rows differ
-
-
-def test_latent_step_shares_count_objects_kept_and_brought_back():
-    """Per latent step, of the objects present in latent frame k (at least half of its pixel
-    frames), the share present in k + 1, and of the absent ones the share back; frames the truth
-    hides do not count."""
-    nan = math.nan
-    presence = torch.tensor([  # 3 objects, 3 latent frames of 2 pixel frames
-        [1, 1, 1, 0, 0, 0],  # present, present (half), absent: kept, then lost
-        [0, 0, 1, 1, 0, 1],  # absent, present, present (half): back, then kept
-        [0, 0, nan, nan, 1, 1]])  # hidden in latent frame 2: neither step counts
-    shares = metrics.latent_step_shares(presence, temporal=2)
-    assert shares["stay"] == [1.0, 0.5] and shares["back"][0] == 1.0
-    assert math.isnan(shares["back"][1])  # no object judged absent in latent frame 2
-    lost = metrics.latent_step_shares(torch.tensor([[1.0, 1, 0, 0, 0, 0]]), temporal=2)
-    assert lost["stay"][0] == 0 and lost["back"][1] == 0
-
-
-def test_repair_probe_tells_a_model_that_copies_its_last_frame_from_one_that_repairs():
-    """A model that continues its last context frame carries the damage on and brings no erased
-    object back; one that draws the clip from frame 0 and the caption repairs every damage."""
-    config = metrics.EvalConfig(n=6, batch_size=4)
-    clips = SyntheticVideos(9, 16, 16, split="test")
-    truth = [clips[i][0] for i in range(config.n)]
-
-    def copy_last(frames, captions, num_frames, row):
-        return torch.cat([frames, frames[:, -1:].expand(-1, num_frames - frames.shape[1],
-                                                        -1, -1, -1)], dim=1)
-
-    def from_frame_0(frames, captions, num_frames, row):  # the true clip of each frame 0
-        return torch.stack([next(t for t in truth if torch.equal(t[0], f[0])) for f in frames])
-
-    tokenizer = load_tokenizer("patch:4x4x4")
-    copied = evaluation.repair(copy_last, tokenizer, config)
-    assert copied["true"]["presence"] == 1 and copied["erased"]["presence"] == 0
-    assert copied["faded"]["presence"] < 1 and copied["speckled"]["presence"] < 1
-    repaired = evaluation.repair(from_frame_0, tokenizer, config)
-    for row in evaluation.DAMAGES + ("tokenizer",):
-        assert repaired[row] == dict(presence=1.0, position_error=0.0)
-
-
-@pytest.mark.parametrize("size", [16, 32])
-def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(size):
-    """The toy VBench-I2V: the truth is present everywhere, where it should be, and moves the way
-    its caption says; copying the first frame keeps every object but moves none; a frame of the
-    background alone has no object; speckle of every colour is not an object either."""
-    data = SyntheticVideos(25, size, size, split="test")
-    per_clip = {"truth": [], "copy": [], "background": [], "speckle": []}
-    g = torch.Generator().manual_seed(0)
-    for i in range(24):
-        clip, _ = data[i]
-        background = torch.tensor(data.describe(i)["background"]).view(1, 3, 1, 1) * 2 - 1
-        # pure colours, everywhere
-        speckle = torch.randint(0, 2, clip.shape, generator=g).float() * 2 - 1
-        for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
-                            ("background", background.expand_as(clip)), ("speckle", speckle)):
-            per_clip[name].append(metrics.object_scores(video, clip, data.describe(i)))
-    last_third = slice(-8, None)
-    truth, copy = (metrics.summarise_objects(per_clip[k], last_third, 4)
-                   for k in ("truth", "copy"))
-    assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
-    assert truth["direction"] == 1 and truth["direction_judged"] >= 20
-    assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
-    assert metrics.summarise_objects(per_clip["background"], last_third, 4)["presence"] == 0
-    assert metrics.summarise_objects(per_clip["speckle"], last_third, 4)["presence"] < 0.05
-    # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
-    o = data.describe(0)["objects"][0]
-    clip = SyntheticVideos(25, size, size, split="test")[0][0]
-    way = SyntheticVideos.DIRECTIONS[o["direction"]]
-    still = clip[:1].expand_as(clip).roll((-way[1], -way[0]), dims=(-2, -1))
-    scores = metrics.object_scores(still, clip, data.describe(0))[0]
-    assert scores["direction"] is False
-    assert abs(scores["position_error"][0] - metrics.object_scores(clip[:1].expand_as(clip), clip,
-               data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
-
-
-def test_reword_reverses_every_direction_and_swaps_every_colour():
-    """data.reword with SyntheticVideos' tables: every direction turns around (left <-> right,
-    up-left <-> down-right, ...), every colour becomes another one, each a different one (two
-    objects stay two colours); other words, and the "left" inside "up-left", stay."""
-    caption = "a red square moves up-left slowly and a white circle moves right quickly"
-    assert reword(caption, SyntheticVideos.REVERSED) == (
-        "a red square moves down-right slowly and a white circle moves left quickly")
-    assert reword(caption, SyntheticVideos.SWAPPED) == (
-        "a green square moves up-left slowly and a red circle moves right quickly")
-    for word, (x, y) in SyntheticVideos.DIRECTIONS.items():
-        assert SyntheticVideos.DIRECTIONS[SyntheticVideos.REVERSED[word]] == (-x, -y)
-    swapped = SyntheticVideos.SWAPPED
-    assert sorted(swapped) == sorted(swapped.values()) == sorted(SyntheticVideos.COLOURS)
-    assert all(colour != other for colour, other in swapped.items())
-
-
-class Replayed(SyntheticVideos):
-    """The held-out clips of 16 x 16 at chosen times: frame f shows its clip at time times[f];
-    before time 0 the motion runs backwards, reflecting off the borders as it does forwards."""
-
-    def __init__(self, times):
-        super().__init__(len(times), 16, 16, split="test")
-        self.times = np.array(times)
-
-    def positions(self, start, velocity, room):
-        travelled = (start + velocity * self.times) % (2 * room)
-        return np.where(travelled > room, 2 * room - travelled, travelled)
-
-
-def steering_draw(behaviour, n):
-    """metrics.caption_steering's `draw` for a stand-in model that knows the first n held-out clips
-    (it tells them by their frame 0) and continues the k given frames as `behaviour` says:
-    "follows" the caption (the true motion for the true caption, the motion run backwards from the
-    last given frame for every direction reversed, nothing moves for the null text), "still"
-    (nothing moves, whatever the caption) or "true way" (the true motion, whatever the caption)."""
-    clips = [SyntheticVideos(1, 16, 16, split="test")[i] for i in range(n)]
-
-    def draw(frames, captions, num_frames, row):
-        k, videos = frames.shape[1], []
-        for b, given in enumerate(frames):
-            i = next(i for i, (first, _) in enumerate(clips) if torch.equal(first[0], given[0]))
-            true, caption = clips[i][1], None if captions is None else captions[b]
-            assert caption in (None, true, reword(true, SyntheticVideos.REVERSED))
-            times = list(range(num_frames))
-            if behaviour == "still" or (behaviour == "follows" and caption is None):
-                times = [min(t, k - 1) for t in times]
-            elif behaviour == "follows" and caption != true:  # mirrored about the last given frame
-                times = [min(t, 2 * (k - 1) - t) for t in times]
-            video = Replayed(times)[i][0]
-            assert torch.equal(video[:k], given)  # the given frames are the true ones
-            videos.append(video)
-        return torch.stack(videos)
-    return draw
-
-
-@pytest.mark.parametrize("behaviour", ["still", "true way"])
-def test_caption_steering_is_the_same_for_every_caption_of_a_model_that_ignores_it(behaviour):
-    """metrics.caption_steering, image-to-video's first generated step and two given latent
-    frames: a model that ignores the caption scores the same for the true caption, every direction
-    reversed and the null text: nothing if it moves nothing, the truth's displacement if it always
-    moves the true way (the measure is along the true caption's way, not the one it is given)."""
-    tokenizer = load_tokenizer("patch:4x4x4")
-    for given in (1, 2):
-        result = metrics.caption_steering(steering_draw(behaviour, 12), tokenizer,
-                                          metrics.EvalConfig(n=12, batch_size=5), given)
-        true, reversed_, null = (result[row]["along"]
-                                 for row in ("true caption", "reversed caption", "null text"))
-        assert true == reversed_ == null
-        assert true == pytest.approx(0 if behaviour == "still" else result["truth"]["along"])
-
-
-def test_caption_steering_of_a_model_that_follows_the_caption():
-    """metrics.caption_steering: the truth moves objects their caption's way (positive); a model
-    that moves objects the way its caption says scores the truth's displacement with the true
-    caption, the other way with every direction reversed (about as far: bounces off the borders
-    differ), none with the null text, in both settings. An exact tokenizer's row is the truth's."""
-    tokenizer, config = load_tokenizer("patch:4x4x4"), metrics.EvalConfig(n=16, batch_size=5)
-    first, two = (metrics.caption_steering(steering_draw("follows", 16), tokenizer, config, given)
-                  for given in (1, 2))
-    for result in (first, two):
-        truth = result["truth"]["along"]
-        assert truth > 0.5
-        assert result["tokenizer"]["along"] == result["true caption"]["along"] == truth
-        assert result["reversed caption"]["along"] < 0 and result["null text"]["along"] == 0
-        assert all(r["found"] == 1 for r in result.values())
-    truth = first["truth"]["along"]
-    assert truth > 1  # 4 frames of 0.5 or 1 px (16 x 16), less where an object bounces
-    assert -1.25 * truth < first["reversed caption"]["along"] < -0.5 * truth
-    # reversed after two given latent frames, it runs back to where it began: frame 8 is frame 0
-    assert two["reversed caption"]["along"] == pytest.approx(-truth)
-    # one row alone scores as among all of them
-    result = metrics.caption_steering(steering_draw("follows", 16), tokenizer, config,
-                                      rows=("reversed caption",))
-    assert result == {"reversed caption": first["reversed caption"]}
-
-
-def test_caption_colour_counts_objects_whose_true_colour_text_to_image_draws():
-    """metrics.caption_colour: a model that draws frame 0 as its caption says draws every object's
-    colour with the true caption and none with the colours swapped; one that draws every colour
-    whatever the caption scores both."""
-    held_out = SyntheticVideos(1, 16, 16, split="test")
-    frames = {caption: clip for clip, caption in (held_out[i] for i in range(6))}
-    background = torch.full((1, 3, 16, 16), -0.4)  # a muted grey: no object's colour
-    stripes = background.clone()  # every colour, two rows of 16 pixels each
-    for j, rgb in enumerate(SyntheticVideos.COLOURS.values()):
-        stripes[0, :, 2 * j:2 * j + 2] = torch.tensor(rgb).view(3, 1, 1) * 2 - 1
-
-    def draw(follows):
-        def text_to_image(frames_given, captions, num_frames, row):
-            assert frames_given.shape[1] == 0 and num_frames == 1
-            return torch.stack([frames.get(c, background) if follows else stripes
-                                for c in captions])
-        return text_to_image
-
-    config = metrics.EvalConfig(n=6, batch_size=4)
-    assert metrics.caption_colour(draw(True), config) == {"true caption": 1.0,
-                                                          "colours swapped": 0.0}
-    assert metrics.caption_colour(draw(False), config) == {"true caption": 1.0,
-                                                           "colours swapped": 1.0}
-
-
-def test_caption_likelihood_is_the_heads_loss_on_frame_1_given_frame_0():
-    """metrics.caption_likelihood: per caption, the head's loss on every token of latent frame 1,
-    all masked, given the true latent frame 0, with the timesteps and noise of one generator per
-    batch, shared by the captions; the mean over clips."""
-    tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(latent_channels=tokenizer.channels)
-    config, text, draws = metrics.EvalConfig(n=3, batch_size=2, seed=5), FakeText(), 3
-    result = metrics.caption_likelihood(model, tokenizer, text, config, draws)
-    dataset = SyntheticVideos(5, 16, 16, split="test")
-    expected = {row: 0.0 for row in result}
-    for batch in ([0, 1], [2]):
-        clips, captions = zip(*(dataset[i] for i in batch))
-        tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
-        mask = torch.ones(len(batch), 16, dtype=torch.bool)
-        reversed_ = [reword(c, SyntheticVideos.REVERSED) for c in captions]
-        for row, context in (("true caption", model.text_context(*text(list(captions)))),
-                             ("reversed caption", model.text_context(*text(reversed_))),
-                             ("null text", model.null_context(len(batch)))):
-            with torch.no_grad():
-                z = model.target_frame_z(tokens, 1, mask, (4, 4), context).flatten(0, 1)
-                loss = model.diffloss(tokens[:, 1].flatten(0, 1).repeat(draws, 1),
-                                      z.repeat(draws, 1), generator=torch.Generator().manual_seed(
-                                          5 + batch[0]))
-            expected[row] += loss.item() * len(batch) / 3
-    assert result == pytest.approx(expected, rel=1e-5)
-    assert len(set(result.values())) == 3
-
-
-def test_first_step_prediction_scores_the_heads_mean_of_frame_1_against_the_truth(monkeypatch):
-    """metrics.first_step_prediction: the head's samples for every token of latent frame 1, all
-    masked, given the true latent frame 0 and the true caption, averaged over the draws, against
-    the true frame 1; beside it copying frame 0 and the frame's variance over the clips. With a
-    head that returns its z's first channels plus noise of mean zero over the draws (+d, -d), the
-    mean is z's first channels, whose error is computed here by hand."""
-    tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(latent_channels=tokenizer.channels, n_embd=2 * tokenizer.channels)
-    C, calls = tokenizer.channels, []
-
-    def head(z, temperature=1.0, cfg=1.0, generator=None, clip_range=None):
-        assert cfg == 1.0 and clip_range == tokenizer.clip_range
-        calls.append(1)
-        return z[:, :C] + (1.0 if len(calls) % 2 else -1.0)
-    monkeypatch.setattr(model.diffloss, "sample", head)
-    config, text = metrics.EvalConfig(n=3, batch_size=2), FakeText()
-    result = metrics.first_step_prediction(model, tokenizer, text, config, draws=2)
-    clips, captions = zip(*(SyntheticVideos(5, 16, 16, split="test")[i] for i in range(3)))
-    tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
-    with torch.no_grad():
-        z = torch.cat([model.target_frame_z(tokens[a:b], 1, torch.ones(b - a, 16, dtype=torch.bool),
-                                            (4, 4), model.text_context(*text(list(captions[a:b]))))
-                       for a, b in ((0, 2), (2, 3))])
-    truth = tokens[:, 1]
-    assert result["head_mean"] == pytest.approx((z[..., :C] - truth).pow(2).mean().item(), rel=1e-5)
-    assert result["copy"] == pytest.approx((tokens[:, 0] - truth).pow(2).mean().item(), rel=1e-5)
-    assert result["variance"] == pytest.approx(truth.var(0, unbiased=False).mean().item(),
-                                               rel=1e-5)
-    assert len(calls) == 4  # two batches, two draws each
-
-
-def test_caption_likelihood_of_a_model_blind_to_the_caption_is_the_same_for_both_captions():
-    """A model whose z ignores the caption's words (its text projection zeroed) scores the reversed
-    caption exactly as the true one: the noise is shared; the null text is another z."""
-    tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(latent_channels=tokenizer.channels)
-    with torch.no_grad():
-        model.text_proj.weight.zero_()
-        model.text_proj.bias.zero_()
-    result = metrics.caption_likelihood(model, tokenizer, FakeText(),
-                                        metrics.EvalConfig(n=2, batch_size=2), draws=2)
-    assert result["true caption"] == result["reversed caption"] != result["null text"]
-
-
-def test_model_draw_continues_the_true_frames_and_draws_text_to_image():
-    """metrics.model_draw, the model behind caption_steering: the given frames come back as they
-    were (an exact tokenizer), the rest generated; none given is text-to-image of frame 0."""
-    tokenizer = load_tokenizer("patch:4x4x4")
-    model = tiny_model(latent_channels=tokenizer.channels, num_sampling_steps="3")
-    draw = metrics.model_draw(model, tokenizer, FakeText(), metrics.EvalConfig(num_iter=1))
-    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(2)])
-    video = draw(clips[:, :5], ["a", "b"], 9, "two given")
-    assert video.shape == clips.shape and torch.equal(video[:, :5], clips[:, :5])
-    assert not torch.equal(video[:, 5:], clips[:, 5:])
-    assert draw(clips[:, :0], None, 1, "text-to-image").shape == (2, 1, 3, 16, 16)
-
-
-# ----------------------------------------------------------------------------------------------
-# train.py: the optimiser, learning rate and EMA; curriculum, resume, progressive resolution,
-# DDP, NaN, bad input; checkpoints
+# train.py: the options, the optimiser, learning rate and EMA; curriculum, resume, progressive
+# resolution, DDP, NaN, bad input
 
 def test_help_gives_every_field_its_metadata_help_and_defaults(capsys, monkeypatch):
     """train.py --help: every field of TrainConfig and VideoMARConfig is an option in its class's
@@ -2442,42 +2198,6 @@ def test_init_from_loads_weights_at_another_resolution(tmp_path, capsys, monkeyp
     assert len(err.splitlines()) == 1 and "token size must match" in err
 
 
-# run by torchrun in each process: train.py, recording what this rank trained on and ended with
-RECORDING_TRAINER = """
-import os, sys
-import torch
-sys.path.insert(0, {root!r})
-import model, train
-
-record = dict(latents=[], masks=[])
-forward, random_masks, loop = model.VideoMAR.forward, model.random_masks, train.loop
-
-
-def recording_forward(self, latents, *args):
-    record["latents"].append(latents.clone())
-    return forward(self, latents, *args)
-
-
-def recording_masks(*args):
-    masks = random_masks(*args)
-    record["masks"].append(masks.clone())
-    return masks
-
-
-def recording_loop(run, process):
-    record["initial"] = {{k: v.clone() for k, v in run.model.state_dict().items()}}
-    step = loop(run, process)
-    record["final"] = run.model.state_dict()
-    torch.save(record, os.path.join({records!r}, "rank" + os.environ["RANK"] + ".pt"))
-    return step
-
-
-model.VideoMAR.forward, model.random_masks, train.loop = (recording_forward, recording_masks,
-                                                          recording_loop)
-sys.exit(train.main())
-"""
-
-
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """DDP through torchrun (Gloo on CPU): two processes, one writer of logs and checkpoints. Each
     rank trains on its own clips with its own masks, and the gradients are averaged across ranks
@@ -2541,23 +2261,6 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypa
     assert [s[:3] for s in saves] == [(0, 2, 2)]  # nothing written after the NaN
     assert hashlib.sha256(path.read_bytes()).hexdigest() == saves[0][3]
     assert load_checkpoint(path)["step"] == 2 and not (tmp_path / "sample.mp4").exists()
-
-
-def cli_args(args, tmp_path, ckpt, out):
-    """args with {tmp} filled in, and `ckpt` and `out` given unless args name their own."""
-    args = with_tmp(args, tmp_path)
-    if "--ckpt" not in args:
-        args = ["--ckpt", str(ckpt)] + args
-    if "--out" not in args:
-        args += ["--out", str(out)]
-    return args
-
-
-def out_of_range(table):
-    """Bad-input cases [(args, words)] of a table {rule: ["--option value", ...]}: the line
-    argparse prints for each."""
-    return [([option, value], f"argument {option}: {rule}, not {value}")
-            for rule, cases in table.items() for option, value in map(str.split, cases)]
 
 
 # train.py's numeric options out of range, refused as they are parsed; {rule: cases}
@@ -2650,6 +2353,9 @@ def test_training_on_a_folder_reports_each_skipped_video_once(tmp_path, capsys, 
                    "frames\n")
 
 
+# ----------------------------------------------------------------------------------------------
+# checkpoint.py: checkpoints on disk, and the trained model sampling reads from one
+
 def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, monkeypatch):
     """Checkpoints are written atomically (a kill leaves the old file), and build_model refuses a
     config key it does not know and a config the weights do not fit."""
@@ -2674,6 +2380,59 @@ def test_checkpoint_write_is_atomic_and_build_model_checks_the_config(tmp_path, 
         build_model({**ckpt, "config": {**ckpt["config"], "colour": "red"}})
     with pytest.raises(BadInput, match="another shape, the first diffloss"):
         build_model({**ckpt, "config": {**ckpt["config"], "diffloss_w": 64}})
+
+
+def test_a_checkpoint_from_before_a_config_field_loads_with_that_fields_default(
+        tiny_checkpoint, tmp_path):
+    """A checkpoint written before a field was added to VideoMARConfig loads, the field at its
+    default, or, where the default turns on what the field adds (QK-norm), off: the model it
+    trained. One from before the guidance scale travelled with checkpoints samples at §5.1's 3.
+    sample.py samples it. A key this code does not know is refused."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    added = ("qk_norm", "rope_theta", "all_frames", "text_pooled", "token_regression")
+    old_weights = lambda weights: {k: v for k, v in weights.items() if "token_readout" not in k}
+    torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k not in added},
+                "train": {k: v for k, v in ckpt["train"].items() if k != "sample_cfg"},
+                "model": old_weights(ckpt["model"]), "ema": old_weights(ckpt["ema"])},
+               tmp_path / "old.pt")
+    trained = trained_model(tmp_path / "old.pt", "cpu")
+    config = trained.model.config
+    assert VideoMARConfig().qk_norm and not config.qk_norm
+    assert (config.rope_theta, config.all_frames, config.text_pooled, config.token_regression) == (
+        10000.0, False, False, 0.0)
+    assert trained.cfg == 3.0 and trained.model.token_readout is None
+    assert sample_cli(tmp_path / "old.pt", tmp_path) == 0
+    with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
+        config_from_dict({**ckpt["config"], "colour": "red"})
+
+
+def test_trained_model_resolves_every_sampling_default(tiny_checkpoint):
+    """checkpoint.trained_model, the one place sampling's defaults are resolved: each setting
+    given, else the checkpoint's (the last stage's frames and size, its sample_cfg and
+    sample_num_iter)."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    trained = trained_model(tiny_checkpoint, "cpu")
+    assert (trained.num_frames, trained.height, trained.width) == (9, 16, 16)
+    assert (trained.cfg, trained.num_iter) == (ckpt["train"]["sample_cfg"], 2)
+    given = trained_model(tiny_checkpoint, "cpu", 13, 24, 32, cfg=1.0, num_iter=5)
+    assert (given.num_frames, given.height, given.width, given.cfg, given.num_iter) == (
+        13, 24, 32, 1.0, 5)
+
+
+def test_a_checkpoint_samples_with_its_ema_weights(tiny_checkpoint, tmp_path, monkeypatch):
+    """sample.py and eval.py sample a checkpoint with its EMA weights, not the raw ones it was
+    training: the model they generate with holds the checkpoint's "ema" tensors, which differ
+    from its "model" ones."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert not same_weights(ckpt["ema"], ckpt["model"])
+    used = []
+    monkeypatch.setattr(VideoMAR, "generate_as_trained", stop_recording(
+        used, lambda self, *a, **kw: self.state_dict()))
+    with pytest.raises(Stop):
+        sample_cli(tiny_checkpoint, tmp_path)
+    with pytest.raises(Stop):
+        evaluation.main(["--ckpt", str(tiny_checkpoint), "--n", "1", "--out", str(tmp_path)])
+    assert len(used) == 2 and all(same_weights(weights, ckpt["ema"]) for weights in used)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2717,6 +2476,28 @@ def test_sample_cli_video_to_video_text_to_video_and_extrapolation(tiny_checkpoi
                       "--temperature", 0.9) == 0
     # text-to-video, larger than trained
     assert read_video(tmp_path / "s.mp4").shape == (5, 3, 24, 32)
+
+
+def test_sample_cli_gives_the_reference_loops_video_for_a_checkpoint_and_seed(tiny_checkpoint,
+                                                                              tmp_path,
+                                                                              monkeypatch):
+    """The same checkpoint and seed give the same video: sample.py's is, to the bit, the
+    reference loop's with the checkpoint's EMA weights, tokenizer and its clip range, text
+    encoder, sample_cfg and sample_num_iter, from the image encoded alone, decoded."""
+    clip, caption = SyntheticVideos(9, 16, 16, split="test")[2]
+    save_image_grid(tmp_path / "first.png", [clip[:1]])
+    written = []
+    monkeypatch.setattr(sample, "write_video", lambda path, video: written.append(video))
+    assert sample.main(["--ckpt", str(tiny_checkpoint), "--image", str(tmp_path / "first.png"),
+                        "--prompt", caption, "--seed", "3", "--out", str(tmp_path / "s.mp4")]) == 0
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = build_model(ckpt)
+    tokenizer = load_tokenizer(ckpt["train"]["tokenizer"], state=ckpt["tokenizer"])
+    text = load_text_encoder("onehot", max_length=model.config.text_len)([caption])
+    cond = tokenizer.encode(read_image(tmp_path / "first.png", 16, 16)[None, None])
+    latents = reference_generate_loop(model, cond, text, 3, 2, 2.0, True,
+                                      torch.Generator().manual_seed(3), tokenizer.clip_range)
+    assert torch.equal(written[0], tokenizer.decode(latents).clamp(-1, 1)[0])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -2815,198 +2596,6 @@ def test_sample_script_exits_2_without_traceback(tmp_path, args):
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
-
-
-# ----------------------------------------------------------------------------------------------
-# eval.py: the table, the plots, the CLI; Table 4
-
-def test_plot_is_written_with_its_size(tmp_path):
-    """eval.py's plot: a PNG of the asked size in the methods' colours."""
-    path = tmp_path / "plot.png"
-    curves = {"model": [20, 21, 19, 18], "copy": [15, 14, 13, 12]}
-    evaluation.plot_curves(path, [1, 2, 3, 4], curves, "t", size=(300, 200))
-    image = Image.open(path)
-    assert image.size == (300, 200)
-    colours = {c for _, c in image.getcolors(300 * 200)}
-    assert {evaluation.COLOURS["model"], evaluation.COLOURS["copy"], (0, 0, 0)} <= colours
-
-
-def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
-    """eval.py on a trained checkpoint: the table, the caption-steering table, eval.json, plots and
-    grid; more frames and a larger grid than trained. train.py's last line."""
-    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "2,2",
-                              "--out_dir", str(tmp_path)]) == 0
-    last_line = capsys.readouterr().out.splitlines()[-1]
-    assert last_line.startswith("quality on 16 held-out clips")
-    assert re.search(r"first step along the caption's way: true/reversed caption "
-                     r"[+-]\d\.\d\d/[+-]\d\.\d\d px$", last_line)
-    out = tmp_path / "eval"
-    args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--batch_size", "2", "--num_iter", "2",
-            "--out", str(out)]
-    assert evaluation.main(args[:-2] + ["--teacher_forced"] + args[-2:]) == 0
-    printed = capsys.readouterr().out
-    for row in metrics.METHODS + metrics.STEERING_ROWS:
-        assert f"| {row} |" in printed
-    assert ("| drawn from | first generated step (image-to-video: frame 0 to 4) | two given latent "
-            "frames (frame 4 to 8) |") in printed
-    assert "text-to-image (frame 0 from the caption alone): the caption's colour drawn" in printed
-    result = json.loads((out / "eval.json").read_text())
-    steering = result["steering"]
-    assert steering.keys() == {"first_step", "two_given", "text_to_image", "likelihood",
-                               "prediction"}
-    assert steering["likelihood"].keys() == set(metrics.STEERING_ROWS[2:])
-    assert "the head's loss on the first generated step (every token masked" in printed
-    assert steering["first_step"].keys() == steering["two_given"].keys() == set(
-        metrics.STEERING_ROWS)
-    assert steering["text_to_image"].keys() == {"true caption", "colours swapped"}
-    assert result["num_frames"] == 9 and result["frames"] == list(range(1, 9))
-    for method in metrics.METHODS:
-        assert {"psnr", "ssim", "psnr_last_third", "ssim_last_third"} <= result[method].keys()
-        assert len(result[method]["psnr_per_frame"]) == len(result[method]["ssim_per_frame"]) == 8
-    assert Image.open(out / "psnr.png").size == (560, 360)
-    # 3 clips x (truth, generated)
-    assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)
-    # extrapolation: more frames and a larger grid than trained; the probe of z
-    assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24",
-                                        "--width", "24", "--n", "1", "--mean_of", "2",
-                                        "--steering", "false"]) == 0
-    result = json.loads((out / "x" / "eval.json").read_text())
-    assert "steering" not in result
-    assert (result["height"], len(result["model"]["psnr_per_frame"])) == (24, 12)
-    assert result["mean_of"] == 2 and "each token the mean of 2 draws" in capsys.readouterr().out
-    assert evaluation.main(args + ["--frames", "6"]) == 2  # not 1 + 4k frames
-    assert capsys.readouterr().err.count("\n") == 1
-
-
-def test_write_held_out_gives_a_clip_its_first_frame_and_caption_to_sample_from(tmp_path, capsys):
-    """eval.py --write_held_out N, no checkpoint needed: held-out clip N of the synthetic set (25
-    frames of 16x16, or the size asked) as a video and its first frame as an image, its caption on
-    stdout: the README's prompt for held-out clip 1."""
-    assert evaluation.main(["--write_held_out", "1", "--out", str(tmp_path)]) == 0
-    clip, caption = SyntheticVideos(25, 16, 16, split="test")[1]
-    assert capsys.readouterr().out.splitlines()[0] == caption
-    image = read_image(tmp_path / "held_out_1.png", 16, 16)
-    assert (image - clip[0]).abs().max() <= 1 / 255  # the first frame, to 8 bits
-    video = read_video(tmp_path / "held_out_1.mp4")
-    assert video.shape == clip.shape and (video - clip).abs().mean() < 0.05  # lossy codec
-    assert f'--image out/held_out_1.png --prompt "{caption}"' in (
-        Path(__file__).parent / "README.md").read_text()
-    assert evaluation.main(["--write_held_out", "3", "--out", str(tmp_path), "--frames", "9",
-                            "--height", "32", "--width", "24"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == SyntheticVideos(9, 32, 24, split="test")[3][1]
-    assert Image.open(tmp_path / "held_out_3.png").size == (24, 32)
-    assert read_video(tmp_path / "held_out_3.mp4").shape == (9, 3, 32, 24)
-
-
-def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
-    """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
-    draws given the same z (the head's mean, estimated), drawn in turn from the generator, each
-    in the sampler's clip range."""
-    torch.manual_seed(0)
-    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="10").eval()
-    with torch.no_grad():
-        for p in head.parameters():
-            p.normal_(std=0.1)
-    z = torch.randn(8, 24)  # CFG: 4 conditional rows, then 4 unconditional
-    generator = torch.Generator().manual_seed(3)
-    draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator, clip_range=(-0.3, 0.3))
-                         for _ in range(4)])
-    probe = evaluation.mean_of_samples(head.sampler((-0.3, 0.3)), 4)
-    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
-    assert mean.shape == (4, 6) and torch.equal(mean, draws.mean(0))
-    unclipped = evaluation.mean_of_samples(head.sample, 4)(
-        z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
-    assert unclipped.abs().max() > 0.3  # so the clip range did bind
-    assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
-
-
-def test_learning_curve_plots_and_tables_runs_in_order_of_their_iterations(tmp_path, capsys):
-    """eval.py --learning_curve: the runs' eval.json, sorted by training iterations, as a table of
-    free-run / teacher-forced values and a three-panel plot; a file without iterations is bad
-    input."""
-    def scores(presence, error, direction):
-        return dict(presence=presence, position_error=error, direction=direction)
-    paths = []
-    for iterations, presence in ((2000, 0.5), (500, 0.25)):
-        result = dict(iterations=iterations, model=scores(presence, 4.0, 0.125),
-                      teacher_forced=scores(2 * presence, 2.0, 0.75),
-                      tokenizer=scores(0.875, 0.5, 1.0))
-        paths.append(tmp_path / f"{iterations}.json")
-        paths[-1].write_text(json.dumps(result))
-    out = tmp_path / "curve"
-    assert evaluation.main(["--learning_curve", *map(str, paths), "--out", str(out)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 5")
-            or line.startswith("| 2")]
-    assert rows == ["| 500 | 25.0% / 50.0% | 4.00 / 2.00 | 12.5% / 75.0% |",
-                    "| 2000 | 50.0% / 100.0% | 4.00 / 2.00 | 12.5% / 75.0% |"]
-    assert Image.open(out / "learning_curve.png").size == (3 * 420, 320)
-    (tmp_path / "bad.json").write_text(json.dumps(dict(model=scores(0.5, 1.0, 0.5))))
-    assert evaluation.main(["--learning_curve", str(tmp_path / "bad.json"), "--out",
-                            str(out)]) == 2
-    assert "no training iterations" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--ckpt", "{tmp}/missing.pt"], "no checkpoint at"),
-    (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
-    (["--temperature", "-0.5"], "argument --temperature: 'progressive' or a positive number"),
-    (["--height", "18"], "not divisible"),
-    (["--frames", "1"], "nothing to generate after 1 given"),  # image-to-video: 1 given
-    (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
-    (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
-    (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
-    (["--write_held_out", "256"], "there are 256 held-out clips, 0 to 255"),
-] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0", "--mean_of 0"],
-                  "must be at least 0": ["--cfg -3", "--write_held_out -1"]}))
-def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
-    """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
-    written."""
-    bad_files(tmp_path)
-    refuse_to_generate(monkeypatch)
-    args = cli_args(args, tmp_path, tiny_checkpoint, tmp_path / "eval")
-    refused(evaluation.main, args, words, tmp_path, capsys)
-
-
-def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys, monkeypatch):
-    """Table 4: the ablations train, sample and are scored as they are defined. Without causal
-    attention: trained on one frame's masks (L = 16 tokens), sampled frame by frame without the KV
-    cache. "Total mask" (Eq. 3.1): trained on masks over the whole video (2 x 16 tokens), sampled
-    the whole video at once (generate_total_mask), never frame by frame, by train.py, eval.py and
-    sample.py alike; it has no frame to teacher-force."""
-    methods, mask_lengths = [], []
-    for name in ("generate", "generate_total_mask"):
-        def recording(self, cond, caption, num_latent_frames, *args, _name=name,
-                      _method=getattr(VideoMAR, name), **kwargs):
-            methods.append((_name, kwargs.get("use_kv_cache"), num_latent_frames))
-            return _method(self, cond, caption, num_latent_frames, *args, **kwargs)
-        monkeypatch.setattr(VideoMAR, name, recording)
-    monkeypatch.setattr("model.random_masks", lambda batch, length, *args: mask_lengths.append(
-        length) or random_masks(batch, length, *args))
-    for switches, method, length in (
-            (["--causal", "false"], ("generate", False), 16),
-            (["--causal", "false", "--next_frame_loss", "false"], ("generate_total_mask", None),
-             32)):
-        methods.clear()
-        mask_lengths.clear()
-        out = tmp_path / "_".join(switches)
-        assert train.main(TINY + switches + ["--frames", "5", "--stage_iters", "2",
-                                             "--out_dir", str(out)]) == 0
-        assert mask_lengths == [length] * 2
-        assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2",
-                                "--out", str(out / "eval")]) == 0
-        assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
-        assert sample_cli(out / "ckpt.pt", out, "--frames", "5") == 0
-        assert {m[:2] for m in methods} == {method}
-        # latent frames of: the sample train.py writes, its score and caption steering (true and
-        # reversed caption); eval.py's model and null-text rows, then its caption steering (three
-        # captions from one given latent frame, three from two) and text-to-image (two captions),
-        # then the repair probe (frame 2 after four kinds of frame 1); sample.py's video
-        assert [m[2] for m in methods] == ([2] * 4 + [2] * 2 + [2] * 3 + [3] * 3 + [1] * 2
-                                           + [3] * 4 + [2])
-    assert "quality on 16 held-out clips" in capsys.readouterr().out
-    # a total-mask model samples the whole video at once: no frame to teacher-force
-    assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2
-    assert "--teacher_forced needs a model trained frame by frame" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -3121,6 +2710,560 @@ def test_bench_bad_input(tmp_path, capsys, monkeypatch, args, words):
 
 
 # ----------------------------------------------------------------------------------------------
+# metrics.py: PSNR, SSIM, the object metrics, score_held_out_clips, caption steering
+
+def test_psnr_of_a_known_noise_level():
+    """PSNR of noise of a known level; capped, not infinite, for an exact copy."""
+    torch.manual_seed(0)
+    x = 0.25 + 0.5 * torch.rand(3, 3, 16, 16)
+    for sigma in (0.1, 0.03):
+        # +-sigma everywhere: the MSE is exactly sigma^2
+        sign = torch.randint(0, 2, x.shape).float() * 2 - 1
+        got = metrics.psnr(metrics.mse(x + sigma * sign, x))
+        assert torch.allclose(got, torch.full((3,), -20 * math.log10(sigma)), atol=1e-3)
+    # capped, not inf
+    assert torch.equal(metrics.psnr(metrics.mse(x, x)), torch.full((3,), metrics.MAX_PSNR))
+
+
+def test_ssim_against_a_direct_computation():
+    """SSIM equals a direct numpy computation where the window covers the image once."""
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 11, 11), torch.rand(2, 3, 11, 11)
+    y[1] = 0.7 * x[1] + 0.3 * y[1]  # a correlated pair too
+    got = metrics.ssim(x, y)
+    for i in range(2):
+        assert abs(got[i].item() - ssim_at_one_position(x[i].numpy(), y[i].numpy())) < 1e-4
+    assert got[1] > got[0] + 0.3
+
+
+def test_ssim_properties():
+    """SSIM: 1 for equal images, symmetric, negative against the negative image, the luminance term
+    for constants, a mean over channels."""
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 24, 20), torch.rand(4, 3, 24, 20)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(4), atol=1e-5)
+    assert torch.allclose(metrics.ssim(x, y), metrics.ssim(y, x), atol=1e-6)
+    assert (metrics.ssim(x, 1 - x) < 0).all()  # an image against its negative: anti-correlated
+    # constant images a and b: no variance, so SSIM is the luminance term
+    # (2ab + C1) / (a^2 + b^2 + C1)
+    a, b, C1 = 0.3, 0.5, 0.01 ** 2
+    got = metrics.ssim(torch.full((1, 3, 16, 16), a), torch.full((1, 3, 16, 16), b))
+    assert abs(got.item() - (2 * a * b + C1) / (a * a + b * b + C1)) < 1e-5
+    # averaged over channels: one channel wrong out of three
+    z = x.clone()
+    z[:, 0] = y[:, 0]
+    expected = (metrics.ssim(x[:, :1], y[:, :1]) + 2) / 3
+    assert torch.allclose(metrics.ssim(x, z), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [16, 32])
+def test_object_metrics_score_the_truth_perfectly_and_copy_zero_on_direction(size):
+    """The toy VBench-I2V: the truth is present everywhere, where it should be, and moves the way
+    its caption says; copying the first frame keeps every object but moves none; a frame of the
+    background alone has no object; speckle of every colour is not an object either."""
+    data = SyntheticVideos(25, size, size, split="test")
+    per_clip = {"truth": [], "copy": [], "background": [], "speckle": []}
+    g = torch.Generator().manual_seed(0)
+    for i in range(24):
+        clip, _ = data[i]
+        background = torch.tensor(data.describe(i)["background"]).view(1, 3, 1, 1) * 2 - 1
+        # pure colours, everywhere
+        speckle = torch.randint(0, 2, clip.shape, generator=g).float() * 2 - 1
+        for name, video in (("truth", clip), ("copy", clip[:1].expand_as(clip)),
+                            ("background", background.expand_as(clip)), ("speckle", speckle)):
+            per_clip[name].append(metrics.object_scores(video, clip, data.describe(i)))
+    last_third = slice(-8, None)
+    truth, copy = (metrics.summarise_objects(per_clip[k], last_third, 4)
+                   for k in ("truth", "copy"))
+    assert truth["presence"] == truth["presence_last_third"] == 1 and truth["position_error"] == 0
+    assert truth["direction"] == 1 and truth["direction_judged"] >= 20
+    assert copy["presence"] == 1 and copy["direction"] == 0 and copy["position_error"] > size / 8
+    assert metrics.summarise_objects(per_clip["background"], last_third, 4)["presence"] == 0
+    assert metrics.summarise_objects(per_clip["speckle"], last_third, 4)["presence"] < 0.05
+    # an object shifted one pixel against its way: present, 1 px off, and its direction is wrong
+    o = data.describe(0)["objects"][0]
+    clip = SyntheticVideos(25, size, size, split="test")[0][0]
+    way = SyntheticVideos.DIRECTIONS[o["direction"]]
+    still = clip[:1].expand_as(clip).roll((-way[1], -way[0]), dims=(-2, -1))
+    scores = metrics.object_scores(still, clip, data.describe(0))[0]
+    assert scores["direction"] is False
+    assert abs(scores["position_error"][0] - metrics.object_scores(clip[:1].expand_as(clip), clip,
+               data.describe(0))[0]["position_error"][0]) <= math.hypot(*way) + 1e-5
+
+
+def test_copy_baseline(monkeypatch):
+    """score_held_out_clips: the copy baseline's PSNR per frame is that of frame 0 against the
+    truth, exact where nothing moves; an exactly invertible tokenizer's ceiling is perfect."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(randomised=False, latent_channels=tokenizer.channels,
+                       num_sampling_steps="3")
+    config = metrics.EvalConfig(n=3, num_frames=9, num_iter=1, batch_size=2)
+    score = lambda model, tokenizer, **changes: metrics.score_held_out_clips(
+        model, tokenizer, FakeText(), replace(config, **changes))
+    result = score(model, tokenizer)
+    # each sampled row draws from its own generator: a teacher-forced row leaves the others alone
+    with_tf = score(model, tokenizer, teacher_forced=True)
+    for row in ("model", "null_text"):
+        assert with_tf[row]["psnr_per_frame"] == result[row]["psnr_per_frame"]
+    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(3)])
+    truth = (clips + 1) / 2
+    # PSNR of the mean error
+    frame_1 = metrics.psnr(metrics.mse(truth[:, 0], truth[:, 1]).mean()).item()
+    assert result["frames"] == list(range(1, 9)) and len(result["model"]["psnr_per_frame"]) == 8
+    assert abs(result["copy"]["psnr_per_frame"][0] - frame_1) < 1e-4  # frame 1 against frame 0
+    # frames 6-8, as errors
+    last_third = np.mean([10 ** (-p / 10) for p in result["copy"]["psnr_per_frame"][-3:]])
+    assert abs(result["copy"]["psnr_last_third"] - -10 * math.log10(last_third)) < 1e-4
+    assert len(result["grid"]) == 6  # truth and generated of each of the 3 clips (keep=4)
+    # the ceiling row: raw patches are exactly invertible, so the tokenizer loses nothing
+    ceiling = result["tokenizer"]
+    assert ceiling["psnr"] == metrics.MAX_PSNR and ceiling["presence"] == 1.0
+    assert ceiling["position_error"] < 1e-6
+    # a lossy one's is not: 4 principal components drop most of a 4x4x4 patch
+    lossy = load_tokenizer("pca:4x4x4:4")
+    lossy.fit(clips)
+    result = score(tiny_model(latent_channels=4, num_sampling_steps="3"), lossy, batch_size=16)
+    assert result["tokenizer"]["psnr"] < 30
+
+    class Static(SyntheticVideos):  # nothing moves: copying the first frame is exact
+        def __getitem__(self, i):
+            clip, caption = super().__getitem__(i)
+            return clip[:1].expand_as(clip), caption
+    monkeypatch.setattr(metrics, "SyntheticVideos", Static)
+    result = score(model, tokenizer)
+    assert result["copy"]["psnr"] == metrics.MAX_PSNR and abs(result["copy"]["ssim"] - 1) < 1e-5
+    assert result["model"]["psnr"] < 30  # an untrained model does not reproduce the frame
+
+
+def test_teacher_forcing_generates_each_frame_from_the_true_earlier_ones():
+    """score_held_out_clips with teacher_forced and a model that repeats the last frame it is
+    given: free running it is "copy"; teacher-forced it is the truth one latent frame (4 pixel
+    frames) late."""
+    class RepeatLast(torch.nn.Module):
+        config = VideoMARConfig(next_frame_loss=True, causal=True)
+
+        def __init__(self):
+            super().__init__()
+            self.diffloss = DiffLoss(4, 4, 1, 4)  # a head, never sampled
+
+        def generate_as_trained(self, cond, caption, num_latent_frames, **options):
+            repeats = num_latent_frames - cond.shape[1]
+            return torch.cat([cond, cond[:, -1:].expand(-1, repeats, -1, -1, -1)], dim=1)
+
+    tokenizer = load_tokenizer("patch:4x4x4")  # exact: latents are the pixels
+    result = metrics.score_held_out_clips(RepeatLast(), tokenizer, FakeText(), metrics.EvalConfig(
+        n=3, num_frames=13, batch_size=2, teacher_forced=True))
+    assert result["model"]["psnr_per_frame"] == result["copy"]["psnr_per_frame"]
+    truth = (torch.stack([SyntheticVideos(13, 16, 16, split="test")[i][0]
+                          for i in range(3)]) + 1) / 2
+    # pixel frame f (1..12) lies in latent frame k = (f + 3) // 4, position j = (f - 1) % 4; the
+    # true latent frame k - 1 holds frame 0 (k = 1) or frames 4 (k - 2) + 1 .. 4 (k - 1)
+    late = [0 if f <= 4 else f - 4 for f in range(1, 13)]
+    expected = [metrics.psnr(metrics.mse(truth[:, f], truth[:, g]).mean()).item()
+                for f, g in zip(range(1, 13), late)]
+    assert np.allclose(result["teacher_forced"]["psnr_per_frame"], expected, atol=1e-4)
+    assert expected[4] != result["copy"]["psnr_per_frame"][4]  # the two rows differ
+
+
+def test_latent_step_shares_count_objects_kept_and_brought_back():
+    """Per latent step, of the objects present in latent frame k (at least half of its pixel
+    frames), the share present in k + 1, and of the absent ones the share back; frames the truth
+    hides do not count."""
+    nan = math.nan
+    presence = torch.tensor([  # 3 objects, 3 latent frames of 2 pixel frames
+        [1, 1, 1, 0, 0, 0],  # present, present (half), absent: kept, then lost
+        [0, 0, 1, 1, 0, 1],  # absent, present, present (half): back, then kept
+        [0, 0, nan, nan, 1, 1]])  # hidden in latent frame 2: neither step counts
+    shares = metrics.latent_step_shares(presence, temporal=2)
+    assert shares["stay"] == [1.0, 0.5] and shares["back"][0] == 1.0
+    assert math.isnan(shares["back"][1])  # no object judged absent in latent frame 2
+    lost = metrics.latent_step_shares(torch.tensor([[1.0, 1, 0, 0, 0, 0]]), temporal=2)
+    assert lost["stay"][0] == 0 and lost["back"][1] == 0
+
+
+@pytest.mark.parametrize("behaviour", ["still", "true way"])
+def test_caption_steering_is_the_same_for_every_caption_of_a_model_that_ignores_it(behaviour):
+    """metrics.caption_steering, image-to-video's first generated step and two given latent
+    frames: a model that ignores the caption scores the same for the true caption, every direction
+    reversed and the null text: nothing if it moves nothing, the truth's displacement if it always
+    moves the true way (the measure is along the true caption's way, not the one it is given)."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    for given in (1, 2):
+        result = metrics.caption_steering(steering_draw(behaviour, 12), tokenizer,
+                                          metrics.EvalConfig(n=12, batch_size=5), given)
+        true, reversed_, null = (result[row]["along"]
+                                 for row in ("true caption", "reversed caption", "null text"))
+        assert true == reversed_ == null
+        assert true == pytest.approx(0 if behaviour == "still" else result["truth"]["along"])
+
+
+def test_caption_steering_of_a_model_that_follows_the_caption():
+    """metrics.caption_steering: the truth moves objects their caption's way (positive); a model
+    that moves objects the way its caption says scores the truth's displacement with the true
+    caption, the other way with every direction reversed (about as far: bounces off the borders
+    differ), none with the null text, in both settings. An exact tokenizer's row is the truth's."""
+    tokenizer, config = load_tokenizer("patch:4x4x4"), metrics.EvalConfig(n=16, batch_size=5)
+    first, two = (metrics.caption_steering(steering_draw("follows", 16), tokenizer, config, given)
+                  for given in (1, 2))
+    for result in (first, two):
+        truth = result["truth"]["along"]
+        assert truth > 0.5
+        assert result["tokenizer"]["along"] == result["true caption"]["along"] == truth
+        assert result["reversed caption"]["along"] < 0 and result["null text"]["along"] == 0
+        assert all(r["found"] == 1 for r in result.values())
+    truth = first["truth"]["along"]
+    assert truth > 1  # 4 frames of 0.5 or 1 px (16 x 16), less where an object bounces
+    assert -1.25 * truth < first["reversed caption"]["along"] < -0.5 * truth
+    # reversed after two given latent frames, it runs back to where it began: frame 8 is frame 0
+    assert two["reversed caption"]["along"] == pytest.approx(-truth)
+    # one row alone scores as among all of them
+    result = metrics.caption_steering(steering_draw("follows", 16), tokenizer, config,
+                                      rows=("reversed caption",))
+    assert result == {"reversed caption": first["reversed caption"]}
+
+
+def test_caption_colour_counts_objects_whose_true_colour_text_to_image_draws():
+    """metrics.caption_colour: a model that draws frame 0 as its caption says draws every object's
+    colour with the true caption and none with the colours swapped; one that draws every colour
+    whatever the caption scores both."""
+    held_out = SyntheticVideos(1, 16, 16, split="test")
+    frames = {caption: clip for clip, caption in (held_out[i] for i in range(6))}
+    background = torch.full((1, 3, 16, 16), -0.4)  # a muted grey: no object's colour
+    stripes = background.clone()  # every colour, two rows of 16 pixels each
+    for j, rgb in enumerate(SyntheticVideos.COLOURS.values()):
+        stripes[0, :, 2 * j:2 * j + 2] = torch.tensor(rgb).view(3, 1, 1) * 2 - 1
+
+    def draw(follows):
+        def text_to_image(frames_given, captions, num_frames, row):
+            assert frames_given.shape[1] == 0 and num_frames == 1
+            return torch.stack([frames.get(c, background) if follows else stripes
+                                for c in captions])
+        return text_to_image
+
+    config = metrics.EvalConfig(n=6, batch_size=4)
+    assert metrics.caption_colour(draw(True), config) == {"true caption": 1.0,
+                                                          "colours swapped": 0.0}
+    assert metrics.caption_colour(draw(False), config) == {"true caption": 1.0,
+                                                           "colours swapped": 1.0}
+
+
+def test_caption_likelihood_is_the_heads_loss_on_frame_1_given_frame_0():
+    """metrics.caption_likelihood: per caption, the head's loss on every token of latent frame 1,
+    all masked, given the true latent frame 0, with the timesteps and noise of one generator per
+    batch, shared by the captions; the mean over clips."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels)
+    config, text, draws = metrics.EvalConfig(n=3, batch_size=2, seed=5), FakeText(), 3
+    result = metrics.caption_likelihood(model, tokenizer, text, config, draws)
+    dataset = SyntheticVideos(5, 16, 16, split="test")
+    expected = {row: 0.0 for row in result}
+    for batch in ([0, 1], [2]):
+        clips, captions = zip(*(dataset[i] for i in batch))
+        tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
+        mask = torch.ones(len(batch), 16, dtype=torch.bool)
+        reversed_ = [reword(c, SyntheticVideos.REVERSED) for c in captions]
+        for row, context in (("true caption", model.text_context(*text(list(captions)))),
+                             ("reversed caption", model.text_context(*text(reversed_))),
+                             ("null text", model.null_context(len(batch)))):
+            with torch.no_grad():
+                z = model.target_frame_z(tokens, 1, mask, (4, 4), context).flatten(0, 1)
+                loss = model.diffloss(tokens[:, 1].flatten(0, 1).repeat(draws, 1),
+                                      z.repeat(draws, 1), generator=torch.Generator().manual_seed(
+                                          5 + batch[0]))
+            expected[row] += loss.item() * len(batch) / 3
+    assert result == pytest.approx(expected, rel=1e-5)
+    assert len(set(result.values())) == 3
+
+
+def test_first_step_prediction_scores_the_heads_mean_of_frame_1_against_the_truth(monkeypatch):
+    """metrics.first_step_prediction: the head's samples for every token of latent frame 1, all
+    masked, given the true latent frame 0 and the true caption, averaged over the draws, against
+    the true frame 1; beside it copying frame 0 and the frame's variance over the clips. With a
+    head that returns its z's first channels plus noise of mean zero over the draws (+d, -d), the
+    mean is z's first channels, whose error is computed here by hand."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels, n_embd=2 * tokenizer.channels)
+    C, calls = tokenizer.channels, []
+
+    def head(z, temperature=1.0, cfg=1.0, generator=None, clip_range=None):
+        assert cfg == 1.0 and clip_range == tokenizer.clip_range
+        calls.append(1)
+        return z[:, :C] + (1.0 if len(calls) % 2 else -1.0)
+    monkeypatch.setattr(model.diffloss, "sample", head)
+    config, text = metrics.EvalConfig(n=3, batch_size=2), FakeText()
+    result = metrics.first_step_prediction(model, tokenizer, text, config, draws=2)
+    clips, captions = zip(*(SyntheticVideos(5, 16, 16, split="test")[i] for i in range(3)))
+    tokens = patchify(tokenizer.encode(torch.stack(clips)), 1)
+    with torch.no_grad():
+        z = torch.cat([model.target_frame_z(tokens[a:b], 1, torch.ones(b - a, 16, dtype=torch.bool),
+                                            (4, 4), model.text_context(*text(list(captions[a:b]))))
+                       for a, b in ((0, 2), (2, 3))])
+    truth = tokens[:, 1]
+    assert result["head_mean"] == pytest.approx((z[..., :C] - truth).pow(2).mean().item(), rel=1e-5)
+    assert result["copy"] == pytest.approx((tokens[:, 0] - truth).pow(2).mean().item(), rel=1e-5)
+    assert result["variance"] == pytest.approx(truth.var(0, unbiased=False).mean().item(),
+                                               rel=1e-5)
+    assert len(calls) == 4  # two batches, two draws each
+
+
+def test_caption_likelihood_of_a_model_blind_to_the_caption_is_the_same_for_both_captions():
+    """A model whose z ignores the caption's words (its text projection zeroed) scores the reversed
+    caption exactly as the true one: the noise is shared; the null text is another z."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels)
+    with torch.no_grad():
+        model.text_proj.weight.zero_()
+        model.text_proj.bias.zero_()
+    result = metrics.caption_likelihood(model, tokenizer, FakeText(),
+                                        metrics.EvalConfig(n=2, batch_size=2), draws=2)
+    assert result["true caption"] == result["reversed caption"] != result["null text"]
+
+
+def test_model_draw_continues_the_true_frames_and_draws_text_to_image():
+    """metrics.model_draw, the model behind caption_steering: the given frames come back as they
+    were (an exact tokenizer), the rest generated; none given is text-to-image of frame 0."""
+    tokenizer = load_tokenizer("patch:4x4x4")
+    model = tiny_model(latent_channels=tokenizer.channels, num_sampling_steps="3")
+    draw = metrics.model_draw(model, tokenizer, FakeText(), metrics.EvalConfig(num_iter=1))
+    clips = torch.stack([SyntheticVideos(9, 16, 16, split="test")[i][0] for i in range(2)])
+    video = draw(clips[:, :5], ["a", "b"], 9, "two given")
+    assert video.shape == clips.shape and torch.equal(video[:, :5], clips[:, :5])
+    assert not torch.equal(video[:, 5:], clips[:, 5:])
+    assert draw(clips[:, :0], None, 1, "text-to-image").shape == (2, 1, 3, 16, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# eval.py: the table, the plots, the probes, the CLI; Table 4
+
+def test_plot_is_written_with_its_size(tmp_path):
+    """eval.py's plot: a PNG of the asked size in the methods' colours."""
+    path = tmp_path / "plot.png"
+    curves = {"model": [20, 21, 19, 18], "copy": [15, 14, 13, 12]}
+    evaluation.plot_curves(path, [1, 2, 3, 4], curves, "t", size=(300, 200))
+    image = Image.open(path)
+    assert image.size == (300, 200)
+    colours = {c for _, c in image.getcolors(300 * 200)}
+    assert {evaluation.COLOURS["model"], evaluation.COLOURS["copy"], (0, 0, 0)} <= colours
+
+
+def test_plot_legend_lies_below_the_curves():
+    """plot_curves: the legend sits below the x axis, off the curves: each curve's colour is found
+    below the axis (its swatch) and, above it, only on the curve's own rows."""
+    xs, curves = list(range(1, 25)), {"model": [2.0] * 24, "null_text": [8.0] * 24,
+                                      "teacher_forced": [9.5] * 24}
+    pixels = np.array(evaluation.plot_curves(None, xs, curves, "a title", y_range=(0, 10, 2),
+                                             cap=math.inf))
+    black = (pixels == 0).all(-1)
+    axis = max(row for row in range(len(black)) if black[row].sum() > pixels.shape[1] // 2)
+    for name in curves:
+        rows = np.nonzero((pixels == evaluation.COLOURS[name]).all(-1))[0]
+        assert (rows > axis).any(), name  # the swatch
+        above = rows[rows < axis]
+        assert above.max() - above.min() <= 2, name  # the curve, a line of width 2
+
+
+def test_eval_cli_on_a_tiny_trained_checkpoint(tmp_path, capsys):
+    """eval.py on a trained checkpoint: the table, the caption-steering table, eval.json, plots and
+    grid; more frames and a larger grid than trained. train.py's last line."""
+    assert train.main(TINY + ["--frames", "5,9", "--stage_iters", "2,2",
+                              "--out_dir", str(tmp_path)]) == 0
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line.startswith("quality on 16 held-out clips")
+    assert re.search(r"first step along the caption's way: true/reversed caption "
+                     r"[+-]\d\.\d\d/[+-]\d\.\d\d px$", last_line)
+    out = tmp_path / "eval"
+    args = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--batch_size", "2", "--num_iter", "2",
+            "--out", str(out)]
+    assert evaluation.main(args[:-2] + ["--teacher_forced"] + args[-2:]) == 0
+    printed = capsys.readouterr().out
+    for row in metrics.METHODS + metrics.STEERING_ROWS:
+        assert f"| {row} |" in printed
+    assert ("| drawn from | first generated step (image-to-video: frame 0 to 4) | two given latent "
+            "frames (frame 4 to 8) |") in printed
+    assert "text-to-image (frame 0 from the caption alone): the caption's colour drawn" in printed
+    result = json.loads((out / "eval.json").read_text())
+    steering = result["steering"]
+    assert steering.keys() == {"first_step", "two_given", "text_to_image", "likelihood",
+                               "prediction"}
+    assert steering["likelihood"].keys() == set(metrics.STEERING_ROWS[2:])
+    assert "the head's loss on the first generated step (every token masked" in printed
+    assert steering["first_step"].keys() == steering["two_given"].keys() == set(
+        metrics.STEERING_ROWS)
+    assert steering["text_to_image"].keys() == {"true caption", "colours swapped"}
+    assert result["num_frames"] == 9 and result["frames"] == list(range(1, 9))
+    for method in metrics.METHODS:
+        assert {"psnr", "ssim", "psnr_last_third", "ssim_last_third"} <= result[method].keys()
+        assert len(result[method]["psnr_per_frame"]) == len(result[method]["ssim_per_frame"]) == 8
+    assert Image.open(out / "psnr.png").size == (560, 360)
+    # 3 clips x (truth, generated)
+    assert Image.open(out / "grid.png").size == (9 * 18 - 2, 6 * 18 - 2)
+    # extrapolation: more frames and a larger grid than trained; the probe of z
+    assert evaluation.main(args[:-1] + [str(out / "x"), "--frames", "13", "--height", "24",
+                                        "--width", "24", "--n", "1", "--mean_of", "2",
+                                        "--steering", "false"]) == 0
+    result = json.loads((out / "x" / "eval.json").read_text())
+    assert "steering" not in result
+    assert (result["height"], len(result["model"]["psnr_per_frame"])) == (24, 12)
+    assert result["mean_of"] == 2 and "each token the mean of 2 draws" in capsys.readouterr().out
+    assert evaluation.main(args + ["--frames", "6"]) == 2  # not 1 + 4k frames
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_write_held_out_gives_a_clip_its_first_frame_and_caption_to_sample_from(tmp_path, capsys):
+    """eval.py --write_held_out N, no checkpoint needed: held-out clip N of the synthetic set (25
+    frames of 16x16, or the size asked) as a video and its first frame as an image, its caption on
+    stdout: the README's prompt for held-out clip 1."""
+    assert evaluation.main(["--write_held_out", "1", "--out", str(tmp_path)]) == 0
+    clip, caption = SyntheticVideos(25, 16, 16, split="test")[1]
+    assert capsys.readouterr().out.splitlines()[0] == caption
+    image = read_image(tmp_path / "held_out_1.png", 16, 16)
+    assert (image - clip[0]).abs().max() <= 1 / 255  # the first frame, to 8 bits
+    video = read_video(tmp_path / "held_out_1.mp4")
+    assert video.shape == clip.shape and (video - clip).abs().mean() < 0.05  # lossy codec
+    assert f'--image out/held_out_1.png --prompt "{caption}"' in (
+        Path(__file__).parent / "README.md").read_text()
+    assert evaluation.main(["--write_held_out", "3", "--out", str(tmp_path), "--frames", "9",
+                            "--height", "32", "--width", "24"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == SyntheticVideos(9, 32, 24, split="test")[3][1]
+    assert Image.open(tmp_path / "held_out_3.png").size == (24, 32)
+    assert read_video(tmp_path / "held_out_3.mp4").shape == (9, 3, 32, 24)
+
+
+def test_mean_of_samples_probe_is_the_mean_of_k_draws_of_the_head():
+    """eval.py --mean_of: the probe built on the head's sampler gives each token the mean of k
+    draws given the same z (the head's mean, estimated), drawn in turn from the generator, each
+    in the sampler's clip range."""
+    torch.manual_seed(0)
+    head = DiffLoss(6, 24, 2, 32, num_sampling_steps="10").eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(std=0.1)
+    z = torch.randn(8, 24)  # CFG: 4 conditional rows, then 4 unconditional
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.stack([head.sample(z, 0.9, 2.5, generator=generator, clip_range=(-0.3, 0.3))
+                         for _ in range(4)])
+    probe = evaluation.mean_of_samples(head.sampler((-0.3, 0.3)), 4)
+    mean = probe(z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    assert mean.shape == (4, 6) and torch.equal(mean, draws.mean(0))
+    unclipped = evaluation.mean_of_samples(head.sample, 4)(
+        z, 0.9, 2.5, generator=torch.Generator().manual_seed(3))
+    assert unclipped.abs().max() > 0.3  # so the clip range did bind
+    assert (draws.std(0) > 1e-3).all()  # the draws differ: the mean is not any one of them
+
+
+def test_repair_probe_tells_a_model_that_copies_its_last_frame_from_one_that_repairs():
+    """A model that continues its last context frame carries the damage on and brings no erased
+    object back; one that draws the clip from frame 0 and the caption repairs every damage."""
+    config = metrics.EvalConfig(n=6, batch_size=4)
+    clips = SyntheticVideos(9, 16, 16, split="test")
+    truth = [clips[i][0] for i in range(config.n)]
+
+    def copy_last(frames, captions, num_frames, row):
+        return torch.cat([frames, frames[:, -1:].expand(-1, num_frames - frames.shape[1],
+                                                        -1, -1, -1)], dim=1)
+
+    def from_frame_0(frames, captions, num_frames, row):  # the true clip of each frame 0
+        return torch.stack([next(t for t in truth if torch.equal(t[0], f[0])) for f in frames])
+
+    tokenizer = load_tokenizer("patch:4x4x4")
+    copied = evaluation.repair(copy_last, tokenizer, config)
+    assert copied["true"]["presence"] == 1 and copied["erased"]["presence"] == 0
+    assert copied["faded"]["presence"] < 1 and copied["speckled"]["presence"] < 1
+    repaired = evaluation.repair(from_frame_0, tokenizer, config)
+    for row in evaluation.DAMAGES + ("tokenizer",):
+        assert repaired[row] == dict(presence=1.0, position_error=0.0)
+
+
+def test_learning_curve_plots_and_tables_runs_in_order_of_their_iterations(tmp_path, capsys):
+    """eval.py --learning_curve: the runs' eval.json, sorted by training iterations, as a table of
+    free-run / teacher-forced values and a three-panel plot; a file without iterations is bad
+    input."""
+    def scores(presence, error, direction):
+        return dict(presence=presence, position_error=error, direction=direction)
+    paths = []
+    for iterations, presence in ((2000, 0.5), (500, 0.25)):
+        result = dict(iterations=iterations, model=scores(presence, 4.0, 0.125),
+                      teacher_forced=scores(2 * presence, 2.0, 0.75),
+                      tokenizer=scores(0.875, 0.5, 1.0))
+        paths.append(tmp_path / f"{iterations}.json")
+        paths[-1].write_text(json.dumps(result))
+    out = tmp_path / "curve"
+    assert evaluation.main(["--learning_curve", *map(str, paths), "--out", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 5")
+            or line.startswith("| 2")]
+    assert rows == ["| 500 | 25.0% / 50.0% | 4.00 / 2.00 | 12.5% / 75.0% |",
+                    "| 2000 | 50.0% / 100.0% | 4.00 / 2.00 | 12.5% / 75.0% |"]
+    assert Image.open(out / "learning_curve.png").size == (3 * 420, 320)
+    (tmp_path / "bad.json").write_text(json.dumps(dict(model=scores(0.5, 1.0, 0.5))))
+    assert evaluation.main(["--learning_curve", str(tmp_path / "bad.json"), "--out",
+                            str(out)]) == 2
+    assert "no training iterations" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ckpt", "{tmp}/missing.pt"], "no checkpoint at"),
+    (["--ckpt", "{tmp}/random.pt"], "{tmp}/random.pt is not a PyTorch checkpoint"),
+    (["--temperature", "-0.5"], "argument --temperature: 'progressive' or a positive number"),
+    (["--height", "18"], "not divisible"),
+    (["--frames", "1"], "nothing to generate after 1 given"),  # image-to-video: 1 given
+    (["--frames", str(4 * 10 ** 10 + 1)], "need a KV cache of"),
+    (["--out", "{tmp}/a_file/eval"], "cannot write {tmp}/a_file/eval: Not a directory"),
+    (["--out", "{tmp}/new/eval", "--ckpt", "{tmp}/missing.pt"], "no checkpoint"),  # no folder left
+    (["--write_held_out", "256"], "there are 256 held-out clips, 0 to 255"),
+] + out_of_range({"must be at least 1": ["--n 0", "--batch_size 0", "--num_iter 0", "--mean_of 0"],
+                  "must be at least 0": ["--cfg -3", "--write_held_out -1"]}))
+def test_eval_cli_bad_input(tiny_checkpoint, tmp_path, capsys, monkeypatch, args, words):
+    """eval.py refuses every bad input before any work: one line on stderr, exit code 2, nothing
+    written."""
+    bad_files(tmp_path)
+    refuse_to_generate(monkeypatch)
+    args = cli_args(args, tmp_path, tiny_checkpoint, tmp_path / "eval")
+    refused(evaluation.main, args, words, tmp_path, capsys)
+
+
+def test_table4_ablations_train_sample_and_evaluate_as_defined(tmp_path, capsys, monkeypatch):
+    """Table 4: the ablations train, sample and are scored as they are defined. Without causal
+    attention: trained on one frame's masks (L = 16 tokens), sampled frame by frame without the KV
+    cache. "Total mask" (Eq. 3.1): trained on masks over the whole video (2 x 16 tokens), sampled
+    the whole video at once (generate_total_mask), never frame by frame, by train.py, eval.py and
+    sample.py alike; it has no frame to teacher-force."""
+    methods, mask_lengths = [], []
+    for name in ("generate", "generate_total_mask"):
+        def recording(self, cond, caption, num_latent_frames, *args, _name=name,
+                      _method=getattr(VideoMAR, name), **kwargs):
+            methods.append((_name, kwargs.get("use_kv_cache"), num_latent_frames))
+            return _method(self, cond, caption, num_latent_frames, *args, **kwargs)
+        monkeypatch.setattr(VideoMAR, name, recording)
+    monkeypatch.setattr("model.random_masks", lambda batch, length, *args: mask_lengths.append(
+        length) or random_masks(batch, length, *args))
+    for switches, method, length in (
+            (["--causal", "false"], ("generate", False), 16),
+            (["--causal", "false", "--next_frame_loss", "false"], ("generate_total_mask", None),
+             32)):
+        methods.clear()
+        mask_lengths.clear()
+        out = tmp_path / "_".join(switches)
+        assert train.main(TINY + switches + ["--frames", "5", "--stage_iters", "2",
+                                             "--out_dir", str(out)]) == 0
+        assert mask_lengths == [length] * 2
+        assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--n", "2", "--num_iter", "2",
+                                "--out", str(out / "eval")]) == 0
+        assert json.loads((out / "eval" / "eval.json").read_text())["frames"] == [1, 2, 3, 4]
+        assert sample_cli(out / "ckpt.pt", out, "--frames", "5") == 0
+        assert {m[:2] for m in methods} == {method}
+        # latent frames of: the sample train.py writes, its score and caption steering (true and
+        # reversed caption); eval.py's model and null-text rows, then its caption steering (three
+        # captions from one given latent frame, three from two) and text-to-image (two captions),
+        # then the repair probe (frame 2 after four kinds of frame 1); sample.py's video
+        assert [m[2] for m in methods] == ([2] * 4 + [2] * 2 + [2] * 3 + [3] * 3 + [1] * 2
+                                           + [3] * 4 + [2])
+    assert "quality on 16 held-out clips" in capsys.readouterr().out
+    # a total-mask model samples the whole video at once: no frame to teacher-force
+    assert evaluation.main(["--ckpt", str(out / "ckpt.pt"), "--teacher_forced"]) == 2
+    assert "--teacher_forced needs a model trained frame by frame" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
 # README.md and CI: its commands are the CLIs' commands
 
 def test_readme_and_results_commands_parse():
@@ -3142,144 +3285,3 @@ def test_ci_runs_the_readmes_test_command():
     test_command = "python -m pytest -q test_all.py"
     assert test_command in (root / "README.md").read_text()
     assert (root / ".ci" / "run").read_text().strip().splitlines()[-1] == test_command
-
-
-# ----------------------------------------------------------------------------------------------
-# NEW TESTS (to be placed)
-
-@pytest.mark.parametrize("text_len, text_pooled", [(6, False), (6, True), (9, True)])
-def test_a_dropped_caption_is_the_null_text_that_cfg_samples_with(text_len, text_pooled):
-    """Classifier-free guidance: the unconditional branch sees in training (a dropped caption)
-    what it sees when sampling (null_context): in every layer the keys and values of the whole
-    learned null text, every position attended, and its mean, also when the captions are shorter
-    (6 tokens) than text_len."""
-    model = tiny_model(text_len=text_len, text_pooled=text_pooled, text_drop_prob=1.0).train()
-    contexts, transformer = [], model.transformer
-    model.transformer = lambda x, rope, mask, context, *a: contexts.append(context) or transformer(
-        x, rope, mask, context, *a)
-    model(torch.randn(2, 2, 8, 2, 2), *FakeText()(["a", "b"]))
-    trained, sampled = contexts[0], model.null_context(2)
-    assert torch.equal(trained.mask, sampled.mask) and trained.mask.shape == (2, text_len)
-    for (k, v), (null_k, null_v) in zip(trained.kv, sampled.kv, strict=True):
-        assert torch.allclose(k, null_k, atol=1e-6) and torch.allclose(v, null_v, atol=1e-6)
-    if text_pooled:
-        assert torch.allclose(trained.pooled, sampled.pooled, atol=1e-6)
-
-
-@pytest.mark.parametrize("loss", ["all frames", "one t", "total mask"])
-def test_beyond_paper_knobs_compute_nothing_when_off(loss, monkeypatch):
-    """The paper's model computes nothing for the knobs beyond it: with token_regression 0 and
-    text_pooled off, every training loss (every frame at once, one t, Eq. 3.1's total mask) has
-    no readout and never computes the regression or a caption's mean; with them on it does."""
-    paths = {"all frames": dict(all_frames=True), "one t": dict(all_frames=False),
-             "total mask": dict(causal=False, next_frame_loss=False)}
-    regressions, pooled, mse = [], [], []
-    regression_loss, context_of, mse_loss = (VideoMAR.regression_loss, VideoMAR.context_of,
-                                             torch.nn.functional.mse_loss)
-    monkeypatch.setattr(VideoMAR, "regression_loss", lambda self, *a: regressions.append(1)
-                        or regression_loss(self, *a))
-    monkeypatch.setattr(VideoMAR, "context_of", lambda self, *a: pooled.append(
-        context_of(self, *a).pooled) or context_of(self, *a))
-    monkeypatch.setattr(torch.nn.functional, "mse_loss", lambda *a, **kw: mse.append(1)
-                        or mse_loss(*a, **kw))
-    latents, text = torch.randn(2, 3, 8, 2, 2), FakeText()(["a", "b"])
-    for on in (False, True):
-        regressions.clear(), pooled.clear(), mse.clear()
-        knobs = dict(token_regression=1.0 if on else 0.0, text_pooled=on)
-        model = tiny_model(**paths[loss], **knobs).train()
-        torch.manual_seed(1)  # one t: frame 2, which the regression reads
-        model(latents, *text)
-        assert (model.token_readout is not None) == on
-        assert bool(regressions) == bool(mse) == on
-        assert pooled and all((p is not None) == on for p in pooled)
-
-
-def test_trained_model_resolves_every_sampling_default(tiny_checkpoint):
-    """checkpoint.trained_model, the one place sampling's defaults are resolved: each setting
-    given, else the checkpoint's (the last stage's frames and size, its sample_cfg and
-    sample_num_iter)."""
-    ckpt = load_checkpoint(tiny_checkpoint)
-    trained = trained_model(tiny_checkpoint, "cpu")
-    assert (trained.num_frames, trained.height, trained.width) == (9, 16, 16)
-    assert (trained.cfg, trained.num_iter) == (ckpt["train"]["sample_cfg"], 2)
-    given = trained_model(tiny_checkpoint, "cpu", 13, 24, 32, cfg=1.0, num_iter=5)
-    assert (given.num_frames, given.height, given.width, given.cfg, given.num_iter) == (
-        13, 24, 32, 1.0, 5)
-
-
-def test_a_checkpoint_samples_with_its_ema_weights(tiny_checkpoint, tmp_path, monkeypatch):
-    """sample.py and eval.py sample a checkpoint with its EMA weights, not the raw ones it was
-    training: the model they generate with holds the checkpoint's "ema" tensors, which differ
-    from its "model" ones."""
-    ckpt = load_checkpoint(tiny_checkpoint)
-    assert not same_weights(ckpt["ema"], ckpt["model"])
-    used = []
-    monkeypatch.setattr(VideoMAR, "generate_as_trained", stop_recording(
-        used, lambda self, *a, **kw: self.state_dict()))
-    with pytest.raises(Stop):
-        sample_cli(tiny_checkpoint, tmp_path)
-    with pytest.raises(Stop):
-        evaluation.main(["--ckpt", str(tiny_checkpoint), "--n", "1", "--out", str(tmp_path)])
-    assert len(used) == 2 and all(same_weights(weights, ckpt["ema"]) for weights in used)
-
-
-def test_a_checkpoint_from_before_a_config_field_loads_with_that_fields_default(
-        tiny_checkpoint, tmp_path):
-    """A checkpoint written before a field was added to VideoMARConfig loads, the field at its
-    default, or, where the default turns on what the field adds (QK-norm), off: the model it
-    trained. One from before the guidance scale travelled with checkpoints samples at §5.1's 3.
-    sample.py samples it. A key this code does not know is refused."""
-    ckpt = load_checkpoint(tiny_checkpoint)
-    added = ("qk_norm", "rope_theta", "all_frames", "text_pooled", "token_regression")
-    old_weights = lambda weights: {k: v for k, v in weights.items() if "token_readout" not in k}
-    torch.save({**ckpt, "config": {k: v for k, v in ckpt["config"].items() if k not in added},
-                "train": {k: v for k, v in ckpt["train"].items() if k != "sample_cfg"},
-                "model": old_weights(ckpt["model"]), "ema": old_weights(ckpt["ema"])},
-               tmp_path / "old.pt")
-    trained = trained_model(tmp_path / "old.pt", "cpu")
-    config = trained.model.config
-    assert VideoMARConfig().qk_norm and not config.qk_norm
-    assert (config.rope_theta, config.all_frames, config.text_pooled, config.token_regression) == (
-        10000.0, False, False, 0.0)
-    assert trained.cfg == 3.0 and trained.model.token_readout is None
-    assert sample_cli(tmp_path / "old.pt", tmp_path) == 0
-    with pytest.raises(BadInput, match="unknown keys \\['colour'\\]"):
-        config_from_dict({**ckpt["config"], "colour": "red"})
-
-
-def test_sample_cli_gives_the_reference_loops_video_for_a_checkpoint_and_seed(tiny_checkpoint,
-                                                                              tmp_path,
-                                                                              monkeypatch):
-    """The same checkpoint and seed give the same video: sample.py's is, to the bit, the
-    reference loop's with the checkpoint's EMA weights, tokenizer and its clip range, text
-    encoder, sample_cfg and sample_num_iter, from the image encoded alone, decoded."""
-    clip, caption = SyntheticVideos(9, 16, 16, split="test")[2]
-    save_image_grid(tmp_path / "first.png", [clip[:1]])
-    written = []
-    monkeypatch.setattr(sample, "write_video", lambda path, video: written.append(video))
-    assert sample.main(["--ckpt", str(tiny_checkpoint), "--image", str(tmp_path / "first.png"),
-                        "--prompt", caption, "--seed", "3", "--out", str(tmp_path / "s.mp4")]) == 0
-    ckpt = load_checkpoint(tiny_checkpoint)
-    model = build_model(ckpt)
-    tokenizer = load_tokenizer(ckpt["train"]["tokenizer"], state=ckpt["tokenizer"])
-    text = load_text_encoder("onehot", max_length=model.config.text_len)([caption])
-    cond = tokenizer.encode(read_image(tmp_path / "first.png", 16, 16)[None, None])
-    latents = reference_generate_loop(model, cond, text, 3, 2, 2.0, True,
-                                      torch.Generator().manual_seed(3), tokenizer.clip_range)
-    assert torch.equal(written[0], tokenizer.decode(latents).clamp(-1, 1)[0])
-
-
-def test_plot_legend_lies_below_the_curves():
-    """plot_curves: the legend sits below the x axis, off the curves: each curve's colour is found
-    below the axis (its swatch) and, above it, only on the curve's own rows."""
-    xs, curves = list(range(1, 25)), {"model": [2.0] * 24, "null_text": [8.0] * 24,
-                                      "teacher_forced": [9.5] * 24}
-    pixels = np.array(evaluation.plot_curves(None, xs, curves, "a title", y_range=(0, 10, 2),
-                                             cap=math.inf))
-    black = (pixels == 0).all(-1)
-    axis = max(row for row in range(len(black)) if black[row].sum() > pixels.shape[1] // 2)
-    for name in curves:
-        rows = np.nonzero((pixels == evaluation.COLOURS[name]).all(-1))[0]
-        assert (rows > axis).any(), name  # the swatch
-        above = rows[rows < axis]
-        assert above.max() - above.min() <= 2, name  # the curve, a line of width 2
