@@ -40,8 +40,9 @@ class VideoMARConfig:
     n_head: int = 24
     mlp_ratio: float = 4.0
     qk_norm: bool = field(default=True, metadata=dict(
-        help="RMSNorm of each head's queries and keys before RoPE, as the authors' Step-Video "
-             "blocks (the paper is silent): it keeps attention logits bounded at scale"))
+        help="RMSNorm of each head's queries and keys before RoPE (the paper is silent; the "
+             "authors' Step-Video blocks have it), which keeps attention logits bounded at "
+             "scale"))
     rope_theta: float = field(default=10000.0, metadata=dict(
         help="3D RoPE's base (the paper gives none: RoPE's usual 10000); a smaller one tells "
              "apart nearby positions of a small grid (RESULTS.md)"))
@@ -69,16 +70,17 @@ class VideoMARConfig:
         help="frame-wise causal attention (Table 4; else every token sees every frame)"))
     next_frame_loss: bool = field(default=True, metadata=dict(
         help="the next-frame loss of Eq. 4.1 (Table 4; else \"total mask\", Eq. 3.1)"))
-    # -- beyond the paper: off by default; each adds work only when on (RESULTS.md: effects) ----
+    # beyond the paper: off by default, each adds work only when on (RESULTS.md: their effects)
     all_frames: bool = field(default=False, metadata=dict(
         help="beyond the paper: Eq. 4.1 for every target frame t in one pass (all_frames_z), "
-             "not one t a batch: the same objective, T times the signal a step"))
+             "not one t a batch: the same objective, T times the signal a step (RESULTS.md)"))
     text_pooled: bool = field(default=False, metadata=dict(
         help="beyond the paper: the caption's mean added to every token before the first block, "
-             "so the first self-attention already sees the caption"))
+             "so that the first self-attention already sees the caption (RESULTS.md)"))
     token_regression: float = field(default=0.0, metadata=dict(
         help="beyond the paper: weight of an MSE of the masked tokens after frame 0 read "
-             "linearly from z, added to the diffusion loss to teach z a token's mean sooner"))
+             "linearly from z, added to the diffusion loss to teach z a token's mean sooner "
+             "(RESULTS.md)"))
 
     @property
     def token_dim(self):
