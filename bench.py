@@ -22,11 +22,21 @@ reported as ratios (this machine is shared and noisy: medians and ratios, not ab
    step set to that of the paper's 1.4B model (counted in FLOPs); the time of each frame.
 The model mirrors the paper's proportions at toy size: the transformer, not the head, dominates.
 The quick default and --full run the same model; only the sizes of the runs differ (RUNS).
+
+    python bench.py --tiny_training                     # where the tiny run's minutes go
+    python bench.py --tiny_training --batch_size 4 --set n_embd=128 n_head=4
+
+5. --tiny_training, alone: the tiny preset's training step (forward, backward, AdamW) on clips of
+   each stage of train.py's curriculum (2, 4, 7 latent frames of 4 x 4 tokens), in ms, and the
+   diffusion head's share of it (its loss, forward and backward, on as many rows); --set
+   changes the model's options, to price a cheaper step before training with it.
 """
+import argparse
 import json
 import statistics
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -163,6 +173,34 @@ def bench_training(model, args, device):
                 utilisation=flops / seconds / peak)
 
 
+def bench_tiny_training(args, device, latent_frames=(2, 4, 7), text_dim=20):
+    """ms per training step of the tiny preset (with args.set) at each stage's clip length, and
+    of its diffusion head alone; the one-hot captions' width (text_dim) as train.py gives it."""
+    config = VideoMARConfig(**{**PRESETS["tiny"], "text_dim": text_dim, **dict(args.set)})
+    model = VideoMAR(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, S, L = args.batch_size, config.text_len, 16
+    text = torch.randn(B, S, text_dim, device=device)
+    text_mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    results = {}
+    for T in latent_frames:
+        latents = torch.randn(B, T, config.latent_channels, 4, 4, device=device)
+        # the head's rows: masked tokens (MAR's ratios average about 0.87) times the noise draws
+        rows = round(0.87 * B * T * L) * config.diffusion_batch_mul
+        target = torch.randn(rows, config.token_dim, device=device)
+        z = torch.randn(rows, config.n_embd, device=device, requires_grad=True)
+
+        def step():
+            model(latents, text, text_mask).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step_s = median_time(step, device, args.repeats)
+        head_s = median_time(lambda: model.diffloss(target, z).backward(), device, args.repeats)
+        results[T] = dict(step_ms=1000 * step_s, head_ms=1000 * head_s)
+    return results
+
+
 def bench_spatial_parallelism(model, args, device):
     """Masked generation takes num_iter steps a frame, next-token prediction one step per token;
     each a cached transformer pass (over the whole frame, or over one token) plus the head on the
@@ -266,6 +304,17 @@ def bench_kv_cache(model, args, device):
                 cached_last_vs_first=frame_s["cached"][-1] / frame_s["cached"][0])
 
 
+def model_option(text):
+    """KEY=VALUE of --set: a VideoMARConfig field and a value of its type."""
+    key, _, value = text.partition("=")
+    kinds = {f.name: type(f.default) for f in fields(VideoMARConfig)}
+    if key not in kinds or not value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE of a model option")
+    if kinds[key] is bool:
+        return key, value.lower() in ("1", "true", "yes")
+    return key, kinds[key](value)
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--full", action="store_true",
@@ -288,8 +337,14 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the blocks and the diffusion head first "
                              "(model.compile_model); each timing's warm-up run compiles")
+    parser.add_argument("--tiny_training", action="store_true",
+                        help="only the tiny preset's training step at each stage's clip length")
+    parser.add_argument("--set", nargs="+", default=[], type=model_option, metavar="KEY=VALUE",
+                        help="with --tiny_training: model options, e.g. n_embd=128 n_head=4")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.tiny_training and args.batch_size is None:
+        args.batch_size = 8  # train.py's
     for name, value in RUNS["full" if args.full else "quick"].items():
         if getattr(args, name) is None:  # the options given win over the run's sizes
             setattr(args, name, value)
@@ -311,6 +366,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
+    if args.tiny_training:
+        steps = bench_tiny_training(args, device)
+        print(f"tiny training step, batch {args.batch_size}, {device}, {args.threads} threads"
+              + (f", {dict(args.set)}" if args.set else "") + ":")
+        for T, r in steps.items():
+            print(f"  {T} latent frames: {r['step_ms']:.1f} ms a step, of which the diffusion "
+                  f"head {r['head_ms']:.1f} ms")
+        return 0
     config = VideoMARConfig(**BENCH_MODEL)
     model = VideoMAR(config).to(device).eval()
     if args.compile:
