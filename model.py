@@ -81,6 +81,11 @@ class VideoMARConfig:
         help="beyond the paper: weight of an MSE of the masked tokens after frame 0 read "
              "linearly from z, added to the diffusion loss to teach z a token's mean sooner "
              "(RESULTS.md)"))
+    context_erase_prob: float = field(default=0.0, metadata=dict(
+        help="beyond the paper: with all_frames, each context frame after frame 0 has, with this "
+             "probability, its 1-8 most salient tokens set to the frame's median token, the "
+             "targets kept true: the model learns to draw an object its last frame lost "
+             "(RESULTS.md)"))
 
     @property
     def token_dim(self):
@@ -132,6 +137,19 @@ def random_masks(batch, length, ratios, device):
     num_masked = torch.ceil(ratios * length).long().clamp(1, length)
     order = torch.rand(batch, length, device=device).argsort(dim=1)
     return order.argsort(dim=1) < num_masked[:, None].to(device)
+
+
+def erase_salient(tokens, prob, most=8):
+    """Context frames (B, n, L, D) with objects erased: each frame after the first, with
+    probability prob, has its k ~ U{1..most} tokens farthest from the frame's median token (the
+    object's, on a plain background) set to that median token."""
+    B, n, L, _ = tokens.shape
+    median = tokens.median(dim=2, keepdim=True).values
+    rank = (tokens - median).norm(dim=-1).argsort(dim=2, descending=True).argsort(dim=2)
+    k = torch.randint(1, most + 1, (B, n, 1), device=tokens.device)
+    hit = torch.rand(B, n, 1, device=tokens.device) < prob
+    hit[:, 0] = False  # frame 0 is the given image: always true
+    return torch.where((hit & (rank < k))[..., None], median, tokens)
 
 
 def frame_causal_mask(query_frames, key_frames):
@@ -436,7 +454,10 @@ class VideoMAR(nn.Module):
         0..T-1, each at its own frame's RoPE time; under all_frames_mask each copy computes
         exactly what target_frame_z computes for its t (MAGI's "complete teacher forcing")."""
         B, T, L, _ = tokens.shape
-        clean = self.embed(tokens[:, :T - 1].flatten(1, 2))
+        clean = tokens[:, :T - 1]
+        if self.training and self.config.context_erase_prob > 0:  # the targets stay true
+            clean = erase_salient(clean, self.config.context_erase_prob)
+        clean = self.embed(clean.flatten(1, 2))
         copies = self.embed(tokens.flatten(1, 2), masks.flatten(1))
         device = tokens.device
         rope = torch.cat([self.rope(0, T - 1, grid, device), self.rope(0, T, grid, device)])

@@ -13,6 +13,7 @@ and bench.py, metrics.py and eval.py, and last the README.
 import argparse
 import hashlib
 import importlib.resources
+import itertools
 import json
 import math
 import re
@@ -37,8 +38,8 @@ from data import (CosmosTokenizer, PatchTokenizer, SyntheticVideos, TextEncoder,
 from diffusion import DiffLoss, create_diffusion
 from errors import BadInput
 from model import (KVCache, PRESETS, VideoMAR, VideoMARConfig, all_frames_mask, compile_model,
-                   frame_temperature, next_mask, patchify, random_masks, sample_mask_ratios,
-                   unpatchify)
+                   erase_salient, frame_temperature, next_mask, patchify, random_masks,
+                   sample_mask_ratios, unpatchify)
 from rope3d import apply_rope, rope_frequencies, split_head_dim
 from videoio import (count_frames, read_image, read_video, read_video_at_size, resize_center_crop,
                      save_image_grid, write_video)
@@ -822,6 +823,38 @@ def test_all_frames_copy_of_a_frame_cannot_see_that_frame_or_later_ones():
             else:
                 expected = not copy_of(k) and frame_of(k) <= frame_of(q)
             assert bool(allowed[q, k]) == expected, (q, k)
+
+
+def test_context_erase_sets_the_most_salient_tokens_of_later_context_frames_to_the_median():
+    """erase_salient: frame 0 is never touched; a hit frame loses its k (1..8) tokens farthest
+    from its median token, set to that median, the rest kept. In training the all-frames pass
+    erases only the clean context: the copy of frame 1 sees frame 0 alone and keeps its z, the
+    copy of frame 2 sees the erased frame 1 and changes."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(64, 3, 16, 4)
+    tokens[:, :, :8] = torch.randn(64, 3, 8, 4, generator=g) * 0.01  # the background
+    tokens[:, :, 8:] = 5 + torch.arange(8.0)[:, None]  # an object, farthest first from 15 down
+    torch.manual_seed(0)
+    erased = erase_salient(tokens, prob=1.0)
+    assert torch.equal(erased[:, 0], tokens[:, 0])
+    median = tokens.median(dim=2).values
+    changed = (erased != tokens).any(-1)  # (B, 3, 16)
+    counts = changed[:, 1:].sum(-1)
+    assert counts.min() == 1 and counts.max() == 8 and not changed[:, 1:, :8].any()
+    for b, t in itertools.product(range(64), (1, 2)):  # the k farthest: the object's last k
+        k = int(counts[b, t - 1])
+        assert changed[b, t, 16 - k:].all() and not changed[b, t, :16 - k].any()
+        assert torch.equal(erased[b, t, 16 - k:], median[b, t].expand(k, -1))
+    assert torch.equal(erase_salient(tokens, prob=0.0), tokens)
+    model = tiny_model(context_erase_prob=1.0)
+    tokens = torch.randn(2, 3, 4, model.config.token_dim, generator=g)
+    masks = torch.ones(2, 3, 4, dtype=torch.bool)
+    context = model.text_context(*random_text(2, model.config))
+    with torch.no_grad():
+        z = model.all_frames_z(tokens, masks, (2, 2), context)  # eval: nothing erased
+        z_erased = model.train().all_frames_z(tokens, masks, (2, 2), context)
+    assert torch.equal(z[:, :2], z_erased[:, :2])
+    assert (z[:, 2] - z_erased[:, 2]).abs().amax() > 1e-4
 
 
 def test_token_regression_adds_the_readouts_mse_of_the_masked_tokens_after_frame_0():
