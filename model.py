@@ -100,10 +100,11 @@ PRESETS = {
     # MiniLM text (train.py sizes both from the tokenizer and text encoder it is given); no
     # QK-norm (no instability to cure at this size in fp32); a narrow head, which leaves more of
     # each token to z; width 128 and 2 noise draws a token, cheap steps: more clips a minute,
-    # which buys more than width (RESULTS.md); and the three beyond-paper knobs on (RESULTS.md)
+    # which buys more than width (RESULTS.md); and the beyond-paper knobs on (RESULTS.md)
     "tiny": dict(latent_channels=16, n_layer=4, n_embd=128, n_head=4, diffloss_d=3,
                  diffloss_w=128, text_dim=384, text_len=32, qk_norm=False, diffusion_batch_mul=2,
-                 all_frames=True, text_pooled=True, token_regression=1.0),
+                 all_frames=True, text_pooled=True, token_regression=1.0,
+                 context_erase_prob=0.1),
 }
 
 
