@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cli import (ArgumentParser, autocast, check_writable, compute_dtype, default_device,
-                 device_option, int_at_least, positive_int)
+from cli import (ArgumentParser, autocast, boolean, check_writable, compute_dtype,
+                 default_device, device_option, int_at_least, positive_int)
 from errors import BadInput
 from model import PRESETS, KVCache, VideoMAR, VideoMARConfig, compile_model
 
@@ -310,9 +310,7 @@ def model_option(text):
     kinds = {f.name: type(f.default) for f in fields(VideoMARConfig)}
     if key not in kinds or not value:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE of a model option")
-    if kinds[key] is bool:
-        return key, value.lower() in ("1", "true", "yes")
-    return key, kinds[key](value)
+    return key, (boolean if kinds[key] is bool else kinds[key])(value)
 
 
 def parse_args(argv=None):

@@ -185,8 +185,8 @@ def latent_step_shares(presence, temporal):
     shows it. Per latent step k -> k + 1 (k = 1, 2, ...): "stay", the share of the objects present
     in k that are present in k + 1, and "back", the share of the absent ones that are (NaN where
     none were). A model that draws each object from its last frame brings none back."""
-    per_latent = presence.unflatten(1, (-1, temporal)).nanmean(2) >= 0.5  # NaN >= 0.5 is False
-    shown = ~presence.unflatten(1, (-1, temporal)).isnan().all(2)
+    frames = presence.unflatten(1, (-1, temporal))  # (objects, latent frames, temporal)
+    per_latent, shown = frames.nanmean(2) >= 0.5, ~frames.isnan().all(2)  # NaN >= 0.5: False
     now, then, judged = per_latent[:, :-1], per_latent[:, 1:], shown[:, :-1] & shown[:, 1:]
     share = lambda was: ((then & was & judged).sum(0) / (was & judged).sum(0)).tolist()
     return dict(stay=share(now), back=share(~now))
