@@ -152,7 +152,7 @@ def bench_training(model, args, device):
                           args.grid, device=device)
     text = torch.randn(args.batch_size, config.text_len, config.text_dim, device=device)
     text_mask = torch.ones(args.batch_size, config.text_len, dtype=torch.bool, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = model.configure_optimizers(0.02, 1e-4, (0.9, 0.95), device.type)
 
     def step():  # every frame a target at once (all_frames): every step does the same work
         with autocast(device):
@@ -178,7 +178,7 @@ def bench_tiny_training(args, device, latent_frames=(2, 4, 7), text_dim=20):
     of its diffusion head alone; the one-hot captions' width (text_dim) as train.py gives it."""
     config = VideoMARConfig(**{**PRESETS["tiny"], "text_dim": text_dim, **dict(args.set)})
     model = VideoMAR(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = model.configure_optimizers(0.02, 1e-4, (0.9, 0.95), device.type)
     B, S, L = args.batch_size, config.text_len, 16
     text = torch.randn(B, S, text_dim, device=device)
     text_mask = torch.ones(B, S, dtype=torch.bool, device=device)

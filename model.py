@@ -520,6 +520,16 @@ class VideoMAR(nn.Module):
         error = F.mse_loss(self.token_readout(z[mask]), tokens[mask].float())
         return self.config.token_regression * error
 
+    def configure_optimizers(self, weight_decay, lr, betas, device_type):
+        """§5.1's AdamW; weight decay on 2-D weight matrices only (MAR's): not on biases, norms,
+        mask_token, null_text. Fused, one kernel for every parameter: on a CPU five times as fast
+        as the per-tensor loop, a tenth of the tiny step (RESULTS.md, Training speed)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() == 2], weight_decay=weight_decay),
+                  dict(params=[p for p in params if p.dim() != 2], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas,
+                                 fused=device_type in ("cuda", "cpu"))
+
     # -- §4.3 inference: frame by frame with the KV cache, each frame by masked generation -------
 
     @torch.no_grad()

@@ -2049,8 +2049,10 @@ def test_weight_decay_falls_on_the_weight_matrices_only():
     linear layers only: not on biases, norms (LayerNorm, the QK RMSNorms), the mask token or the
     null text. Every parameter is in exactly one group."""
     model = tiny_model(randomised=False, qk_norm=True)
-    optimizer = train.make_optimizer(model, train.TrainConfig(), "cpu")
+    config = train.TrainConfig()
+    optimizer = model.configure_optimizers(config.weight_decay, config.lr, config.betas, "cpu")
     assert optimizer.defaults["betas"] == (0.9, 0.95)
+    assert optimizer.defaults["fused"]  # one kernel, not the CPU's slow per-tensor loop
     groups = {g["weight_decay"]: [id(p) for p in g["params"]] for g in optimizer.param_groups}
     assert sorted(groups) == [0.0, 0.02]
     names = {id(p): name for name, p in model.named_parameters()}
@@ -2087,10 +2089,10 @@ def test_training_loop_steps_at_the_scheduled_learning_rate_with_the_gradient_cl
     of warm-up, lr 1e-3 and min_lr 1e-4, every group's learning rate is 1/3, 2/3, 1 x 1e-3, then
     the cosine's 1e-3, 7.75e-4, 3.25e-4 (p = 0, 1/3, 2/3); the gradient has been clipped to norm
     --grad_clip 0.01 (the untrained model's is far above it)."""
-    seen, make = [], train.make_optimizer
+    seen, make = [], VideoMAR.configure_optimizers
 
-    def recording_optimizer(model, config, device_type):
-        optimizer = make(model, config, device_type)
+    def recording_optimizer(model, *args):
+        optimizer = make(model, *args)
         step = optimizer.step
 
         def recording_step(*args, **kwargs):
@@ -2101,7 +2103,7 @@ def test_training_loop_steps_at_the_scheduled_learning_rate_with_the_gradient_cl
             return step(*args, **kwargs)
         optimizer.step = recording_step
         return optimizer
-    monkeypatch.setattr(train, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(VideoMAR, "configure_optimizers", recording_optimizer)
     monkeypatch.setattr(train, "finish", lambda run, step: None)  # no final sample or score
     assert train.main(TINY + ["--frames", "5", "--stage_iters", "6", "--warmup_iters", "3",
                               "--lr", "1e-3", "--min_lr", "1e-4", "--grad_clip", "0.01",

@@ -260,16 +260,6 @@ def batches(dataset, batch_size, rank, world_size, seed, num_workers=0):
         yield from loader
 
 
-def make_optimizer(model, config, device_type):
-    """AdamW (§5.1); weight decay on 2-D weight matrices only: not on biases, norms, mask_token,
-    null_text."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [dict(params=[p for p in params if p.dim() == 2], weight_decay=config.weight_decay),
-              dict(params=[p for p in params if p.dim() != 2], weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas,
-                             fused=device_type == "cuda")
-
-
 def learning_rate(step, config, total_iters):
     """Linear warm-up, then a cosine from lr to min_lr over the rest of the curriculum."""
     if step < config.warmup_iters:
@@ -404,7 +394,8 @@ def build(cli, model_cli, process):
     ema.to(process.device).eval().requires_grad_(False)
     if config.compile:
         compile_model(model)
-    optimizer = make_optimizer(model, config, process.device_type)
+    optimizer = model.configure_optimizers(config.weight_decay, config.lr, config.betas,
+                                           process.device_type)
     if resumed:
         optimizer.load_state_dict(resumed["optimizer"])
     position = Position(*(resumed[k] for k in Position._fields)) if resumed else None
