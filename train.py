@@ -83,7 +83,7 @@ class TrainConfig:
     # §4.2 temporal short-to-long curriculum: one stage per clip length
     frames: list[int] = field(default_factory=lambda: [5, 13, 25], metadata=dict(
         help="pixel frames of each stage of §4.2's temporal short-to-long curriculum, in order"))
-    stage_iters: list[int] = field(default_factory=lambda: [4000, 2000, 1240], metadata=dict(
+    stage_iters: list[int] = field(default_factory=lambda: [4400, 2200, 1360], metadata=dict(
         help="iterations of each stage (tiny's: minutes on a 2-core CPU, the most for the "
              "first, where only the caption says where an object goes)"))
     # optimisation (§5.1: AdamW, betas (0.9, 0.95), weight decay 0.02)
