@@ -29,7 +29,8 @@ The quick default and --full run the same model; only the sizes of the runs diff
 5. --tiny_training, alone: the tiny preset's training step (forward, backward, AdamW) on clips of
    each stage of train.py's curriculum (2, 4, 7 latent frames of 4 x 4 tokens), in ms, and the
    shares of the diffusion head (its loss, forward and backward, on as many rows) and of AdamW's
-   step (beside it, the per-tensor loop a CPU gets unless AdamW is fused); --set changes the model's options, to price a cheaper step before training with it.
+   step (beside it, the per-tensor loop a CPU gets unless AdamW is fused); --set changes the
+   model's options, to price a cheaper step before training with it.
 """
 import argparse
 import json
